@@ -1,0 +1,149 @@
+"""The `raykit` command line. Each command's options are generated from its config dataclass.
+
+FlagEmbedding/HF habits are accepted as they are: `--fp16`, `--fp16 True`, `--fp16=false`,
+`--train_data a.jsonl b.jsonl`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from raykit.config import ConfigError, EvaluateConfig, FinetuneConfig, field_type, load_config
+from raykit.data import DataError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune, evaluate, score and serve cross-encoder rerankers on Ray.",
+)
+COMMAND_CONFIGS: dict[str, type] = {}
+_TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
+
+
+def normalize_argv(argv: Sequence[str]) -> list[str]:
+    """Rewrite HF-style `--flag True` and `--list a b` into the click forms."""
+    argv = list(argv)
+    cls = COMMAND_CONFIGS.get(argv[0]) if argv else None
+    if cls is None:
+        return argv
+    kinds = {f.name: field_type(cls, f.name) for f in dataclasses.fields(cls)}
+    out, i = [argv[0]], 1
+    while i < len(argv):
+        token = argv[i]
+        name, _, inline = token[2:].partition("=") if token.startswith("--") else ("", "", "")
+        kind = kinds.get(name)
+        if kind is bool:
+            value = inline or (argv[i + 1] if i + 1 < len(argv) else "")
+            consumed = not inline and value.lower() in _TRUE | _FALSE
+            out.append(f"--no-{name}" if value.lower() in _FALSE else f"--{name}")
+            i += 2 if consumed else 1
+        elif kind is list:
+            values = [inline] if inline else []
+            i += 1
+            while not inline and i < len(argv) and not argv[i].startswith("--"):
+                values.append(argv[i])
+                i += 1
+            for value in values:
+                out += [f"--{name}", value]
+        else:
+            out.append(token)
+            i += 1
+    return out
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def config_command(name: str, cls: type, help: str) -> Callable:
+    """Register a command whose options are `--config` plus one flag per field of `cls`."""
+
+    def decorator(run: Callable[[Any], None]) -> Callable:
+        params = [
+            inspect.Parameter(
+                "config",
+                inspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(
+                    None, "--config", help="YAML file with any of the keys below."
+                ),
+                annotation=Optional[Path],  # noqa: UP045 (typer reads runtime annotations)
+            )
+        ]
+        for f in dataclasses.fields(cls):
+            kind = field_type(cls, f.name)
+            help_text = f.metadata.get("help", "")
+            if kind is bool:
+                option = typer.Option(None, f"--{f.name}/--no-{f.name}", help=help_text)
+                annotation: Any = Optional[bool]  # noqa: UP045
+            elif kind is list:
+                option = typer.Option(None, f"--{f.name}", help=help_text)
+                annotation = Optional[list[str]]  # noqa: UP045
+            else:
+                option = typer.Option(None, f"--{f.name}", help=help_text)
+                annotation = Optional[kind]  # noqa: UP045
+            params.append(
+                inspect.Parameter(
+                    f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation
+                )
+            )
+
+        def command(**kwargs: Any) -> None:
+            config_path = kwargs.pop("config")
+            try:
+                cfg = load_config(cls, config_path, **kwargs)
+            except ConfigError as exc:
+                _fail(str(exc), code=2)
+            try:
+                run(cfg)
+            except (ConfigError, DataError, FileNotFoundError, OSError) as exc:
+                _fail(str(exc))
+
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        command.__name__ = name
+        command.__doc__ = help
+        COMMAND_CONFIGS[name] = cls
+        app.command(name, help=help)(command)
+        return run
+
+    return decorator
+
+
+@config_command("finetune", FinetuneConfig, "Fine-tune a cross-encoder with Ray Train.")
+def finetune_command(cfg: FinetuneConfig) -> None:
+    from raykit.train import finetune
+
+    result = finetune(cfg)
+    before, evals = result.summary.get("eval_before"), result.summary.get("eval") or []
+    if before:
+        typer.echo("dev before: " + json.dumps({k: round(v, 4) for k, v in before.items()}))
+    if evals:
+        final = {k: round(v, 4) for k, v in evals[-1].items() if k != "step"}
+        typer.echo("dev after:  " + json.dumps(final))
+    typer.echo(f"model: {result.output_dir}")
+
+
+@config_command("evaluate", EvaluateConfig, "Rank each group's pos+neg and print the metrics.")
+def evaluate_command(cfg: EvaluateConfig) -> None:
+    from raykit.evaluate import evaluate_model
+
+    metrics = evaluate_model(cfg)
+    typer.echo(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = normalize_argv(sys.argv[1:] if argv is None else argv)
+    app(args=args, prog_name="raykit")
+
+
+if __name__ == "__main__":
+    main()

