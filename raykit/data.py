@@ -1,7 +1,8 @@
 """Reading, validating and sampling training groups, and tokenising (query, passage) pairs.
 
 A training record is one JSON object per line:
-    {"query": str, "pos": [str, ...], "neg": [str, ...], "pos_scores"?: [float], "neg_scores"?: [float]}
+    {"query": str, "pos": [str, ...], "neg": [str, ...],
+     "pos_scores"?: [float, ...], "neg_scores"?: [float, ...]}
 
 Every file is first checked line by line in parallel Ray tasks, so a bad row is reported with its
 file, line and field before any training starts. Clean data is then read with `ray.data.read_json`

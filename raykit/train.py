@@ -53,6 +53,7 @@ from raykit.model import (
 
 TRAINER_STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "raykit_finetune.json"
+SUMMARY_FILE = "train_summary.json"
 BEST_METRIC = "ndcg@10"
 
 
@@ -208,7 +209,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
     step = state.get("step", 0)
-    history: dict[str, Any] = state.get("history", {"eval": []})
+    history: dict[str, Any] = state.get("history", {"eval": [], "loss": []})
+    resumed_from_step = step
 
     model = ray.train.torch.prepare_model(encoder)  # moves to device, wraps in DDP if world > 1
     encoder = model.module if hasattr(model, "module") else model
@@ -332,10 +334,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 log(
                     f"step {step}/{plan.total_steps} epoch {step / plan.steps_per_epoch:.2f} "
                     f"loss {loss_sum / n_micro:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
-                    f"groups/s {n_groups / seconds:.2f} pairs/s {n_groups * group_size / seconds:.1f}"
-                    f" tokens/s {real / seconds:.0f} padding {1 - real / padded:.1%}"
+                    f"groups/s {n_groups / seconds:.2f} "
+                    f"pairs/s {n_groups * group_size / seconds:.1f} tokens/s {real / seconds:.0f} "
+                    f"padding {1 - real / padded:.1%}"
                 )
                 window[:] = 0
+                history["loss"].append({"step": step, "loss": loss_sum / n_micro})
                 report({"loss": loss_sum / n_micro, "lr": scheduler.get_last_lr()[0]}, save=False)
 
             evaluate_now = bool(eval_groups) and (
@@ -359,6 +363,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         report({}, save=True)
     return {
         "steps": step,
+        "resumed_from_step": resumed_from_step,
+        "loss": history["loss"],
         "eval_before": history.get("eval_before"),
         "eval": history["eval"],
         "pairs_trained": totals["pairs"] * world,
@@ -378,8 +384,10 @@ class FinetuneResult:
     checkpoint_path: str | None
 
 
-def export_model(checkpoint: Checkpoint, output_dir: str) -> None:
-    """Copy a checkpoint's Hugging Face files (not the optimizer state) to `output_dir`."""
+def export_model(checkpoint: Checkpoint, output_dir: str, summary: dict[str, Any]) -> None:
+    """Copy a checkpoint's Hugging Face files (not the optimizer state) to `output_dir`,
+    with `train_summary.json` (loss and eval history, throughput)."""
+    summary_bytes = json.dumps(summary, indent=2, default=str).encode()
     with checkpoint.as_directory() as ckpt_dir:
         names = [n for n in os.listdir(ckpt_dir) if n != TRAINER_STATE_FILE]
         if "://" in output_dir:
@@ -389,6 +397,8 @@ def export_model(checkpoint: Checkpoint, output_dir: str) -> None:
                 pafs.copy_files(
                     os.path.join(ckpt_dir, name), f"{root}/{name}", destination_filesystem=fs
                 )
+            with fs.open_output_stream(f"{root}/{SUMMARY_FILE}") as f:
+                f.write(summary_bytes)
             return
         os.makedirs(output_dir, exist_ok=True)
         for name in names:
@@ -397,6 +407,8 @@ def export_model(checkpoint: Checkpoint, output_dir: str) -> None:
                 shutil.copytree(src, dst, dirs_exist_ok=True)
             else:
                 shutil.copy2(src, dst)
+        with open(os.path.join(output_dir, SUMMARY_FILE), "wb") as f:
+            f.write(summary_bytes)
 
 
 def _absolute(paths: list[str]) -> list[str]:
@@ -475,7 +487,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         )
     if checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
-    export_model(checkpoint, cfg.output_dir)
+    export_model(checkpoint, cfg.output_dir, {**summary, "best_metrics": best_metrics})
     print(f"[raykit] best model written to {cfg.output_dir}", flush=True)
     return FinetuneResult(cfg.output_dir, best_metrics, summary, checkpoint.path)
 

@@ -1,0 +1,145 @@
+"""GPU path check, run on a lent GPU machine (never in CI): AMP fp16/bf16 training steps,
+fp16 inference against fp32, and `raykit finetune --use_gpu` (NCCL, one GPU worker).
+
+Run: python bench/gpu_check.py [--skip_ray]   (prints one JSON line per check)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from raykit.data import load_groups, sample_group, tokenize_pairs  # noqa: E402
+from raykit.model import (  # noqa: E402
+    CrossEncoder,
+    Reranker,
+    autocast_context,
+    group_softmax_loss,
+    load_model_and_tokenizer,
+    make_chunks,
+)
+from tests.tiny_model import build_tiny_reranker  # noqa: E402
+
+
+def emit(name: str, **figures) -> None:
+    print(json.dumps({"check": name, **figures}), flush=True)
+
+
+def amp_training(model_dir: str, fp16: bool, bf16: bool) -> None:
+    device = torch.device("cuda")
+    model, tokenizer = load_model_and_tokenizer(model_dir)
+    encoder = CrossEncoder(model).to(device).train()
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+    groups_data = load_groups(str(ROOT / "examples/data/train.jsonl"))[:8]
+    rng = np.random.default_rng(0)
+    groups = [sample_group(r, 4, rng) for r in groups_data]
+    encodings = tokenize_pairs(
+        tokenizer,
+        [g.query for g in groups for _ in g.passages],
+        [p for g in groups for p in g.passages],
+        128,
+    )
+    losses, logits_dtype = [], None
+    for _ in range(30):
+        chunks, order, _ = make_chunks(encodings, 512, tokenizer.pad_token_id, device)
+        with autocast_context(device, fp16, bf16):
+            logits = encoder(chunks, order)
+        logits_dtype = str(logits.dtype)
+        loss = group_softmax_loss(logits, 4)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    ok = all(np.isfinite(losses)) and losses[-1] < losses[0]
+    emit("amp_training", fp16=fp16, bf16=bf16, logits_dtype=logits_dtype,
+         first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4), ok=ok)  # fmt: skip
+
+
+def inference(model_dir: str) -> None:
+    pairs = [[g["query"], p] for g in load_groups(str(ROOT / "examples/data/dev.jsonl"))
+             for p in g["pos"] + g["neg"]]  # fmt: skip
+    cpu = Reranker(model_dir, device="cpu").compute_score(pairs)
+    fp32 = Reranker(model_dir, device="cuda").compute_score(pairs)
+    fp16 = Reranker(model_dir, device="cuda", fp16=True).compute_score(pairs)
+    bf16 = Reranker(model_dir, device="cuda", bf16=True).compute_score(pairs)
+    emit(
+        "inference",
+        pairs=len(pairs),
+        max_diff_cuda_fp32_vs_cpu=float(np.max(np.abs(np.array(fp32) - cpu))),
+        max_diff_fp16_vs_fp32=float(np.max(np.abs(np.array(fp16) - fp32))),
+        max_diff_bf16_vs_fp32=float(np.max(np.abs(np.array(bf16) - fp32))),
+    )
+
+
+def base_sized_throughput(tmp: str) -> None:
+    """Scoring pairs/s of a random BERT-base-sized cross-encoder, fp32 vs fp16 vs bf16."""
+    model_dir = build_tiny_reranker(f"{tmp}/base", hidden_size=768, layers=12)
+    pairs = [["how long should I boil an egg for a soft yolk " * 2, "passage text " * 60]] * 4096
+    for kind in ("fp32", "fp16", "bf16"):
+        reranker = Reranker(model_dir, device="cuda", fp16=kind == "fp16", bf16=kind == "bf16",
+                            batch_size=256)  # fmt: skip
+        reranker.compute_score(pairs[:512])
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        reranker.compute_score(pairs)
+        torch.cuda.synchronize()
+        emit("throughput_base_sized", precision=kind,
+             pairs_per_s=round(len(pairs) / (time.perf_counter() - started), 1))  # fmt: skip
+
+
+def ray_finetune(model_dir: str, tmp: str, precision: str) -> None:
+    out = f"{tmp}/out-{precision}"
+    cmd = [sys.executable, "-m", "raykit.cli", "finetune", "--model_name_or_path", model_dir,
+           "--train_data", str(ROOT / "examples/data/train.jsonl"),
+           "--eval_data", str(ROOT / "examples/data/dev.jsonl"), "--output_dir", out,
+           "--storage_path", f"{tmp}/ray", "--use_gpu", f"--{precision}", "--num_workers", "1",
+           "--max_steps", "20", "--learning_rate", "1e-3", "--train_group_size", "4",
+           "--max_len", "128", "--logging_steps", "5", "--eval_steps", "10"]  # fmt: skip
+    started = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=400)
+    log = proc.stdout + proc.stderr
+    lines = [line for line in log.splitlines() if "[raykit]" in line or "dev " in line]
+    summary_path = Path(out) / "train_summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    emit("ray_finetune_use_gpu", precision=precision, returncode=proc.returncode,
+         seconds=round(time.time() - started, 1), nccl="nccl" in log.lower(),
+         steps=summary.get("steps"), final_eval=(summary.get("eval") or [None])[-1],
+         log=lines[-8:] if proc.returncode == 0 else log[-3000:])  # fmt: skip
+    if proc.returncode == 0:
+        scores = Reranker(out, device="cuda", fp16=True).compute_score([["q", "p"], ["a", "b"]])
+        emit("load_exported_on_gpu", precision=precision, scores=scores)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--skip_ray", action="store_true")
+    args = parser.parse_args()
+    emit("device", name=torch.cuda.get_device_name(0), torch=torch.__version__)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_tiny_reranker(f"{tmp}/tiny", hidden_size=64, layers=2)
+        amp_training(model_dir, fp16=True, bf16=False)
+        amp_training(model_dir, fp16=False, bf16=True)
+        inference(model_dir)
+        base_sized_throughput(tmp)
+        if not args.skip_ray:
+            for precision in ("fp16", "bf16"):
+                ray_finetune(model_dir, tmp, precision)
+
+
+if __name__ == "__main__":
+    main()

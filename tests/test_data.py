@@ -1,0 +1,140 @@
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from raykit.data import (
+    DataError,
+    chunk_by_length,
+    expand_paths,
+    read_groups,
+    sample_group,
+    tokenize_pairs,
+    validate_file,
+)
+from tests.conftest import write_jsonl
+
+GOOD = {"query": "what is ray", "pos": ["ray is a framework"], "neg": ["a ray of light"]}
+
+
+@pytest.mark.parametrize(
+    ("line", "field", "reason"),
+    [
+        ('{"query": "q", "pos": ["p"], "neg": ["n"]', "-", "invalid_json"),
+        ('["not", "an", "object"]', "-", "not_an_object"),
+        ('{"pos": ["p"], "neg": ["n"]}', "query", "missing_field"),
+        ('{"query": "q", "neg": ["n"]}', "pos", "missing_field"),
+        ('{"query": 3, "pos": ["p"], "neg": ["n"]}', "query", "wrong_type"),
+        ('{"query": "q", "pos": "p", "neg": ["n"]}', "pos", "wrong_type"),
+        ('{"query": "q", "pos": ["p"], "neg": [1]}', "neg", "wrong_type"),
+        ('{"query": "  ", "pos": ["p"], "neg": ["n"]}', "query", "empty_query"),
+        ('{"query": "q", "pos": [], "neg": ["n"]}', "pos", "empty_pos"),
+        ('{"query": "q", "pos": ["p"], "neg": []}', "neg", "empty_neg"),
+        ('{"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [1], "neg_scores": []}',
+         "neg_scores", "scores_length"),
+        ('{"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [1]}',
+         "neg_scores", "missing_field"),
+    ],
+)  # fmt: skip
+def test_validation_names_file_line_and_field(tmp_path, line, field, reason):
+    path = write_jsonl(tmp_path / "train.jsonl", [GOOD, "", line, GOOD])
+    report = validate_file(str(path))
+    assert report.valid_rows == 2
+    assert report.skipped == {reason: 1}
+    assert report.errors[0].startswith(f"{path}:3: {field}: ")
+
+
+def test_read_groups_fails_before_training_with_location(ray_cluster, tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [GOOD, {"query": "q", "pos": ["p"], "neg": []}])
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: neg: neg has no passages"):
+        read_groups([str(path)])
+
+
+def test_skip_invalid_drops_and_counts_per_reason(ray_cluster, tmp_path):
+    rows = [GOOD, "{broken", {"query": "", "pos": ["p"], "neg": ["n"]}, GOOD,
+            {"query": "q", "pos": ["p"], "neg": []}]  # fmt: skip
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    dataset, report = read_groups([str(path)], skip_invalid=True)
+    assert report.valid_rows == 2
+    assert report.skipped == {"invalid_json": 1, "empty_query": 1, "empty_neg": 1}
+    assert "3 invalid" in report.summary()
+    assert [r["query"] for r in dataset.take_all()] == ["what is ray", "what is ray"]
+
+
+def test_clean_data_reads_with_arrow_schema_and_teacher_scores(ray_cluster, tmp_path):
+    scored = {**GOOD, "pos_scores": [2.5], "neg_scores": [-1], "extra": "ignored"}
+    path = write_jsonl(tmp_path / "a.jsonl", [GOOD, scored])
+    dataset, report = read_groups([str(path)])
+    assert report.has_teacher_scores
+    rows = dataset.take_all()
+    assert rows[0]["pos_scores"] is None
+    assert list(rows[1]["neg_scores"]) == [-1.0]
+    assert "extra" not in rows[1]
+
+
+def test_directories_and_gzip(ray_cluster, tmp_path):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    write_jsonl(tmp_path / "d" / "one.jsonl", [GOOD])
+    with gzip.open(tmp_path / "d" / "sub" / "two.jsonl.gz", "wt") as f:
+        f.write(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n")
+    (tmp_path / "d" / "notes.txt").write_text("not data")
+    files = expand_paths([str(tmp_path / "d")])
+    assert [f.rsplit("/", 1)[1] for f in files] == ["one.jsonl", "two.jsonl.gz"]
+    dataset, report = read_groups([str(tmp_path / "d")])
+    assert report.valid_rows == 3 and dataset.count() == 3
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="no such file or directory"):
+        expand_paths([str(tmp_path / "nope.jsonl")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="has no"):
+        expand_paths([str(tmp_path / "empty")])
+
+
+def test_sample_group_puts_positive_first_and_aligns_teacher_scores():
+    record = {"query": "q", "pos": ["p0", "p1"], "neg": [f"n{i}" for i in range(10)],
+              "pos_scores": [10.0, 11.0], "neg_scores": [float(i) for i in range(10)]}  # fmt: skip
+    group = sample_group(record, 5, np.random.default_rng(0))
+    assert group.passages[0] in ("p0", "p1")
+    assert len(group.passages) == 5 and len(set(group.passages[1:])) == 4  # no repeats
+    assert group.teacher_scores[0] == 10.0 + int(group.passages[0][1])
+    assert group.teacher_scores[1:] == [float(p[1:]) for p in group.passages[1:]]
+
+
+def test_sample_group_repeats_negatives_when_too_few():
+    record = {"query": "q", "pos": ["p"], "neg": ["n0", "n1"]}
+    group = sample_group(record, 8, np.random.default_rng(1))
+    assert len(group.passages) == 8
+    assert set(group.passages[1:]) <= {"n0", "n1"}
+    assert group.teacher_scores is None
+
+
+def test_sampling_is_seeded():
+    record = {"query": "q", "pos": ["a", "b", "c"], "neg": [str(i) for i in range(20)]}
+    draw = [sample_group(record, 6, np.random.default_rng(42)).passages for _ in range(2)]
+    assert draw[0] == draw[1]
+
+
+def test_chunk_by_length_bounds_padding():
+    lengths = [100, 10, 12, 95, 11, 50]
+    chunks = chunk_by_length(lengths, token_budget=200)
+    assert sorted(i for c in chunks for i in c) == list(range(6))
+    for chunk in chunks:
+        assert max(lengths[i] for i in chunk) * len(chunk) <= 200 or len(chunk) == 1
+    assert chunk_by_length([500], 100) == [[0]]
+
+
+def test_tokenize_pairs_truncates_passage_first(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    query, passage = "how do I boil an egg", "egg water " * 100
+    (encoded,) = tokenize_pairs(tokenizer, [query], [passage], max_len=32)
+    assert len(encoded["input_ids"]) == 32
+    query_ids = tokenizer(query, add_special_tokens=False)["input_ids"]
+    assert encoded["input_ids"][1 : 1 + len(query_ids)] == query_ids  # query kept whole
+    (short,) = tokenize_pairs(tokenizer, ["long query " * 50], ["passage"], max_len=32)
+    assert len(short["input_ids"]) <= 32
+    assert short["token_type_ids"].count(1) >= 2  # the passage survives a long query

@@ -1,0 +1,175 @@
+"""End-to-end fine-tunes on the tiny model: CLI, loss, export, resume, `ray job submit`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from raykit.cli import app, normalize_argv
+from raykit.config import FinetuneConfig
+from raykit.train import plan_steps
+from tests.conftest import ROOT, SAMPLE_DEV, SAMPLE_TRAIN
+
+
+def run_cli(args: list[str]):
+    result = CliRunner().invoke(app, normalize_argv(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def tiny_args(model: str, tmp_path: Path, **extra) -> list[str]:
+    args = {
+        "model_name_or_path": model,
+        "train_data": str(SAMPLE_TRAIN),
+        "output_dir": str(tmp_path / "out"),
+        "storage_path": str(tmp_path / "ray"),
+        "learning_rate": "1e-3",
+        "train_group_size": "4",
+        "per_device_train_batch_size": "4",
+        "max_len": "64",
+        "logging_steps": "1",
+        "warmup_ratio": "0.1",
+        **extra,
+    }
+    return ["finetune"] + [x for k, v in args.items() for x in (f"--{k}", v)]
+
+
+def test_plan_gives_every_worker_the_same_steps():
+    cfg = FinetuneConfig(train_data=["x"], num_workers=3, per_device_train_batch_size=4,
+                         gradient_accumulation_steps=2, num_train_epochs=2)  # fmt: skip
+    plan = plan_steps(cfg, 100)  # 33 groups per worker -> 9 micro-batches -> 5 steps
+    assert (plan.groups_per_worker, plan.micro_batches_per_epoch) == (33, 9)
+    assert (plan.steps_per_epoch, plan.total_steps) == (5, 10)
+    cfg.dataloader_drop_last = True
+    assert plan_steps(cfg, 100).micro_batches_per_epoch == 8
+    cfg.max_steps = 7
+    assert plan_steps(cfg, 100).total_steps == 7
+
+
+def test_two_worker_cli_finetune_lowers_loss_and_writes_hf_model(
+    ray_cluster, tiny_model_dir, tmp_path
+):
+    from transformers import AutoModelForSequenceClassification
+
+    args = tiny_args(tiny_model_dir, tmp_path, num_workers="2", num_train_epochs="6",
+                     eval_data=str(SAMPLE_DEV), eval_steps="10")  # fmt: skip
+    output = run_cli(args).output
+    assert "dev before:" in output and "dev after:" in output
+
+    out = tmp_path / "out"
+    summary = json.loads((out / "train_summary.json").read_text())
+    losses = [entry["loss"] for entry in summary["loss"]]
+    assert summary["steps"] == 30 and len(losses) == 30  # 40 groups / 2 workers / 4 = 5 per epoch
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1
+    assert [e["step"] for e in summary["eval"]] == [0, 10, 20, 30]
+    assert summary["best_metrics"]["ndcg@10"] == max(e["ndcg@10"] for e in summary["eval"][1:])
+
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.num_labels == 1
+    assert not (out / "trainer_state.pt").exists()
+    assert (out / "tokenizer.json").exists()
+
+
+def test_bad_training_data_stops_the_cli_with_file_and_line(ray_cluster, tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    shutil.copy(SAMPLE_TRAIN, bad)
+    with open(bad, "a") as f:
+        f.write('{"query": "q", "pos": "not a list", "neg": ["n"]}\n')
+    args = tiny_args(tiny_model_dir, tmp_path, train_data=str(bad))
+    result = CliRunner().invoke(app, normalize_argv(args))
+    assert result.exit_code == 1
+    assert f"{bad}:41: pos: expected a list of strings" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_rerun_with_same_run_name_resumes_an_interrupted_run(ray_cluster, tiny_model_dir, tmp_path):
+    args = tiny_args(tiny_model_dir, tmp_path, max_steps="60", save_steps="3", run_name="resume")
+    snapshot = tmp_path / "ray" / "resume" / "checkpoint_manager_snapshot.json"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    with open(tmp_path / "first_run.log", "w") as log:
+        first = subprocess.Popen(
+            [sys.executable, "-m", "raykit.cli", *normalize_argv(args)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            _wait_for(snapshot.exists, 180, "the first checkpoint")
+            os.killpg(first.pid, signal.SIGKILL)  # a crashed or killed driver
+        finally:
+            first.wait(timeout=60)
+    assert first.returncode != 0, "the first run was meant to be interrupted"
+
+    run_cli(args)
+    summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert 3 <= summary["resumed_from_step"] < 60
+    assert summary["resumed_from_step"] % 3 == 0
+    assert summary["steps"] == 60
+    # One loss entry per step: nothing repeated, nothing lost around the resume point.
+    assert [entry["step"] for entry in summary["loss"]] == list(range(1, 61))
+
+
+@pytest.mark.skipif(shutil.which("ray") is None, reason="ray CLI not on PATH")
+def test_ray_job_submit_runs_jobs_finetune(tiny_model_dir, tmp_path):
+    """`ray job submit` of jobs/finetune.py against a separately started `ray start --head`."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    temp_dir = tmp_path / "ray-head"
+    start = subprocess.run(
+        [ray_bin, "start", "--head", "--port=6391", "--dashboard-port=8271", "--num-cpus=3",
+         "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert start.returncode == 0, start.stdout + start.stderr
+    try:
+        args = tiny_args(tiny_model_dir, tmp_path, max_steps="4", num_workers="2")[1:]
+        submit = subprocess.run(
+            [ray_bin, "job", "submit", "--address=http://127.0.0.1:8271",
+             f"--working-dir={ROOT}", "--", "python", "jobs/finetune.py", *args],
+            env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert "SUCCEEDED" in submit.stdout + submit.stderr
+        assert (tmp_path / "out" / "model.safetensors").exists()
+    finally:
+        stop_processes_mentioning(str(temp_dir))
+
+
+def stop_processes_mentioning(text: str) -> None:
+    """Stop one Ray cluster's processes (`ray stop` would also stop the tests' own cluster)."""
+
+    def matching() -> list[int]:
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    if text in (entry / "cmdline").read_bytes().decode(errors="ignore"):
+                        pids.append(int(entry.name))
+                except OSError:
+                    pass
+        return pids
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in matching():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.time() + 10
+        while matching() and time.time() < deadline:
+            time.sleep(0.5)
