@@ -32,8 +32,8 @@ from raykit.model import (  # noqa: E402
 from tests.tiny_model import build_tiny_reranker  # noqa: E402
 
 
-def emit(name: str, **figures) -> None:
-    print(json.dumps({"check": name, **figures}), flush=True)
+def emit(check: str, **figures) -> None:
+    print(json.dumps({"check": check, **figures}), flush=True)
 
 
 def amp_training(model_dir: str, fp16: bool, bf16: bool) -> None:

@@ -256,7 +256,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         log(f"resumed from checkpoint at step {step}/{plan.total_steps}")
     log(
         f"training {plan.total_steps} steps ({plan.steps_per_epoch}/epoch, {plan.epochs} epoch(s)),"
-        f" {world} worker(s), {plan.groups_per_worker} groups per worker per epoch"
+        f" {world} worker(s) on {device.type}, {plan.groups_per_worker} groups per worker per epoch"
+        + (
+            f", {torch.distributed.get_backend()} backend"
+            if torch.distributed.is_initialized()
+            else ""
+        )
     )
 
     save_every = cfg.save_steps or cfg.eval_steps

@@ -7,8 +7,10 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from typer.testing import CliRunner
 from raykit.cli import app, normalize_argv
 from raykit.config import FinetuneConfig
 from raykit.train import plan_steps
-from tests.conftest import ROOT, SAMPLE_DEV, SAMPLE_TRAIN
+from tests.conftest import ROOT, SAMPLE_DEV, SAMPLE_TRAIN, write_jsonl
 
 
 def run_cli(args: list[str]):
@@ -56,12 +58,23 @@ def test_plan_gives_every_worker_the_same_steps():
     assert plan_steps(cfg, 100).total_steps == 7
 
 
+def marked_train_file(tmp_path: Path) -> Path:
+    """The sample groups with a marker on every positive: a signal a random 2-layer BERT can
+    learn in a few dozen steps, so a falling loss shows that the loop really optimises."""
+    rows = [json.loads(line) for line in SAMPLE_TRAIN.read_text().splitlines()]
+    for row in rows:
+        row["pos"] = [f"yes, this answers it: {p}" for p in row["pos"]]
+        row["neg"] = [f"no: {n}" for n in row["neg"]]
+    return write_jsonl(tmp_path / "marked.jsonl", rows)
+
+
 def test_two_worker_cli_finetune_lowers_loss_and_writes_hf_model(
     ray_cluster, tiny_model_dir, tmp_path
 ):
     from transformers import AutoModelForSequenceClassification
 
     args = tiny_args(tiny_model_dir, tmp_path, num_workers="2", num_train_epochs="6",
+                     train_data=str(marked_train_file(tmp_path)), learning_rate="3e-3",
                      eval_data=str(SAMPLE_DEV), eval_steps="10")  # fmt: skip
     output = run_cli(args).output
     assert "dev before:" in output and "dev after:" in output
@@ -70,7 +83,7 @@ def test_two_worker_cli_finetune_lowers_loss_and_writes_hf_model(
     summary = json.loads((out / "train_summary.json").read_text())
     losses = [entry["loss"] for entry in summary["loss"]]
     assert summary["steps"] == 30 and len(losses) == 30  # 40 groups / 2 workers / 4 = 5 per epoch
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.25
     assert [e["step"] for e in summary["eval"]] == [0, 10, 20, 30]
     assert summary["best_metrics"]["ndcg@10"] == max(e["ndcg@10"] for e in summary["eval"][1:])
 
@@ -131,25 +144,44 @@ def test_ray_job_submit_runs_jobs_finetune(tiny_model_dir, tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
     ray_bin = str(Path(sys.executable).parent / "ray")
-    temp_dir = tmp_path / "ray-head"
+    temp_dir = Path(tempfile.mkdtemp(prefix="rk-head-", dir="/tmp"))  # short: AF_UNIX paths
+    # Free ports, so this head does not collide with the tests' own Ray instance.
+    gcs, dashboard, agent = free_ports(3)
     start = subprocess.run(
-        [ray_bin, "start", "--head", "--port=6391", "--dashboard-port=8271", "--num-cpus=3",
-         "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+        [ray_bin, "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
+         f"--dashboard-agent-listen-port={agent}", "--num-cpus=3", "--include-dashboard=true",
+         "--disable-usage-stats", f"--temp-dir={temp_dir}"],
         env=env, capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert start.returncode == 0, start.stdout + start.stderr
     try:
         args = tiny_args(tiny_model_dir, tmp_path, max_steps="4", num_workers="2")[1:]
-        submit = subprocess.run(
-            [ray_bin, "job", "submit", "--address=http://127.0.0.1:8271",
-             f"--working-dir={ROOT}", "--", "python", "jobs/finetune.py", *args],
-            env=env, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
+        deadline = time.time() + 120
+        while True:  # the job agent comes up a little after `ray start` returns
+            submit = subprocess.run(
+                [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dashboard}",
+                 f"--working-dir={ROOT}", "--", "python", "jobs/finetune.py", *args],
+                env=env, capture_output=True, text=True, timeout=600,
+            )  # fmt: skip
+            if "No available agent" not in submit.stderr or time.time() > deadline:
+                break
+            time.sleep(3)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-        assert "SUCCEEDED" in submit.stdout + submit.stderr
+        assert "succeeded" in (submit.stdout + submit.stderr).lower()
         assert (tmp_path / "out" / "model.safetensors").exists()
     finally:
         stop_processes_mentioning(str(temp_dir))
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
 
 
 def stop_processes_mentioning(text: str) -> None:
