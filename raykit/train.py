@@ -146,6 +146,24 @@ def _save_checkpoint(
         json.dump(dataclasses.asdict(cfg), f, indent=2)
 
 
+def _rng_state() -> dict[str, Any]:
+    """Dropout and other torch/numpy/python randomness; group sampling is seeded per batch."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
 def _micro_batches(
     shard: Any, cfg: FinetuneConfig, epoch: int, skip: int, limit: int
 ) -> Iterator[tuple[int, list[dict]]]:
@@ -208,6 +226,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
     step = state.get("step", 0)
     history: dict[str, Any] = state.get("history", {"eval": [], "loss": []})
     resumed_from_step = step
@@ -245,6 +264,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 _save_checkpoint(tmp, encoder, tokenizer, cfg, {
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "step": step, "history": history,
+                    "rng": _rng_state(),
                 })  # fmt: skip
             ray.train.report(
                 metrics, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None
