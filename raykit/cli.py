@@ -16,7 +16,14 @@ from typing import Any, Optional
 
 import typer
 
-from raykit.config import ConfigError, EvaluateConfig, FinetuneConfig, field_type, load_config
+from raykit.config import (
+    ConfigError,
+    EvaluateConfig,
+    FinetuneConfig,
+    TuneConfig,
+    field_type,
+    load_config,
+)
 from raykit.data import DataError
 
 app = typer.Typer(
@@ -130,6 +137,15 @@ def finetune_command(cfg: FinetuneConfig) -> None:
         final = {k: round(v, 4) for k, v in evals[-1].items() if k != "step"}
         typer.echo("dev after:  " + json.dumps(final))
     typer.echo(f"model: {result.output_dir}")
+
+
+@config_command(
+    "tune", TuneConfig, "Sweep finetune settings with Ray Tune; best model to OUTPUT/best."
+)
+def tune_command(cfg: TuneConfig) -> None:
+    from raykit.tune import run_sweep
+
+    run_sweep(cfg)
 
 
 @config_command("evaluate", EvaluateConfig, "Rank each group's pos+neg and print the metrics.")

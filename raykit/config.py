@@ -91,6 +91,7 @@ class FinetuneConfig:
     )
     save_total_limit: int = _opt(2, "Checkpoints kept (the best by NDCG@10, and the latest).")
     eval_batch_size: int = _opt(64, "Pairs per forward pass during evaluation.")
+    eval_on_start: bool = _opt(True, "Evaluate the untrained model before the first step.")
 
     def validate(self) -> None:
         """Fail early with the offending key, before any cluster work starts."""
@@ -159,6 +160,42 @@ class EvaluateConfig:
             raise ConfigError("max_len and eval_batch_size must be > 0")
 
 
+@dataclass
+class TuneConfig(FinetuneConfig):
+    """`raykit tune`: every finetune key (the fixed part of each trial) plus the sweep keys."""
+
+    search: list[str] = _list_opt(
+        "KEY=DIST:ARGS, repeatable: learning_rate=loguniform:1e-6:1e-4, "
+        "train_group_size=choice:4,8,16 (also uniform:LO:HI, grid:A,B). In YAML a mapping."
+    )
+    num_samples: int = _opt(4, "Trials to sample (grid values are each run num_samples times).")
+    scheduler: str = _opt("asha", "asha (stop weak trials early on the metric) or fifo.")
+    metric: str = _opt("ndcg@10", "Eval metric to maximise: ndcg@10, mrr@10 or map.")
+    max_concurrent_trials: int | None = _opt(
+        None, "Default: what the cluster's CPUs/GPUs can run (trial workers + 1 CPU for data)."
+    )
+    grace_period: int | None = _opt(
+        None, "ASHA: steps before a trial may be stopped (default: eval_steps)."
+    )
+    reduction_factor: int = _opt(2, "ASHA: keep 1/reduction_factor of the trials at each rung.")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.eval_data:
+            raise ConfigError("eval_data: a sweep needs eval data to compare trials")
+        if not self.search:
+            raise ConfigError("search: give at least one --search KEY=DIST:ARGS")
+        if self.metric not in ("ndcg@10", "mrr@10", "map"):
+            raise ConfigError(f"metric: expected ndcg@10, mrr@10 or map, got {self.metric!r}")
+        if self.scheduler not in ("asha", "fifo"):
+            raise ConfigError(f"scheduler: expected asha or fifo, got {self.scheduler!r}")
+        if self.num_samples <= 0 or self.reduction_factor < 2:
+            raise ConfigError("num_samples must be > 0 and reduction_factor >= 2")
+        from raykit.tune import parse_search  # late import: tune imports this module
+
+        parse_search(self.search)
+
+
 C = TypeVar("C")
 
 
@@ -177,6 +214,8 @@ def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
         return None
     kind = field_type(cls, name)
     if kind is list:
+        if isinstance(value, dict):  # a YAML mapping such as `search: {learning_rate: ...}`
+            value = [f"{k}={v}" for k, v in value.items()]
         values = value if isinstance(value, list) else [value]
         return [str(v) for v in values]
     if kind is bool:

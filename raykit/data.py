@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 GROUP_SCHEMA = pa.schema(
     [
@@ -195,8 +196,13 @@ def _validate_file_task(path: str) -> DataReport:
 
 def validate_files(files: Sequence[str]) -> DataReport:
     """Validate files in parallel Ray tasks and sum their reports."""
+    # An explicit "no placement group" keeps these tasks out of the caller's placement group
+    # when called from a Tune trial (whose group holds only a token CPU).
+    task = _validate_file_task.options(
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None)
+    )
     report = DataReport()
-    for file_report in ray.get([_validate_file_task.remote(path) for path in files]):
+    for file_report in ray.get([task.remote(path) for path in files]):
         report.merge(file_report)
     return report
 

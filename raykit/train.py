@@ -270,7 +270,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 metrics, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None
             )
 
-    if eval_groups and step == 0:
+    if eval_groups and step == 0 and cfg.eval_on_start:
         history["eval_before"] = evaluate("before training")
     if step:
         log(f"resumed from checkpoint at step {step}/{plan.total_steps}")
@@ -351,6 +351,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 first_step_at = time.time()
                 log(f"first step done {first_step_at - launched_at:.1f}s after launch")
 
+            # Evaluate before the log report, so every report carries the freshest metrics.
+            evaluate_now = bool(eval_groups) and (
+                step == plan.total_steps or (cfg.eval_steps and step % cfg.eval_steps == 0)
+            )
+            if evaluate_now:
+                evaluate("final" if step == plan.total_steps else "")
+                last_evaluated = step
             if step % cfg.logging_steps == 0 or step == plan.total_steps:
                 loss_sum, n_micro, n_groups, real, padded, seconds = _all_reduce_sum(
                     list(window), device
@@ -367,12 +374,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 history["loss"].append({"step": step, "loss": loss_sum / n_micro})
                 report({"loss": loss_sum / n_micro, "lr": scheduler.get_last_lr()[0]}, save=False)
 
-            evaluate_now = bool(eval_groups) and (
-                step == plan.total_steps or (cfg.eval_steps and step % cfg.eval_steps == 0)
-            )
-            if evaluate_now:
-                evaluate("final" if step == plan.total_steps else "")
-                last_evaluated = step
             if step == plan.total_steps or (save_every and step % save_every == 0):
                 report({}, save=True)
                 last_saved = step
@@ -440,8 +441,11 @@ def _absolute(paths: list[str]) -> list[str]:
     return [p if "://" in p else os.path.abspath(os.path.expanduser(p)) for p in paths]
 
 
-def finetune(cfg: FinetuneConfig) -> FinetuneResult:
-    """Validate data, run the TorchTrainer, export the best checkpoint to `cfg.output_dir`."""
+def finetune(cfg: FinetuneConfig, callbacks: list | None = None) -> FinetuneResult:
+    """Validate data, run the TorchTrainer, export the best checkpoint to `cfg.output_dir`.
+
+    `callbacks` are Ray Train `UserCallback`s (a Tune trial passes `TuneReportCallback`).
+    """
     launched_at = time.time()
     cfg.validate()
     init_ray(cfg.num_workers * cfg.cpus_per_worker)
@@ -491,6 +495,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
             name=cfg.run_name,
             storage_path=cfg.storage_path,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=callbacks,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.save_total_limit,
                 checkpoint_score_attribute=BEST_METRIC if cfg.eval_data else None,

@@ -138,7 +138,7 @@ def test_rerun_with_same_run_name_resumes_an_interrupted_run(ray_cluster, tiny_m
     assert [entry["step"] for entry in summary["loss"]] == list(range(1, 61))
 
 
-@pytest.mark.skipif(shutil.which("ray") is None, reason="ray CLI not on PATH")
+@pytest.mark.skipif(not (Path(sys.executable).parent / "ray").exists(), reason="no ray CLI")
 def test_ray_job_submit_runs_jobs_finetune(tiny_model_dir, tmp_path):
     """`ray job submit` of jobs/finetune.py against a separately started `ray start --head`."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}

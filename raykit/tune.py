@@ -1,0 +1,226 @@
+"""Hyper-parameter sweeps with Ray Tune (Train V2 pattern).
+
+Each Tune trial is a function trainable that runs the same `finetune` as `raykit finetune` with
+the trial's config, forwarding every Ray Train report to Tune with `TuneReportCallback`. ASHA
+stops weak trials early on the eval metric; the best trial's best checkpoint is exported to
+`output_dir/best` in Hugging Face format.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from typing import Any
+
+import ray
+from ray import tune
+from ray.train import Checkpoint
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from raykit.cluster import init_ray
+from raykit.config import ConfigError, FinetuneConfig, TuneConfig, field_type
+from raykit.train import export_model, finetune
+
+CHECKPOINT_PATH_KEY = "checkpoint_path"  # set by TuneReportCallback on checkpoint reports
+DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
+FINETUNE_KEYS = {f.name for f in dataclasses.fields(FinetuneConfig)}
+
+
+def parse_search(specs: list[str]) -> dict[str, Any]:
+    """Turn `KEY=DIST:ARGS` strings into a Tune param space; ConfigError names the bad spec.
+
+    loguniform:LO:HI and uniform:LO:HI sample floats (LO < HI); choice:A,B,C samples one value;
+    grid:A,B,C runs every value. Values are converted to the key's type in FinetuneConfig.
+    """
+    space: dict[str, Any] = {}
+    for spec in specs:
+        key, sep, rest = spec.partition("=")
+        dist, _, args = rest.partition(":")
+        key, dist = key.strip(), dist.strip()
+        where = f"--search {spec!r}"
+        if not sep or not args:
+            raise ConfigError(
+                f"{where}: expected KEY=DIST:ARGS, e.g. learning_rate=loguniform:1e-6:1e-4"
+            )
+        if key not in FINETUNE_KEYS or key in ("train_data", "eval_data", "output_dir", "run_name"):
+            raise ConfigError(f"{where}: unknown or unsearchable key {key!r}")
+        if dist not in DISTRIBUTIONS:
+            raise ConfigError(
+                f"{where}: unknown distribution {dist!r} (use {', '.join(DISTRIBUTIONS)})"
+            )
+        kind = field_type(FinetuneConfig, key)
+        if dist in ("loguniform", "uniform"):
+            try:
+                low, high = (float(x) for x in args.split(":"))
+            except ValueError:
+                raise ConfigError(f"{where}: {dist} needs two numbers LO:HI") from None
+            if not low < high:
+                raise ConfigError(f"{where}: {dist} needs LO < HI, got {low} >= {high}")
+            if dist == "loguniform" and low <= 0:
+                raise ConfigError(f"{where}: loguniform needs LO > 0")
+            if kind is not float:
+                raise ConfigError(f"{where}: {key} is {kind.__name__}; use choice or grid")
+            space[key] = (
+                tune.loguniform(low, high) if dist == "loguniform" else tune.uniform(low, high)
+            )
+            continue
+        values = [v.strip() for v in args.split(",") if v.strip()]
+        if not values:
+            raise ConfigError(f"{where}: {dist} needs at least one value")
+        try:
+            if kind is bool:
+                typed = [v.lower() in ("true", "1", "yes") for v in values]
+            else:
+                typed = [kind(float(v)) if kind is int else kind(v) for v in values]
+        except ValueError:
+            raise ConfigError(f"{where}: values must be {kind.__name__}") from None
+        space[key] = tune.choice(typed) if dist == "choice" else tune.grid_search(typed)
+    return space
+
+
+def default_max_concurrent_trials(cfg: TuneConfig) -> int:
+    """How many trials the cluster can run at once: workers per trial + 1 CPU for data reads."""
+    resources = ray.cluster_resources()
+    per_trial = cfg.num_workers * cfg.cpus_per_worker
+    trials = int((resources.get("CPU", 1) - 1) // per_trial)
+    if cfg.use_gpu:
+        trials = min(trials, int(resources.get("GPU", 0) // cfg.num_workers))
+    return max(1, trials)
+
+
+def _run_trial(trial_params: dict[str, Any], base: dict[str, Any], sweep_dir: str) -> None:
+    """One Tune trial: a full fine-tune whose reports are forwarded to Tune."""
+    name = tune.get_context().get_trial_name()
+    cfg = FinetuneConfig(**{**base, **trial_params})
+    cfg = dataclasses.replace(
+        cfg,
+        run_name=name,
+        storage_path=os.path.join(sweep_dir, "trials"),
+        output_dir=os.path.join(sweep_dir, "trials", name, "model"),
+    )
+    finetune(cfg, callbacks=[TuneReportCallback()])
+
+
+def _trial_rows(results: tune.ResultGrid, metric: str, param_keys: list[str]) -> list[dict]:
+    rows = []
+    for result in results:
+        frame = result.metrics_dataframe
+        scores = frame[metric].dropna() if frame is not None and metric in frame else []
+        rows.append({
+            "trial": os.path.basename(result.path),
+            **{k: result.config.get(k) for k in param_keys},
+            f"best_{metric}": round(float(max(scores)), 4) if len(scores) else None,
+            "steps": int(frame["step"].max()) if frame is not None and "step" in frame else 0,
+            "status": "ERROR" if result.error else "OK",
+            "error": str(result.error).splitlines()[0][:200] if result.error else "",
+        })  # fmt: skip
+    return rows
+
+
+def _best_checkpoint(results: tune.ResultGrid, metric: str) -> tuple[Checkpoint, dict] | None:
+    """The checkpoint with the highest `metric` across all trials and all reports."""
+    best = None
+    for result in results:
+        frame = result.metrics_dataframe
+        if frame is None or CHECKPOINT_PATH_KEY not in frame or metric not in frame:
+            continue
+        rows = frame.dropna(subset=[CHECKPOINT_PATH_KEY, metric])
+        for _, row in rows.iterrows():
+            if best is None or row[metric] > best[1][metric]:
+                best = (row[CHECKPOINT_PATH_KEY], row.to_dict())
+    if best is None:
+        return None
+    return Checkpoint(best[0]), best[1]
+
+
+def run_sweep(cfg: TuneConfig) -> dict[str, Any]:
+    """Run (or resume) the sweep; write trials.csv/json and the best model to output_dir/best."""
+    cfg.validate()
+    space = parse_search(cfg.search)
+    init_ray(cfg.num_workers * cfg.cpus_per_worker)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    output_dir = os.path.abspath(cfg.output_dir)
+    storage = os.path.abspath(cfg.storage_path or os.path.join(output_dir, "ray"))
+    name = cfg.run_name or "sweep"
+    sweep_dir = os.path.join(storage, name)
+    base = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(FinetuneConfig)}
+    base.update(
+        train_data=[os.path.abspath(p) if "://" not in p else p for p in cfg.train_data],
+        eval_data=[os.path.abspath(p) if "://" not in p else p for p in cfg.eval_data],
+    )
+    # The trial itself only waits on its TorchTrainer: a token CPU share, so that the
+    # trainer's workers (and Ray Data reads) get the real CPUs.
+    trainable = tune.with_resources(
+        tune.with_parameters(_run_trial, base=base, sweep_dir=sweep_dir), {"cpu": 0.01}
+    )
+    if tune.Tuner.can_restore(sweep_dir):
+        print(f"[raykit] resuming sweep {sweep_dir}", flush=True)
+        tuner = tune.Tuner.restore(sweep_dir, trainable, resume_errored=False)
+    else:
+        scheduler = None
+        if cfg.scheduler == "asha":
+            scheduler = tune.schedulers.ASHAScheduler(
+                time_attr="step",
+                max_t=max(1, _planned_steps_hint(cfg)),
+                grace_period=cfg.grace_period or cfg.eval_steps or 1,
+                reduction_factor=cfg.reduction_factor,
+            )
+        concurrent = cfg.max_concurrent_trials or default_max_concurrent_trials(cfg)
+        print(
+            f"[raykit] sweep {name}: {cfg.num_samples} sample(s), {concurrent} at a time",
+            flush=True,
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=cfg.metric,
+                mode="max",
+                num_samples=cfg.num_samples,
+                scheduler=scheduler,
+                search_alg=BasicVariantGenerator(random_state=cfg.seed),
+                max_concurrent_trials=concurrent,
+            ),
+            run_config=tune.RunConfig(name=name, storage_path=storage),
+        )
+    results = tuner.fit()
+
+    rows = _trial_rows(results, cfg.metric, sorted(space))
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "trials.json"), "w") as f:
+        json.dump(rows, f, indent=2, default=str)
+    with open(os.path.join(output_dir, "trials.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial"])
+        writer.writeheader()
+        writer.writerows(rows)
+    print(format_table(rows), flush=True)
+
+    best = _best_checkpoint(results, cfg.metric)
+    if best is None:
+        raise RuntimeError("no trial produced a checkpoint with the metric; see trials.csv")
+    checkpoint, metrics = best
+    best_dir = os.path.join(output_dir, "best")
+    export_model(checkpoint, best_dir, {"best_metrics": metrics, "trials": rows})
+    print(f"[raykit] best {cfg.metric}={metrics[cfg.metric]:.4f}; model written to {best_dir}")
+    return {"trials": rows, "best_metrics": metrics, "best_dir": best_dir}
+
+
+def _planned_steps_hint(cfg: TuneConfig) -> int:
+    """ASHA's max_t: max_steps when set, else a large bound (trials end on their own)."""
+    return cfg.max_steps if cfg.max_steps > 0 else 10**9
+
+
+def format_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no trials)"
+    columns = [c for c in rows[0] if c != "error" or any(r["error"] for r in rows)]
+    width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(width[c]) for c in columns)]
+    lines += ["  ".join(str(r[c]).ljust(width[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+__all__ = ["parse_search", "run_sweep", "default_max_concurrent_trials"]

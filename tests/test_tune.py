@@ -1,0 +1,134 @@
+"""Sweeps on the tiny model: spec parsing, best trial, export, failing trials."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from ray import tune
+from typer.testing import CliRunner
+
+from raykit.cli import app, normalize_argv
+from raykit.config import ConfigError
+from raykit.model import Reranker
+from raykit.tune import parse_search
+from tests.conftest import SAMPLE_DEV
+from tests.test_train import marked_train_file
+
+
+def test_search_specs_become_tune_domains():
+    space = parse_search([
+        "learning_rate=loguniform:1e-6:1e-4", "train_group_size=choice:4,8,16",
+        "warmup_ratio=uniform:0:0.2", "max_len=grid:64,128", "fp16=choice:true,false",
+    ])  # fmt: skip
+    assert isinstance(space["learning_rate"], tune.search.sample.Float)
+    assert space["learning_rate"].lower == 1e-6 and space["learning_rate"].upper == 1e-4
+    assert space["train_group_size"].categories == [4, 8, 16]
+    assert space["max_len"] == {"grid_search": [64, 128]}
+    assert space["fp16"].categories == [True, False]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("learning_rate=loguniform:1e-4:1e-6", "LO < HI"),
+        ("learnin_rate=loguniform:1e-6:1e-4", "unknown or unsearchable key 'learnin_rate'"),
+        ("learning_rate=lognormal:1e-6:1e-4", "unknown distribution 'lognormal'"),
+        ("learning_rate=loguniform:0:1e-4", "LO > 0"),
+        ("train_group_size=uniform:2:8", "use choice or grid"),
+        ("train_group_size=choice:four", "values must be int"),
+        ("learning_rate", "expected KEY=DIST:ARGS"),
+    ],
+)
+def test_bad_search_specs_fail_in_one_line(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_search([spec])
+
+
+def test_cli_rejects_a_bad_spec_before_starting(tmp_path):
+    result = CliRunner().invoke(app, normalize_argv([
+        "tune", "--train_data", "x.jsonl", "--eval_data", "y.jsonl",
+        "--search", "learning_rate=loguniform:1e-4:1e-6",
+    ]))  # fmt: skip
+    assert result.exit_code == 2
+    assert "LO < HI" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_sweep_picks_the_better_trial_survives_a_failing_one_and_exports_best(
+    ray_cluster, tiny_model_dir, tmp_path
+):
+    out = tmp_path / "sweep"
+    args = [
+        "tune", "--model_name_or_path", tiny_model_dir,
+        "--train_data", str(marked_train_file(tmp_path)), "--eval_data", str(SAMPLE_DEV),
+        "--output_dir", str(out), "--max_steps", "12", "--eval_steps", "4",
+        "--per_device_train_batch_size", "4", "--train_group_size", "4", "--max_len", "64",
+        "--logging_steps", "4", "--num_samples", "1", "--scheduler", "fifo",
+        "--max_concurrent_trials", "2",
+        "--search", "learning_rate=grid:1e-9,5e-3",
+        "--search", f"model_name_or_path=grid:{tiny_model_dir},{tmp_path / 'missing-model'}",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, normalize_argv(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+    rows = json.loads((out / "trials.json").read_text())
+    assert len(rows) == 4
+    failed = [r for r in rows if r["status"] == "ERROR"]
+    assert len(failed) == 2 and all("missing-model" in r["model_name_or_path"] for r in failed)
+    ok = {r["learning_rate"]: r for r in rows if r["status"] == "OK"}
+    assert set(ok) == {1e-9, 5e-3}
+    assert ok[5e-3]["best_ndcg@10"] > ok[1e-9]["best_ndcg@10"]
+    assert (out / "trials.csv").read_text().startswith("trial,")
+
+    best = json.loads((out / "best" / "train_summary.json").read_text())
+    assert best["best_metrics"]["ndcg@10"] == pytest.approx(ok[5e-3]["best_ndcg@10"], abs=1e-4)
+    assert best["best_metrics"]["config/learning_rate"] == 5e-3
+    scores = Reranker(str(out / "best"), max_length=64).compute_score([["q", "p"], ["a", "b"]])
+    assert len(scores) == 2
+
+
+def test_rerunning_an_interrupted_sweep_resumes_it(ray_cluster, tiny_model_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.test_train import _wait_for
+
+    out = tmp_path / "sweep"
+    args = normalize_argv([
+        "tune", "--model_name_or_path", tiny_model_dir,
+        "--train_data", str(marked_train_file(tmp_path)), "--eval_data", str(SAMPLE_DEV),
+        "--output_dir", str(out), "--run_name", "resumable", "--max_steps", "40",
+        "--eval_steps", "4", "--per_device_train_batch_size", "4", "--train_group_size", "4",
+        "--max_len", "64", "--logging_steps", "4", "--num_samples", "1", "--scheduler", "fifo",
+        "--max_concurrent_trials", "1", "--eval_on_start", "false",
+        "--search", "learning_rate=grid:3e-3,1e-3",
+    ])  # fmt: skip
+    trials_dir = out / "ray" / "resumable" / "trials"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(
+            [sys.executable, "-m", "raykit.cli", *args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            _wait_for(lambda: list(trials_dir.glob("*/checkpoint_manager_snapshot.json")), 240,
+                      "a trial checkpoint")  # fmt: skip
+            os.killpg(first.pid, signal.SIGKILL)
+        finally:
+            first.wait(timeout=60)
+
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "resuming sweep" in result.output
+    rows = json.loads((out / "trials.json").read_text())
+    assert [r["status"] for r in rows] == ["OK", "OK"]
+    assert all(r["steps"] == 40 for r in rows)
+    resumed = [json.loads(p.read_text())["resumed_from_step"]
+               for p in trials_dir.glob("*/model/train_summary.json")]  # fmt: skip
+    assert len(resumed) == 2 and max(resumed) > 0  # the interrupted trial went on from its step
