@@ -14,6 +14,7 @@ import json
 import os
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 from ray import tune
 from ray.train import Checkpoint
@@ -121,7 +122,11 @@ def _trial_rows(results: tune.ResultGrid, metric: str, param_keys: list[str]) ->
 
 
 def _best_checkpoint(results: tune.ResultGrid, metric: str) -> tuple[Checkpoint, dict] | None:
-    """The checkpoint with the highest `metric` across all trials and all reports."""
+    """The kept checkpoint with the highest `metric` across all trials and reports.
+
+    Each trial keeps only its best and latest checkpoints (`save_total_limit`), so reports whose
+    checkpoint was since deleted are passed over.
+    """
     best = None
     for result in results:
         frame = result.metrics_dataframe
@@ -129,17 +134,21 @@ def _best_checkpoint(results: tune.ResultGrid, metric: str) -> tuple[Checkpoint,
             continue
         rows = frame.dropna(subset=[CHECKPOINT_PATH_KEY, metric])
         for _, row in rows.iterrows():
-            if best is None or row[metric] > best[1][metric]:
-                best = (row[CHECKPOINT_PATH_KEY], row.to_dict())
-    if best is None:
-        return None
-    return Checkpoint(best[0]), best[1]
+            if best is not None and row[metric] <= best[1][metric]:
+                continue
+            checkpoint = Checkpoint(row[CHECKPOINT_PATH_KEY])
+            info = checkpoint.filesystem.get_file_info(checkpoint.path)
+            if info.type != pafs.FileType.NotFound:
+                best = (checkpoint, row.to_dict())
+    return best
 
 
 def run_sweep(cfg: TuneConfig) -> dict[str, Any]:
     """Run (or resume) the sweep; write trials.csv/json and the best model to output_dir/best."""
     cfg.validate()
     space = parse_search(cfg.search)
+    # Log reports before a trial's first evaluation carry no eval metric; ASHA skips them.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     init_ray(cfg.num_workers * cfg.cpus_per_worker)
     ray.data.DataContext.get_current().enable_progress_bars = False
     output_dir = os.path.abspath(cfg.output_dir)
@@ -181,7 +190,7 @@ def run_sweep(cfg: TuneConfig) -> dict[str, Any]:
                 mode="max",
                 num_samples=cfg.num_samples,
                 scheduler=scheduler,
-                search_alg=BasicVariantGenerator(random_state=cfg.seed),
+                search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrent),
                 max_concurrent_trials=concurrent,
             ),
             run_config=tune.RunConfig(name=name, storage_path=storage),
