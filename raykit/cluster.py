@@ -9,12 +9,12 @@ import ray
 
 
 def init_ray(min_cpus: float = 0) -> None:
-    """Connect to a running cluster, or start a local instance with at least `min_cpus` + 1 CPUs.
+    """Connect to a running cluster, or start a local instance with at least `min_cpus` + 2 CPUs.
 
     Inside `ray job submit` (RAY_ADDRESS set) or next to a `ray start --head` this joins that
     cluster and never starts a second one. A local instance gets logical CPUs for every training
-    worker plus one for Ray Data reads: on a 2-core laptop two workers and a read task would
-    otherwise wait for each other forever.
+    worker plus two for Ray Data reads and Tune's trial drivers: on a 2-core laptop two workers
+    and a read task would otherwise wait for each other forever.
     """
     if ray.is_initialized():
         return
@@ -24,4 +24,4 @@ def init_ray(min_cpus: float = 0) -> None:
     try:
         ray.init(address="auto")
     except ConnectionError:
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(min_cpus) + 1))
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(min_cpus) + 2))

@@ -27,6 +27,7 @@ from raykit.train import export_model, finetune
 
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # set by TuneReportCallback on checkpoint reports
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
+TRIAL_DRIVER_CPU = 0.01  # a trial only waits on its TorchTrainer
 FINETUNE_KEYS = {f.name for f in dataclasses.fields(FinetuneConfig)}
 
 
@@ -85,7 +86,7 @@ def parse_search(specs: list[str]) -> dict[str, Any]:
 def default_max_concurrent_trials(cfg: TuneConfig) -> int:
     """How many trials the cluster can run at once: workers per trial + 1 CPU for data reads."""
     resources = ray.cluster_resources()
-    per_trial = cfg.num_workers * cfg.cpus_per_worker
+    per_trial = cfg.num_workers * cfg.cpus_per_worker + TRIAL_DRIVER_CPU
     trials = int((resources.get("CPU", 1) - 1) // per_trial)
     if cfg.use_gpu:
         trials = min(trials, int(resources.get("GPU", 0) // cfg.num_workers))
@@ -163,7 +164,7 @@ def run_sweep(cfg: TuneConfig) -> dict[str, Any]:
     # The trial itself only waits on its TorchTrainer: a token CPU share, so that the
     # trainer's workers (and Ray Data reads) get the real CPUs.
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, base=base, sweep_dir=sweep_dir), {"cpu": 0.01}
+        tune.with_parameters(_run_trial, base=base, sweep_dir=sweep_dir), {"cpu": TRIAL_DRIVER_CPU}
     )
     if tune.Tuner.can_restore(sweep_dir):
         print(f"[raykit] resuming sweep {sweep_dir}", flush=True)
