@@ -23,7 +23,13 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, object_store_memory=1_500_000_000, include_dashboard=False)
+        # address="local": always a fresh instance, never another cluster on this machine.
+        ray.init(
+            address="local",
+            num_cpus=4,
+            object_store_memory=1_500_000_000,
+            include_dashboard=False,
+        )
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
