@@ -55,3 +55,13 @@ def test_embedded_model_name_resolves_to_a_local_path():
     path = resolve_model_path("minilm-l6")
     assert os.path.isfile(os.path.join(path, "config.json"))
     assert resolve_model_path("BAAI/bge-reranker-base") == "BAAI/bge-reranker-base"
+
+
+def test_example_configs_load():
+    from raykit.config import TuneConfig
+    from tests.conftest import ROOT
+
+    finetune = load_config(FinetuneConfig, ROOT / "examples" / "finetune.yaml")
+    assert finetune.model_name_or_path == "minilm-l6" and finetune.num_workers == 2
+    tune = load_config(TuneConfig, ROOT / "examples" / "tune.yaml")
+    assert sorted(s.split("=")[0] for s in tune.search) == ["learning_rate", "train_group_size"]
