@@ -106,17 +106,24 @@ def _run_trial(trial_params: dict[str, Any], base: dict[str, Any], sweep_dir: st
     finetune(cfg, callbacks=[TuneReportCallback()])
 
 
-def _trial_rows(results: tune.ResultGrid, metric: str, param_keys: list[str]) -> list[dict]:
+def _trial_rows(
+    results: tune.ResultGrid, metric: str, param_keys: list[str], max_steps: int
+) -> list[dict]:
+    """One row per trial; STOPPED marks a trial ASHA ended before `max_steps`."""
     rows = []
     for result in results:
         frame = result.metrics_dataframe
         scores = frame[metric].dropna() if frame is not None and metric in frame else []
+        steps = int(frame["step"].max()) if frame is not None and "step" in frame else 0
+        status = "ERROR" if result.error else "OK"
+        if status == "OK" and max_steps > 0 and steps < max_steps:
+            status = "STOPPED"
         rows.append({
             "trial": os.path.basename(result.path),
             **{k: result.config.get(k) for k in param_keys},
             f"best_{metric}": round(float(max(scores)), 4) if len(scores) else None,
-            "steps": int(frame["step"].max()) if frame is not None and "step" in frame else 0,
-            "status": "ERROR" if result.error else "OK",
+            "steps": steps,
+            "status": status,
             "error": str(result.error).splitlines()[0][:200] if result.error else "",
         })  # fmt: skip
     return rows
@@ -198,7 +205,7 @@ def run_sweep(cfg: TuneConfig) -> dict[str, Any]:
         )
     results = tuner.fit()
 
-    rows = _trial_rows(results, cfg.metric, sorted(space))
+    rows = _trial_rows(results, cfg.metric, sorted(space), cfg.max_steps)
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "trials.json"), "w") as f:
         json.dump(rows, f, indent=2, default=str)
