@@ -198,8 +198,8 @@ def run_sweep(cfg: TuneConfig) -> dict[str, Any]:
                 mode="max",
                 num_samples=cfg.num_samples,
                 scheduler=scheduler,
+                # Seeded sampling; it also enforces the concurrency limit.
                 search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrent),
-                max_concurrent_trials=concurrent,
             ),
             run_config=tune.RunConfig(name=name, storage_path=storage),
         )

@@ -58,14 +58,14 @@ def test_plan_gives_every_worker_the_same_steps():
     assert plan_steps(cfg, 100).total_steps == 7
 
 
-def marked_train_file(tmp_path: Path) -> Path:
+def marked_train_file(tmp_path: Path, source: Path = SAMPLE_TRAIN) -> Path:
     """The sample groups with a marker on every positive: a signal a random 2-layer BERT can
     learn in a few dozen steps, so a falling loss shows that the loop really optimises."""
-    rows = [json.loads(line) for line in SAMPLE_TRAIN.read_text().splitlines()]
+    rows = [json.loads(line) for line in source.read_text().splitlines()]
     for row in rows:
         row["pos"] = [f"yes, this answers it: {p}" for p in row["pos"]]
         row["neg"] = [f"no: {n}" for n in row["neg"]]
-    return write_jsonl(tmp_path / "marked.jsonl", rows)
+    return write_jsonl(tmp_path / f"marked-{source.name}", rows)
 
 
 def test_two_worker_cli_finetune_lowers_loss_and_writes_hf_model(
@@ -141,9 +141,11 @@ def test_rerun_with_same_run_name_resumes_an_interrupted_run(ray_cluster, tiny_m
 @pytest.mark.skipif(not (Path(sys.executable).parent / "ray").exists(), reason="no ray CLI")
 def test_ray_job_submit_runs_jobs_finetune(tiny_model_dir, tmp_path):
     """`ray job submit` of jobs/finetune.py against a separately started `ray start --head`."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
-    ray_bin = str(Path(sys.executable).parent / "ray")
+    venv_bin = str(Path(sys.executable).parent)
+    # The head runs job entrypoints with its own PATH: start it from the venv that has raykit.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{venv_bin}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    ray_bin = os.path.join(venv_bin, "ray")
     temp_dir = Path(tempfile.mkdtemp(prefix="rk-head-", dir="/tmp"))  # short: AF_UNIX paths
     # Free ports, so this head does not collide with the tests' own Ray instance.
     gcs, dashboard, agent = free_ports(3)

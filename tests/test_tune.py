@@ -61,7 +61,8 @@ def test_sweep_picks_the_better_trial_survives_a_failing_one_and_exports_best(
     out = tmp_path / "sweep"
     args = [
         "tune", "--model_name_or_path", tiny_model_dir,
-        "--train_data", str(marked_train_file(tmp_path)), "--eval_data", str(SAMPLE_DEV),
+        "--train_data", str(marked_train_file(tmp_path)),
+        "--eval_data", str(marked_train_file(tmp_path, SAMPLE_DEV)),
         "--output_dir", str(out), "--max_steps", "12", "--eval_steps", "4",
         "--per_device_train_batch_size", "4", "--train_group_size", "4", "--max_len", "64",
         "--logging_steps", "4", "--num_samples", "1", "--scheduler", "fifo",
