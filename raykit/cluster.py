@@ -24,4 +24,7 @@ def init_ray(min_cpus: float = 0) -> None:
     try:
         ray.init(address="auto")
     except ConnectionError:
+        # Workers that import torch on a busy laptop can take over Ray Train's default 60 s to
+        # start; the local instance's processes inherit this environment.
+        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
         ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(min_cpus) + 2))
