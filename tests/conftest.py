@@ -15,6 +15,7 @@ SAMPLE_DEV = ROOT / "examples" / "data" / "dev.jsonl"
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")  # slow starts under load
 
 
 @pytest.fixture(scope="session")
