@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import ray
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from raykit.config import EvaluateConfig, TuneConfig  # noqa: E402
@@ -31,6 +33,8 @@ def main() -> None:
     parser.add_argument("--num_samples", type=int, default=4)
     args = parser.parse_args()
     dev = f"{args.data}/dev.jsonl"
+    # A Ray instance of its own: never join another cluster running on this machine.
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TuneConfig(
             model_name_or_path="minilm-l6",
