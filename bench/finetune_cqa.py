@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -100,6 +101,8 @@ def main() -> None:
 
     from raykit.train import finetune
 
+    # A Ray instance of its own: never join another cluster running on this machine.
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     workers = 2
     with tempfile.TemporaryDirectory() as tmp:
         cfg = FinetuneConfig(
