@@ -33,8 +33,10 @@ def main() -> None:
     parser.add_argument("--num_samples", type=int, default=4)
     args = parser.parse_args()
     dev = f"{args.data}/dev.jsonl"
-    # A Ray instance of its own: never join another cluster running on this machine.
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    # A Ray instance of its own: never join another cluster running on this machine. The
+    # dashboard serves the state API that Ray Train's placement-group cleaner polls: without it
+    # the worker group of a trial ASHA stopped keeps its CPUs and the next trial never starts.
+    ray.init(address="local", num_cpus=4, include_dashboard=True)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TuneConfig(
             model_name_or_path="minilm-l6",

@@ -287,6 +287,14 @@ def main() -> None:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
         print(f"{out / name}.jsonl: {len(rows)} groups")
+    # The dev groups again as a first-stage run to rescore: one (query, passage) pair per line.
+    with open(out / "score_pairs.jsonl", "w") as f:
+        for q, row in enumerate(groups[40:]):
+            for d, passage in enumerate(row["pos"] + row["neg"]):
+                pair = {"query_id": f"q{q}", "doc_id": f"q{q}-d{d}", "query": row["query"],
+                        "passage": passage}  # fmt: skip
+                f.write(json.dumps(pair) + "\n")
+    print(f"{out / 'score_pairs.jsonl'}: {len(groups[40:])} queries")
 
 
 if __name__ == "__main__":

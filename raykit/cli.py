@@ -20,6 +20,8 @@ from raykit.config import (
     ConfigError,
     EvaluateConfig,
     FinetuneConfig,
+    ScoreConfig,
+    ServeConfig,
     TuneConfig,
     field_type,
     load_config,
@@ -154,6 +156,23 @@ def evaluate_command(cfg: EvaluateConfig) -> None:
 
     metrics = evaluate_model(cfg)
     typer.echo(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+
+
+@config_command("score", ScoreConfig, "Rescore (query, passage) pairs with Ray Data actors.")
+def score_command(cfg: ScoreConfig) -> None:
+    from raykit.score import ScoreError, run_score
+
+    try:
+        run_score(cfg)
+    except ScoreError as exc:
+        _fail(str(exc))
+
+
+@config_command("serve", ServeConfig, "Serve a reranking HTTP API on Ray Serve until Ctrl-C.")
+def serve_command(cfg: ServeConfig) -> None:
+    from raykit.serve import run_serve
+
+    run_serve(cfg)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -161,6 +161,132 @@ class EvaluateConfig:
 
 
 @dataclass
+class ScoreConfig:
+    """`raykit score`: rescore (query, passage) pairs or query groups with Ray Data."""
+
+    model: str = _opt("BAAI/bge-reranker-base", "Model dir, HF hub id or embedded name.")
+    input: list[str] = _list_opt(
+        "JSONL, JSONL.gz or Parquet files, directories or URIs. Rows are pairs "
+        "{query, passage, ...} or groups {query, candidates: [str], ...}."
+    )
+    output: str = _opt("scored", "Output directory: one file per input file.")
+    format: str = _opt("parquet", "Output format: parquet or jsonl.")
+    query_field: str = _opt("query", "Column holding the query.")
+    passage_field: str = _opt("passage", "Column holding the passage of a pair row.")
+    candidates_field: str = _opt("candidates", "Column holding a group row's passages.")
+    group_by: str | None = _opt(
+        None, "Rank pair rows within this column (e.g. query_id), per input file."
+    )
+    top_k: int | None = _opt(None, "Keep the best N rows per query (needs groups or group_by).")
+    normalize: bool = _opt(False, "Add normalized_score = sigmoid(score).")
+    num_actors: int = _opt(1, "Scoring actors (fixed pool size).")
+    min_actors: int | None = _opt(None, "Autoscaling pool: at least this many actors.")
+    max_actors: int | None = _opt(None, "Autoscaling pool: at most this many actors.")
+    use_gpu: bool = _opt(False, "One GPU per scoring actor.")
+    cpus_per_actor: float = _opt(1.0, "CPUs per scoring actor (its torch threads on CPU).")
+    fp16: bool = _opt(False, "float16 autocast (GPU only).")
+    bf16: bool = _opt(False, "bfloat16 autocast (GPU only).")
+    batch_size: int = _opt(64, "Most pairs per forward pass.")
+    forward_token_budget: int = _opt(8192, "Most padded tokens per forward pass.")
+    sort_window: int = _opt(1024, "Pairs sorted by length together before batching.")
+    max_len: int = _opt(512, "Maximum tokens of a (query, passage) pair.")
+    query_max_len: int | None = _opt(None, "Maximum query tokens (default: max_len // 2).")
+    passage_max_len: int | None = _opt(None, "Maximum passage tokens (default: max_len).")
+    resume: bool = _opt(False, "Skip input files whose output is complete.")
+    overwrite: bool = _opt(False, "Replace existing outputs instead of failing.")
+    errors_path: str | None = _opt(
+        None, "JSONL of rejected rows with file, line and reason (default: OUTPUT/_errors.jsonl)."
+    )
+    max_error_rate: float = _opt(0.0, "Exit non-zero when rejected rows / rows exceed this.")
+    trust_remote_code: bool = _opt(False, "Allow custom model code from the hub.")
+
+    def validate(self) -> None:
+        if not self.input:
+            raise ConfigError("input: at least one file, directory or URI is required")
+        if self.format not in ("parquet", "jsonl"):
+            raise ConfigError(f"format: expected parquet or jsonl, got {self.format!r}")
+        for name in ["num_actors", "cpus_per_actor", "batch_size", "forward_token_budget",
+                     "sort_window", "max_len"]:  # fmt: skip
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+        for name in ["top_k", "min_actors", "max_actors", "query_max_len", "passage_max_len"]:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name}: must be > 0, got {value}")
+        low, high = self.actor_pool_size
+        if low > high:
+            raise ConfigError(f"min_actors ({low}) must be <= max_actors ({high})")
+        if self.fp16 and self.bf16:
+            raise ConfigError("fp16/bf16: choose one")
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            raise ConfigError(f"max_error_rate: must be in [0, 1], got {self.max_error_rate}")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume/overwrite: choose one")
+
+    @property
+    def actor_pool_size(self) -> tuple[int, int]:
+        """(min, max) actors: a fixed pool of num_actors unless min/max_actors are given."""
+        low = self.min_actors or (1 if self.max_actors else self.num_actors)
+        return low, self.max_actors or max(low, self.num_actors)
+
+
+@dataclass
+class ServeConfig:
+    """`raykit serve` and `serve run examples/serve.yaml`: a reranking endpoint on Ray Serve."""
+
+    model: str = _opt("BAAI/bge-reranker-base", "Model dir, HF hub id or embedded name.")
+    model_name: str | None = _opt(None, "Name reported by the API (default: model).")
+    host: str = _opt("127.0.0.1", "Bind address of Serve's HTTP proxy (0.0.0.0 for all).")
+    port: int = _opt(8000, "Port of Serve's HTTP proxy.")
+    route_prefix: str = _opt("/", "URL prefix of the app.")
+    app_name: str = _opt("raykit", "Serve application name.")
+    min_replicas: int = _opt(1, "Autoscaling: fewest replicas.")
+    max_replicas: int = _opt(1, "Autoscaling: most replicas.")
+    target_ongoing_requests: float = _opt(4.0, "Autoscaling: ongoing requests per replica.")
+    use_gpu: bool = _opt(False, "One GPU per replica.")
+    cpus_per_replica: float = _opt(1.0, "CPUs per replica (its torch threads on CPU).")
+    fp16: bool = _opt(False, "float16 autocast (GPU only).")
+    bf16: bool = _opt(False, "bfloat16 autocast (GPU only).")
+    max_len: int = _opt(512, "Pairs longer than this are truncated (passage side).")
+    max_batch_size: int = _opt(64, "Most (query, document) pairs per forward pass.")
+    max_batch_tokens: int = _opt(16384, "Most padded tokens per forward pass.")
+    batch_wait_timeout_s: float = _opt(0.01, "How long a batch waits to fill up.")
+    max_ongoing_requests: int | None = _opt(
+        None, "Requests a replica works on at once (default: max_batch_size)."
+    )
+    max_queued_requests: int = _opt(256, "Requests queued beyond that get 429 + Retry-After.")
+    retry_after_s: int = _opt(1, "Retry-After seconds on 429.")
+    max_documents: int = _opt(1000, "Most documents per request (413 beyond).")
+    max_request_bytes: int = _opt(4_000_000, "Largest request body (413 beyond).")
+    api_key: str | None = _opt(
+        None, "Require 'Authorization: Bearer KEY' on all but /health (env RAYKIT_API_KEY)."
+    )
+    trust_remote_code: bool = _opt(False, "Allow custom model code from the hub.")
+    detach: bool = _opt(
+        False, "Deploy and return; the app keeps running on the cluster (jobs/serve.py)."
+    )
+
+    def validate(self) -> None:
+        for name in ["port", "min_replicas", "max_replicas", "target_ongoing_requests",
+                     "cpus_per_replica", "max_len", "max_batch_size", "max_batch_tokens",
+                     "max_queued_requests", "max_documents", "max_request_bytes"]:  # fmt: skip
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.min_replicas > self.max_replicas:
+            raise ConfigError(
+                f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})"
+            )
+        if self.max_len > self.max_batch_tokens:
+            raise ConfigError("max_batch_tokens: must be >= max_len (one pair must fit)")
+        if self.max_ongoing_requests is not None and self.max_ongoing_requests <= 0:
+            raise ConfigError("max_ongoing_requests: must be > 0")
+        if self.fp16 and self.bf16:
+            raise ConfigError("fp16/bf16: choose one")
+        if not self.route_prefix.startswith("/"):
+            raise ConfigError("route_prefix: must start with '/'")
+
+
+@dataclass
 class TuneConfig(FinetuneConfig):
     """`raykit tune`: every finetune key (the fixed part of each trial) plus the sweep keys."""
 

@@ -82,8 +82,13 @@ def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
 
-def expand_paths(paths: str | Sequence[str]) -> list[str]:
-    """Files behind a list of files, directories (searched recursively) and URIs, sorted."""
+def expand_paths(
+    paths: str | Sequence[str], suffixes: tuple[str, ...] = DATA_SUFFIXES
+) -> list[str]:
+    """Files behind a list of files, directories (searched recursively) and URIs, sorted.
+
+    Inside directories only files ending in `suffixes` count (hidden and _-prefixed names never).
+    """
     if isinstance(paths, str):
         paths = [paths]
     files: list[str] = []
@@ -97,10 +102,12 @@ def expand_paths(paths: str | Sequence[str]) -> list[str]:
             found = sorted(
                 prefix + f.path
                 for f in fs.get_file_info(pafs.FileSelector(fs_path, recursive=True))
-                if f.type == pafs.FileType.File and f.path.endswith(DATA_SUFFIXES)
+                if f.type == pafs.FileType.File
+                and f.path.endswith(suffixes)
+                and not os.path.basename(f.path).startswith((".", "_"))
             )
             if not found:
-                raise DataError(f"{path}: directory has no {', '.join(DATA_SUFFIXES)} files")
+                raise DataError(f"{path}: directory has no {', '.join(suffixes)} files")
             files += found
         else:
             raise DataError(f"{path}: no such file or directory")

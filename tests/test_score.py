@@ -1,0 +1,199 @@
+"""`raykit score` on the tiny model: input shapes, exact scores, errors, resume, actor faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from raykit.cli import app, normalize_argv
+from raykit.config import ConfigError, ScoreConfig
+from raykit.model import Reranker
+from raykit.score import output_names, run_score
+from tests.conftest import SAMPLE_DEV, SAMPLE_TRAIN, write_jsonl
+
+
+def dev_groups(source: Path = SAMPLE_DEV) -> list[dict]:
+    return [json.loads(line) for line in source.read_text().splitlines()]
+
+
+def pair_rows(groups: list[dict]) -> list[dict]:
+    return [
+        {"query_id": f"q{q}", "doc_id": f"q{q}-d{d}", "query": g["query"], "passage": p}
+        for q, g in enumerate(groups)
+        for d, p in enumerate(g["pos"] + g["neg"])
+    ]
+
+
+def score_config(model: str, inputs: list[Path], output: Path, **extra) -> ScoreConfig:
+    values = {"max_len": 64, "batch_size": 16, "sort_window": 64, **extra}
+    return ScoreConfig(model=model, input=[str(p) for p in inputs], output=str(output), **values)
+
+
+def read_output(path: Path) -> list[dict]:
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines()]
+    return pq.read_table(path).to_pylist()
+
+
+def test_pairs_groups_and_parquet_inputs_score_like_reranker(ray_cluster, tiny_model_dir, tmp_path):
+    groups = dev_groups()
+    pairs = pair_rows(groups)
+    (tmp_path / "in").mkdir()
+    write_jsonl(tmp_path / "in" / "pairs.jsonl", pairs)
+    group_rows = [{"qid": i, "query": g["query"], "candidates": g["pos"] + g["neg"]}
+                  for i, g in enumerate(groups)]  # fmt: skip
+    write_jsonl(tmp_path / "in" / "groups.jsonl", group_rows)
+    pq.write_table(pa.Table.from_pylist(pairs), tmp_path / "in" / "ids.parquet")
+
+    cfg = score_config(tiny_model_dir, [tmp_path / "in"], tmp_path / "out",
+                       group_by=None, normalize=True, num_actors=2)  # fmt: skip
+    summary = run_score(cfg)
+
+    reranker = Reranker(tiny_model_dir, device="cpu", max_length=64)
+    expected = reranker.compute_score([[p["query"], p["passage"]] for p in pairs])
+    for name in ("pairs", "ids"):
+        rows = read_output(tmp_path / "out" / f"{name}.parquet")
+        assert [r["doc_id"] for r in rows] == [p["doc_id"] for p in pairs]  # all, once, in order
+        assert set(rows[0]) == {"query_id", "doc_id", "query", "passage", "score",
+                                "normalized_score"}  # fmt: skip
+        for row, score in zip(rows, expected, strict=True):
+            assert row["score"] == pytest.approx(score, abs=1e-4)
+            assert row["normalized_score"] == pytest.approx(1 / (1 + pow(2.718281828, -score)))
+    rows = read_output(tmp_path / "out" / "groups.parquet")
+    assert len(rows) == len(pairs)
+    by_pair = {(p["query"], p["passage"]): s for p, s in zip(pairs, expected, strict=True)}
+    for qid, group in enumerate(group_rows):
+        mine = [r for r in rows if r["qid"] == qid]
+        assert sorted(r["candidate_index"] for r in mine) == list(range(len(group["candidates"])))
+        ranked = sorted(mine, key=lambda r: r["rank"])
+        assert [r["rank"] for r in ranked] == list(range(1, len(mine) + 1))
+        assert all(a["score"] >= b["score"] for a, b in zip(ranked, ranked[1:], strict=False))
+        for r in mine:
+            assert r["passage"] == group["candidates"][r["candidate_index"]]
+            assert r["score"] == pytest.approx(by_pair[(r["query"], r["passage"])], abs=1e-4)
+    assert summary["rows_in"] == 2 * len(pairs) + len(group_rows)
+    assert summary["pairs_scored"] == 3 * len(pairs) and summary["rows_rejected"] == 0
+
+
+def test_group_by_top_k_and_jsonl_round_trip(ray_cluster, tiny_model_dir, tmp_path):
+    pairs = pair_rows(dev_groups())
+    source = write_jsonl(tmp_path / "run.jsonl", pairs)
+    cfg = score_config(tiny_model_dir, [source], tmp_path / "out", format="jsonl",
+                       group_by="query_id", top_k=2)  # fmt: skip
+    summary = run_score(cfg)
+    rows = read_output(tmp_path / "out" / "run.jsonl")
+    assert summary["rows_out"] == len(rows) == 2 * len({p["query_id"] for p in pairs})
+    assert {r["rank"] for r in rows} == {1, 2}
+    full = {(p["doc_id"]): p for p in pairs}
+    for row in rows:  # every input column survives the JSONL round trip unchanged
+        assert {k: row[k] for k in full[row["doc_id"]]} == full[row["doc_id"]]
+    for qid in {p["query_id"] for p in pairs}:
+        mine = sorted((r for r in rows if r["query_id"] == qid), key=lambda r: r["rank"])
+        assert mine[0]["score"] >= mine[1]["score"]
+
+
+def test_bad_rows_go_to_errors_file_and_fail_the_run(ray_cluster, tiny_model_dir, tmp_path):
+    good = pair_rows(dev_groups())[:5]
+    source = write_jsonl(tmp_path / "mixed.jsonl", [
+        good[0], "{not json", {"query": "q", "passage": ""}, {"query": "q"},
+        {"query": 3, "passage": "p"}, good[1], {"query": "q", "candidates": ["a", 7]},
+    ])  # fmt: skip
+    errors = tmp_path / "errors.jsonl"
+    args = ["score", "--model", tiny_model_dir, "--input", str(source), "--output",
+            str(tmp_path / "out"), "--errors_path", str(errors), "--max_len", "64"]  # fmt: skip
+    result = CliRunner().invoke(app, normalize_argv(args))
+    assert result.exit_code == 1
+    assert "5 of 7 rows rejected" in result.output and "Traceback" not in result.output
+    records = [json.loads(line) for line in errors.read_text().splitlines()]
+    assert [(r["line"], r["reason"]) for r in records] == [
+        (2, "invalid JSON: Expecting property name enclosed in double quotes"),
+        (3, "field 'passage' is empty"),
+        (4, "missing field 'passage' (or 'candidates')"),
+        (5, "field 'query' is not a string"),
+        (7, "field 'candidates[1]' is not a string"),
+    ]
+    assert records[1]["row"] == {"query": "q", "passage": ""} and records[0]["file"] == str(source)
+    assert [r["doc_id"] for r in read_output(tmp_path / "out" / "mixed.parquet")] == [
+        good[0]["doc_id"], good[1]["doc_id"],
+    ]  # fmt: skip
+    # A tolerated error rate passes; a missing model or file is one line, not a traceback.
+    ok = CliRunner().invoke(app, normalize_argv(
+        args + ["--overwrite", "--max_error_rate", "0.8"]))  # fmt: skip
+    assert ok.exit_code == 0, ok.output
+    for bad_args, message in (
+        (["--model", str(tmp_path / "nope")], "model: cannot load"),
+        (["--input", str(tmp_path / "missing.jsonl")], "no such file or directory"),
+    ):
+        result = CliRunner().invoke(app, normalize_argv(args + ["--overwrite", *bad_args]))
+        assert result.exit_code != 0 and message in result.output, result.output
+        assert "Traceback" not in result.output
+
+
+def test_resume_skips_finished_files_without_duplicates(ray_cluster, tiny_model_dir, tmp_path):
+    pairs = pair_rows(dev_groups())
+    (tmp_path / "in").mkdir()
+    first = write_jsonl(tmp_path / "in" / "a.jsonl", pairs)
+    write_jsonl(tmp_path / "in" / "b.jsonl", pair_rows(dev_groups(SAMPLE_TRAIN)))
+    out = tmp_path / "out"
+    cfg = score_config(tiny_model_dir, [tmp_path / "in"], out)
+    run_score(cfg)
+    finished = out / "a.parquet"
+    stamp = finished.stat().st_mtime_ns
+    # Simulate an interruption while b was being written: its output is only in progress.
+    (out / "b.parquet").rename(out / ".b.parquet.inprogress")
+    with pytest.raises(ConfigError, match="use --resume"):
+        run_score(score_config(tiny_model_dir, [first], out))
+    summary = run_score(score_config(tiny_model_dir, [tmp_path / "in"], out, resume=True))
+    assert summary["files_skipped"] == 1 and finished.stat().st_mtime_ns == stamp
+    rows = read_output(out / "b.parquet")
+    assert len(rows) == len({r["doc_id"] for r in rows}) == summary["rows_in"]
+    assert not (out / ".b.parquet.inprogress").exists()
+
+
+def _scorer_pids() -> list[int]:
+    listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in listing.splitlines() if "PairScorer" in line]
+
+
+def test_killed_scoring_actor_loses_and_duplicates_nothing(ray_cluster, tiny_model_dir, tmp_path):
+    # 3,600 pairs scored one at a time: the run outlasts the first delivered window by far.
+    pairs = [{**row, "doc_id": i} for i, row in enumerate(pair_rows(dev_groups()) * 60)]
+    source = write_jsonl(tmp_path / "big.jsonl", pairs)
+    out = tmp_path / "out"
+    cfg = score_config(tiny_model_dir, [source], out, num_actors=2, batch_size=1, sort_window=16)
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(run_score(cfg)))
+    worker.start()
+    killed = None
+    deadline = time.time() + 300
+    while killed is None and worker.is_alive() and time.time() < deadline:
+        if (out / ".big.parquet.inprogress").exists() and _scorer_pids():
+            killed = _scorer_pids()[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    worker.join(timeout=600)
+    assert killed is not None, "the run ended before an actor could be killed"
+    rows = read_output(out / "big.parquet")
+    assert sorted(r["doc_id"] for r in rows) == list(range(len(pairs)))
+    assert result["rows_in"] == result["rows_out"] == len(pairs)
+
+
+def test_output_names_and_config_errors():
+    assert output_names(["/a/x.jsonl.gz", "/b/y.parquet"], ".parquet") == ["x.parquet", "y.parquet"]
+    assert output_names(["/r/a/x.jsonl", "/r/b/x.jsonl"], ".jsonl") == ["a/x.jsonl", "b/x.jsonl"]
+    with pytest.raises(ConfigError, match="format"):
+        ScoreConfig(input=["x"], format="csv").validate()
+    with pytest.raises(ConfigError, match="min_actors"):
+        ScoreConfig(input=["x"], min_actors=3, max_actors=2).validate()
+    assert ScoreConfig(input=["x"], min_actors=1, max_actors=4).actor_pool_size == (1, 4)
+    assert ScoreConfig(input=["x"], num_actors=3).actor_pool_size == (3, 3)
