@@ -187,8 +187,12 @@ class ScoreConfig:
     fp16: bool = _opt(False, "float16 autocast (GPU only).")
     bf16: bool = _opt(False, "bfloat16 autocast (GPU only).")
     batch_size: int = _opt(64, "Most pairs per forward pass.")
-    forward_token_budget: int = _opt(8192, "Most padded tokens per forward pass.")
-    sort_window: int = _opt(1024, "Pairs sorted by length together before batching.")
+    forward_token_budget: int = _opt(
+        4096, "Most padded tokens per forward pass (CPU: 2048-4096; GPU: 32768 or more)."
+    )
+    sort_window: int = _opt(
+        1024, "Pairs sorted by length together; also the unit of work of an actor."
+    )
     max_len: int = _opt(512, "Maximum tokens of a (query, passage) pair.")
     query_max_len: int | None = _opt(None, "Maximum query tokens (default: max_len // 2).")
     passage_max_len: int | None = _opt(None, "Maximum passage tokens (default: max_len).")
@@ -249,7 +253,12 @@ class ServeConfig:
     bf16: bool = _opt(False, "bfloat16 autocast (GPU only).")
     max_len: int = _opt(512, "Pairs longer than this are truncated (passage side).")
     max_batch_size: int = _opt(64, "Most (query, document) pairs per forward pass.")
-    max_batch_tokens: int = _opt(16384, "Most padded tokens per forward pass.")
+    max_batch_tokens: int = _opt(16384, "Most tokens in one batch of pairs.")
+    chunk_tokens: int = _opt(
+        2048,
+        "Padded tokens per forward pass: a batch is sorted by length and cut into chunks "
+        "(CPU: 2048; GPU: 32768 or more).",
+    )
     batch_wait_timeout_s: float = _opt(0.01, "How long a batch waits to fill up.")
     max_ongoing_requests: int | None = _opt(
         None, "Requests a replica works on at once (default: max_batch_size)."
@@ -269,7 +278,8 @@ class ServeConfig:
     def validate(self) -> None:
         for name in ["port", "min_replicas", "max_replicas", "target_ongoing_requests",
                      "cpus_per_replica", "max_len", "max_batch_size", "max_batch_tokens",
-                     "max_queued_requests", "max_documents", "max_request_bytes"]:  # fmt: skip
+                     "chunk_tokens", "max_queued_requests", "max_documents",
+                     "max_request_bytes"]:  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.min_replicas > self.max_replicas:

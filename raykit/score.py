@@ -598,6 +598,7 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         print(f"[raykit] resume: {skipped} of {len(files)} file(s) already scored", flush=True)
     stats = RunStats()
     started = time.time()
+    first_output: float | None = None
     if todo:
         init_ray(cfg.actor_pool_size[1] * cfg.cpus_per_actor + 1)
         # Rows must reach the driver in input order: that is how a file is known to be complete.
@@ -609,6 +610,8 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         progress = _progress(len(todo))
         try:
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                if first_output is None:  # startup: Ray Data, actors, model load, first window
+                    first_output = time.time()
                 for file_index in pa.compute.unique(batch["_file"]).to_pylist():
                     part = batch.filter(pa.compute.equal(batch["_file"], file_index))
                     sinks.get(file_index).add(part)
@@ -636,6 +639,7 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         "wall_s": round(wall, 2),
         "pairs_per_s": round(stats.pairs_scored / wall, 1) if wall else 0.0,
         "tokens_per_s": round(stats.tokens_scored / wall, 1) if wall else 0.0,
+        "first_output_s": round(first_output - started, 2) if first_output else None,
         "output": cfg.output,
         "errors_path": errors_file,
     }

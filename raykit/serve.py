@@ -270,31 +270,35 @@ class RerankerDeployment:
         return await asyncio.get_running_loop().run_in_executor(None, self._forward, pairs)
 
     def _forward(self, pairs: list[_Pair]) -> list[float]:
-        from raykit.data import pad_encodings
+        """Score a batch: pairs of similar length are padded together, chunk by chunk."""
+        from raykit.data import chunk_by_length, pad_encodings
 
         torch = self.torch
-        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].input_ids))
-        encodings = []
-        for i in order:
-            encoding = {"input_ids": pairs[i].input_ids}
-            if pairs[i].token_type_ids is not None:
-                encoding["token_type_ids"] = pairs[i].token_type_ids
-            encodings.append(encoding)
-        batch = pad_encodings(encodings, self.tokenizer.pad_token_id or 0)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        with (
-            torch.inference_mode(),
-            torch.autocast(
-                self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
-            ),
-        ):
-            logits = self.model(**batch).logits.view(-1).float().cpu().tolist()
-        self.stats["forward_passes"] += 1
-        self.stats["pairs_scored"] += len(pairs)
-        self.metric_forwards.inc()
         scores = [0.0] * len(pairs)
-        for position, i in enumerate(order):
-            scores[i] = logits[position]
+        lengths = [len(p.input_ids) for p in pairs]
+        for chunk in chunk_by_length(lengths, self.cfg.chunk_tokens):
+            encodings = []
+            for i in chunk:
+                encoding = {"input_ids": pairs[i].input_ids}
+                if pairs[i].token_type_ids is not None:
+                    encoding["token_type_ids"] = pairs[i].token_type_ids
+                encodings.append(encoding)
+            batch = pad_encodings(encodings, self.tokenizer.pad_token_id or 0)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with (
+                torch.inference_mode(),
+                torch.autocast(
+                    self.device.type,
+                    dtype=self.dtype or torch.float32,
+                    enabled=self.dtype is not None,
+                ),
+            ):
+                logits = self.model(**batch).logits.view(-1).float().cpu().tolist()
+            for i, value in zip(chunk, logits, strict=True):
+                scores[i] = value
+            self.stats["forward_passes"] += 1
+            self.metric_forwards.inc()
+        self.stats["pairs_scored"] += len(pairs)
         return scores
 
 

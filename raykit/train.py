@@ -182,6 +182,9 @@ def _micro_batches(
             yield index, rows_from_batch(batch)
 
 
+WORKER_GROUP_KEY = "worker_placement_group"
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """One Ray Train worker: DDP model, AMP, accumulation, eval, checkpoints, resume."""
     cfg = FinetuneConfig(**loop_config["cfg"])
@@ -252,8 +255,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         log(f"eval {label} step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         return metrics
 
+    group = ray.util.get_current_placement_group()
+    group_hex = group.id.hex() if group is not None else None
+
     def report(metrics: dict[str, Any], save: bool) -> None:
         metrics = {"step": step, "epoch": step / plan.steps_per_epoch, **metrics}
+        metrics[WORKER_GROUP_KEY] = group_hex
         if history["eval"]:
             metrics.update({k: v for k, v in history["eval"][-1].items() if k != "step"})
         if not save:
@@ -399,6 +406,31 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def release_placement_group(group_hex: str | None) -> None:
+    """Remove a finished run's worker placement group if Ray Train left it behind.
+
+    With Ray 2.60, a run inside a Tune trial can end (or be stopped by ASHA) with its worker
+    group's placement group still reserved: the trial actor exits before the controller's cleanup.
+    In a long-lived driver such as a sweep those CPUs/GPUs would be lost to every later trial.
+    Every report carries the group's id (`WORKER_GROUP_KEY`) so the sweep can free it.
+    """
+    if not group_hex:
+        return
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import (
+        PlacementGroup,
+        placement_group_table,
+        remove_placement_group,
+    )
+
+    group = PlacementGroup(PlacementGroupID(bytes.fromhex(group_hex)))
+    try:
+        if placement_group_table(group).get("state") not in (None, "REMOVED"):
+            remove_placement_group(group)
+    except Exception as exc:  # never fail a finished run over cleanup
+        print(f"[raykit] could not release placement group {group_hex}: {exc}", flush=True)
+
+
 # ---------------------------------------------------------------------------- driver side
 
 
@@ -517,6 +549,7 @@ def finetune(cfg: FinetuneConfig, callbacks: list | None = None) -> FinetuneResu
         )
     if checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
+    best_metrics = {k: v for k, v in best_metrics.items() if k != WORKER_GROUP_KEY}
     export_model(checkpoint, cfg.output_dir, {**summary, "best_metrics": best_metrics})
     print(f"[raykit] best model written to {cfg.output_dir}", flush=True)
     return FinetuneResult(cfg.output_dir, best_metrics, summary, checkpoint.path)

@@ -23,7 +23,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from raykit.cluster import init_ray
 from raykit.config import ConfigError, FinetuneConfig, TuneConfig, field_type
-from raykit.train import export_model, finetune
+from raykit.train import WORKER_GROUP_KEY, export_model, finetune, release_placement_group
 
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # set by TuneReportCallback on checkpoint reports
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
@@ -104,6 +104,16 @@ def _run_trial(trial_params: dict[str, Any], base: dict[str, Any], sweep_dir: st
         output_dir=os.path.join(sweep_dir, "trials", name, "model"),
     )
     finetune(cfg, callbacks=[TuneReportCallback()])
+
+
+class ReleaseWorkerGroups(tune.Callback):
+    """Frees the worker placement group of every trial that ends (see release_placement_group)."""
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        release_placement_group((trial.last_result or {}).get(WORKER_GROUP_KEY))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        release_placement_group((trial.last_result or {}).get(WORKER_GROUP_KEY))
 
 
 def _trial_rows(
@@ -201,7 +211,9 @@ def run_sweep(cfg: TuneConfig) -> dict[str, Any]:
                 # Seeded sampling; it also enforces the concurrency limit.
                 search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrent),
             ),
-            run_config=tune.RunConfig(name=name, storage_path=storage),
+            run_config=tune.RunConfig(
+                name=name, storage_path=storage, callbacks=[ReleaseWorkerGroups()]
+            ),
         )
     results = tuner.fit()
 

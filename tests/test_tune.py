@@ -133,3 +133,16 @@ def test_rerunning_an_interrupted_sweep_resumes_it(ray_cluster, tiny_model_dir, 
     resumed = [json.loads(p.read_text())["resumed_from_step"]
                for p in trials_dir.glob("*/model/train_summary.json")]  # fmt: skip
     assert len(resumed) == 2 and max(resumed) > 0  # the interrupted trial went on from its step
+
+
+def test_release_placement_group_frees_a_leftover_worker_group(ray_cluster):
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    from raykit.train import release_placement_group
+
+    group = placement_group([{"CPU": 0.01}])
+    ray_cluster.get(group.ready(), timeout=60)
+    release_placement_group(group.id.hex())
+    assert placement_group_table(group)["state"] == "REMOVED"
+    release_placement_group(group.id.hex())  # already gone: a no-op
+    release_placement_group(None)
