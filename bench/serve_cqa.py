@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
-NAIVE_SERVER = '''
+NAIVE_SERVER = """
 import sys, torch
 from fastapi import FastAPI
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -57,7 +57,7 @@ async def health():
 if __name__ == "__main__":
     import uvicorn
     uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[3]), log_level="warning")
-'''
+"""
 
 
 def free_port() -> int:

@@ -133,6 +133,18 @@ def predict_logits(
     return scores
 
 
+@torch.inference_mode()
+def batch_logits(
+    model: nn.Module, batch: dict[str, torch.Tensor], autocast_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Float32 logits (on CPU) of one padded batch; autocast to fp16/bf16 when a dtype is given."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    enabled = autocast_dtype is not None
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=enabled):
+        return model(**batch).logits.view(-1).float().cpu()
+
+
 def _default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")

@@ -35,6 +35,7 @@ import ray
 from raykit.cluster import init_ray
 from raykit.config import ConfigError, ScoreConfig, resolve_model_path
 from raykit.data import DataError, _filesystem, expand_paths, open_text, tokenize_pairs
+from raykit.model import batch_logits
 
 INPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 READ_ROWS_PER_BLOCK = 1024
@@ -241,9 +242,9 @@ class PairScorer:
         self.pad_id = tokenizer.pad_token_id or 0
         self.cfg = cfg
         on_gpu = self.device.type == "cuda"
-        self.dtype = (torch.float16 if cfg.fp16 else torch.bfloat16) if on_gpu else None
-        if self.dtype is not None and not (cfg.fp16 or cfg.bf16):
-            self.dtype = None
+        self.dtype = None  # autocast only on GPU; on CPU fp16 is emulated and slow
+        if on_gpu and (cfg.fp16 or cfg.bf16):
+            self.dtype = torch.float16 if cfg.fp16 else torch.bfloat16
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         torch = self.torch
@@ -280,16 +281,8 @@ class PairScorer:
             inputs = {"input_ids": input_ids, "attention_mask": mask}
             if token_types is not None:
                 inputs["token_type_ids"] = token_types
-            inputs = {k: torch.from_numpy(v).to(self.device) for k, v in inputs.items()}
-            with (
-                torch.inference_mode(),
-                torch.autocast(
-                    self.device.type,
-                    dtype=self.dtype or torch.float32,
-                    enabled=self.dtype is not None,
-                ),
-            ):
-                logits = self.model(**inputs).logits.view(-1).float().cpu().numpy()
+            inputs = {k: torch.from_numpy(v) for k, v in inputs.items()}
+            logits = batch_logits(self.model, inputs, self.dtype).numpy()
             scores[index] = logits
             start = end
         keep = [c for c in batch.column_names if c not in ("input_ids", "token_type_ids")]

@@ -34,6 +34,7 @@ from ray import serve
 from ray.serve.metrics import Counter, Histogram
 
 from raykit.config import ConfigError, ServeConfig, load_config
+from raykit.model import batch_logits
 
 HEALTH_PATH = "/health"
 
@@ -273,7 +274,6 @@ class RerankerDeployment:
         """Score a batch: pairs of similar length are padded together, chunk by chunk."""
         from raykit.data import chunk_by_length, pad_encodings
 
-        torch = self.torch
         scores = [0.0] * len(pairs)
         lengths = [len(p.input_ids) for p in pairs]
         for chunk in chunk_by_length(lengths, self.cfg.chunk_tokens):
@@ -284,16 +284,7 @@ class RerankerDeployment:
                     encoding["token_type_ids"] = pairs[i].token_type_ids
                 encodings.append(encoding)
             batch = pad_encodings(encodings, self.tokenizer.pad_token_id or 0)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            with (
-                torch.inference_mode(),
-                torch.autocast(
-                    self.device.type,
-                    dtype=self.dtype or torch.float32,
-                    enabled=self.dtype is not None,
-                ),
-            ):
-                logits = self.model(**batch).logits.view(-1).float().cpu().tolist()
+            logits = batch_logits(self.model, batch, self.dtype).tolist()
             for i, value in zip(chunk, logits, strict=True):
                 scores[i] = value
             self.stats["forward_passes"] += 1
