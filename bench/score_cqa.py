@@ -103,22 +103,36 @@ def plain_loop(model_dir: str, rows: list[dict], max_len: int) -> dict:
 
 
 class PeakMemory:
-    """Samples the summed PSS of this process and all Ray processes every 0.5 s."""
+    """Samples the summed PSS of this process and all its descendants (the local Ray instance's
+    GCS, raylet, workers and actors) every 0.5 s. Other Ray clusters on the machine do not count."""
 
     def __init__(self):
         self.peak = 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
+    @staticmethod
+    def _tree() -> list[int]:
+        children: dict[int, list[int]] = {}
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    stat = Path(f"/proc/{pid}/stat").read_text()
+                    ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+                children.setdefault(ppid, []).append(int(pid))
+        tree, todo = [], [os.getpid()]
+        while todo:
+            pid = todo.pop()
+            tree.append(pid)
+            todo += children.get(pid, [])
+        return tree
+
     def _pss(self) -> int:
         total = 0
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
+        for pid in self._tree():
             try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-                if int(pid) != os.getpid() and b"ray" not in cmdline:
-                    continue
                 for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                     if line.startswith("Pss:"):
                         total += int(line.split()[1]) * 1024

@@ -2,7 +2,7 @@
 
 Prints each trial's dev NDCG@10, the exported best model's dev metrics (re-evaluated from
 output_dir/best), and how many trial-steps ASHA saved against running every trial to the end.
-Writes bench/results/tune_cqa.json. Run: python bench/tune_cqa.py  (about 20 minutes on 2 cores)
+Writes bench/results/tune_cqa.json. Run: python bench/tune_cqa.py  (about 25 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument(
         "--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/cqa")
     )
-    parser.add_argument("--max_steps", type=int, default=24)
+    parser.add_argument("--max_steps", type=int, default=16)
     parser.add_argument("--eval_steps", type=int, default=8)
     parser.add_argument("--num_samples", type=int, default=4)
     args = parser.parse_args()
