@@ -118,7 +118,7 @@ def test_rerunning_an_interrupted_sweep_resumes_it(ray_cluster, tiny_model_dir, 
             start_new_session=True,
         )
         try:
-            _wait_for(lambda: list(trials_dir.glob("*/checkpoint_manager_snapshot.json")), 240,
+            _wait_for(lambda: list(trials_dir.glob("*/checkpoint_manager_snapshot.json")), 600,
                       "a trial checkpoint")  # fmt: skip
             os.killpg(first.pid, signal.SIGKILL)
         finally:
