@@ -367,17 +367,21 @@ def tokenize_pairs(
     return [{k: batch[k][i] for k in keys} for i in range(len(queries))]
 
 
-def chunk_by_length(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+def chunk_by_length(
+    lengths: Sequence[int], token_budget: int, max_items: int | None = None
+) -> list[list[int]]:
     """Split indices into chunks of similar length whose padded size fits `token_budget`.
 
     Indices are sorted longest first and greedily grouped, so each chunk pads only to its own
-    longest pair. A single pair longer than the budget still gets its own chunk.
+    longest pair; `max_items` also caps the pairs per chunk. A single pair longer than the budget
+    still gets its own chunk.
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     chunks: list[list[int]] = []
     current: list[int] = []
     for i in order:
-        if current and lengths[current[0]] * (len(current) + 1) > token_budget:
+        full = max_items is not None and len(current) >= max_items
+        if current and (full or lengths[current[0]] * (len(current) + 1) > token_budget):
             chunks.append(current)
             current = []
         current.append(i)
@@ -386,22 +390,19 @@ def chunk_by_length(lengths: Sequence[int], token_budget: int) -> list[list[int]
     return chunks
 
 
-def pad_encodings(encodings: Iterable[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
-    """Right-pad token ids into tensors with an attention mask."""
+def pad_encodings(encodings: Iterable[dict[str, Sequence[int]]], pad_id: int) -> dict[str, Any]:
+    """Right-pad token ids into int64 tensors with an attention mask."""
     import torch
 
     encodings = list(encodings)
     width = max(len(e["input_ids"]) for e in encodings)
-    batch = {
-        "input_ids": torch.full((len(encodings), width), pad_id, dtype=torch.long),
-        "attention_mask": torch.zeros((len(encodings), width), dtype=torch.long),
-    }
-    if "token_type_ids" in encodings[0]:
-        batch["token_type_ids"] = torch.zeros((len(encodings), width), dtype=torch.long)
+    keys = ["input_ids"] + (["token_type_ids"] if "token_type_ids" in encodings[0] else [])
+    arrays = {k: np.full((len(encodings), width), pad_id if k == "input_ids" else 0, np.int64)
+              for k in keys}  # fmt: skip
+    arrays["attention_mask"] = np.zeros((len(encodings), width), np.int64)
     for row, enc in enumerate(encodings):
         n = len(enc["input_ids"])
-        batch["input_ids"][row, :n] = torch.tensor(enc["input_ids"])
-        batch["attention_mask"][row, :n] = 1
-        if "token_type_ids" in batch:
-            batch["token_type_ids"][row, :n] = torch.tensor(enc["token_type_ids"])
-    return batch
+        for k in keys:
+            arrays[k][row, :n] = enc[k]
+        arrays["attention_mask"][row, :n] = 1
+    return {k: torch.from_numpy(v) for k, v in arrays.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -143,6 +144,11 @@ def batch_logits(
     enabled = autocast_dtype is not None
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=enabled):
         return model(**batch).logits.view(-1).float().cpu()
+
+
+def sigmoid(x: float) -> float:
+    """Numerically stable logistic function of one logit."""
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
 def _default_device() -> torch.device:

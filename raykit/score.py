@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import sys
 import tempfile
@@ -34,8 +33,16 @@ import ray
 
 from raykit.cluster import init_ray
 from raykit.config import ConfigError, ScoreConfig, resolve_model_path
-from raykit.data import DataError, _filesystem, expand_paths, open_text, tokenize_pairs
-from raykit.model import batch_logits
+from raykit.data import (
+    DataError,
+    _filesystem,
+    chunk_by_length,
+    expand_paths,
+    open_text,
+    pad_encodings,
+    tokenize_pairs,
+)
+from raykit.model import batch_logits, sigmoid
 
 INPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 READ_ROWS_PER_BLOCK = 1024
@@ -224,14 +231,14 @@ def _append(out: dict, file_index: int, line: int, text: str | None, cand: int, 
 
 
 class PairScorer:
-    """A scoring actor: holds the model and scores tokenised pairs, shortest-first in chunks."""
+    """A scoring actor: holds the model and scores a window of tokenised pairs in chunks of
+    similar length (at most `batch_size` pairs and `forward_token_budget` padded tokens)."""
 
     def __init__(self, cfg: ScoreConfig, model: str):
         import torch
 
         from raykit.model import load_model_and_tokenizer
 
-        self.torch = torch
         if not cfg.use_gpu:
             torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
         self.device = torch.device("cuda" if cfg.use_gpu else "cpu")
@@ -247,49 +254,21 @@ class PairScorer:
             self.dtype = torch.float16 if cfg.fp16 else torch.bfloat16
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        torch = self.torch
-        ids = batch["input_ids"].combine_chunks()
-        offsets = ids.offsets.to_numpy()
-        values = ids.values.to_numpy(zero_copy_only=False)
-        types = None
-        if "token_type_ids" in batch.column_names:
-            types = batch["token_type_ids"].combine_chunks().values.to_numpy(zero_copy_only=False)
-        lengths = np.diff(offsets)
+        columns = [c for c in ("input_ids", "token_type_ids") if c in batch.column_names]
+        tokens = {c: batch[c].to_pylist() for c in columns}
+        lengths = [len(ids) for ids in tokens["input_ids"]]
         scores = np.full(len(lengths), np.nan, dtype=np.float32)
-        order = [int(i) for i in np.argsort(lengths, kind="stable") if lengths[i] > 0]
-        start = 0
-        while start < len(order):
-            # Take up to batch_size pairs whose padded size fits the token budget.
-            end = start + 1
-            while (
-                end < len(order)
-                and end - start < self.cfg.batch_size
-                and lengths[order[end]] * (end - start + 1) <= self.cfg.forward_token_budget
-            ):
-                end += 1
-            index = order[start:end]
-            width = int(lengths[index[-1]])
-            input_ids = np.full((len(index), width), self.pad_id, dtype=np.int64)
-            mask = np.zeros((len(index), width), dtype=np.int64)
-            token_types = None if types is None else np.zeros_like(input_ids)
-            for row, i in enumerate(index):
-                a, b = offsets[i], offsets[i + 1]
-                input_ids[row, : b - a] = values[a:b]
-                mask[row, : b - a] = 1
-                if token_types is not None:
-                    token_types[row, : b - a] = types[a:b]
-            inputs = {"input_ids": input_ids, "attention_mask": mask}
-            if token_types is not None:
-                inputs["token_type_ids"] = token_types
-            inputs = {k: torch.from_numpy(v) for k, v in inputs.items()}
-            logits = batch_logits(self.model, inputs, self.dtype).numpy()
-            scores[index] = logits
-            start = end
-        keep = [c for c in batch.column_names if c not in ("input_ids", "token_type_ids")]
+        scored = [i for i, n in enumerate(lengths) if n]  # rejected rows carry no tokens
+        budget, most = self.cfg.forward_token_budget, self.cfg.batch_size
+        for chunk in chunk_by_length([lengths[i] for i in scored], budget, max_items=most):
+            index = [scored[j] for j in chunk]
+            inputs = pad_encodings([{c: tokens[c][i] for c in columns} for i in index],
+                                   self.pad_id)  # fmt: skip
+            scores[index] = batch_logits(self.model, inputs, self.dtype).numpy()
         return (
-            batch.select(keep)
+            batch.drop_columns(columns)
             .append_column("score", pa.array(scores))
-            .append_column("_tokens", pa.array(lengths.astype(np.int32)))
+            .append_column("_tokens", pa.array(lengths, pa.int32()))
         )
 
 
@@ -428,11 +407,11 @@ class FileSink:
                 key = ("key", json.dumps(row[cfg.group_by], default=str))
             row["score"] = float(score)
             if cfg.normalize:
-                row["normalized_score"] = 1.0 / (1.0 + math.exp(-float(score)))
+                row["normalized_score"] = sigmoid(float(score))
             rows.append(row)
             self.keys.append(key)
             self.scores.append(float(score))
-            self.ranked |= key is not None
+            self.ranked |= key is not None  # groups, or group_by: a second pass adds `rank`
         valid = batch.filter(pa.compute.is_null(batch["_error"]))
         self.stats.pairs_scored += len(valid)
         self.stats.tokens_scored += int(pa.compute.sum(valid["_tokens"]).as_py() or 0)
@@ -441,12 +420,9 @@ class FileSink:
         if rows:
             if self.writer is None:
                 # Ranked output needs a second pass, so the first one always writes Parquet.
-                first_format = "parquet" if self._needs_rank() else cfg.format
+                first_format = "parquet" if self.ranked else cfg.format
                 self.writer = TableWriter(self.fs, self.partial, first_format, self.source)
             self.writer.write(pa.Table.from_pylist(rows))
-
-    def _needs_rank(self) -> bool:
-        return bool(self.cfg.group_by) or any(k is not None for k in self.keys)
 
     def _error_record(self, line: int, text: str, reason: str) -> dict:
         try:
@@ -464,7 +440,7 @@ class FileSink:
         if self.writer is None:  # no valid rows: an empty output file
             self.writer = TableWriter(self.fs, self.partial, self.cfg.format, self.source)
         self.writer.close()
-        if self.writer.fmt == "parquet" and self._needs_rank():
+        if self.writer.fmt == "parquet" and self.ranked:
             self._rank_and_rewrite()
         else:
             self.stats.rows_out += self.writer.rows
@@ -553,7 +529,7 @@ def build_dataset(cfg: ScoreConfig, files: list[str], todo: list[int]) -> ray.da
 
 
 def _unwrap(exc: BaseException) -> BaseException:
-    """The DataError/OSError behind Ray's task-error wrappers, if there is one."""
+    """The DataError/ConfigError behind Ray's task-error wrappers, if there is one."""
     seen = exc
     while seen is not None:
         if isinstance(seen, (DataError, ConfigError)):
@@ -600,7 +576,7 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         context.execution_options.preserve_order = True
         dataset = build_dataset(cfg, files, todo)
         sinks = OrderedSinks(cfg, files, names, todo, stats)
-        progress = _progress(len(todo))
+        progress = Progress(len(todo))
         try:
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 if first_output is None:  # startup: Ray Data, actors, model load, first window
@@ -680,7 +656,7 @@ class OrderedSinks:
             self.current = None
 
 
-class _progress:
+class Progress:
     """A tqdm bar of rows/s on stderr (plain log lines when not a terminal)."""
 
     def __init__(self, files: int):

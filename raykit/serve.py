@@ -34,7 +34,7 @@ from ray import serve
 from ray.serve.metrics import Counter, Histogram
 
 from raykit.config import ConfigError, ServeConfig, load_config
-from raykit.model import batch_logits
+from raykit.model import batch_logits, sigmoid
 
 HEALTH_PATH = "/health"
 
@@ -76,23 +76,18 @@ class ApiError(Exception):
 class _Pair:
     """One tokenised (query, document) pair waiting in the batch queue."""
 
-    input_ids: list[int]
-    token_type_ids: list[int] | None
+    encoding: dict[str, list[int]]  # input_ids (+ token_type_ids)
     cost_floor: float  # max_batch_tokens / max_batch_size: caps the pairs per batch
 
 
 def batch_cost(pairs: list[_Pair]) -> int:
     """Padded tokens of a batch, and at least its share of the pair cap (see `_Pair`)."""
-    longest = max(len(p.input_ids) for p in pairs)
+    longest = max(len(p.encoding["input_ids"]) for p in pairs)
     return math.ceil(max(len(pairs) * longest, len(pairs) * pairs[0].cost_floor))
 
 
 # Helpers the deployment uses sit above it: Serve pickles the class by value when it is
 # decorated, so names defined further down would be missing in the replica.
-
-
-def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -145,7 +140,6 @@ class RerankerDeployment:
         from raykit.model import load_model_and_tokenizer
 
         self.cfg = cfg
-        self.torch = torch
         self.device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, int(cfg.cpus_per_replica)))
@@ -218,7 +212,7 @@ class RerankerDeployment:
     @api.post("/rerank")
     async def rerank_tei(self, body: TeiRerankRequest) -> list[dict]:
         logits, _ = await self.score_documents(body.query, body.texts)
-        scores = logits if body.raw_scores else [_sigmoid(x) for x in logits]
+        scores = logits if body.raw_scores else [sigmoid(x) for x in logits]
         ranked = sorted(range(len(scores)), key=lambda i: -scores[i])
         return [{"index": i, "score": scores[i], **({"text": body.texts[i]} if body.return_text
                 else {})} for i in ranked]  # fmt: skip
@@ -229,7 +223,7 @@ class RerankerDeployment:
         ranked = sorted(range(len(texts)), key=lambda i: -logits[i])[: body.top_n]
         results = []
         for i in ranked:
-            result: dict[str, Any] = {"index": i, "relevance_score": _sigmoid(logits[i])}
+            result: dict[str, Any] = {"index": i, "relevance_score": sigmoid(logits[i])}
             if body.return_documents:
                 result["document"] = {"text": texts[i]}
             results.append(result)
@@ -256,7 +250,7 @@ class RerankerDeployment:
             raise ApiError(400, "query: must not be empty")
         encodings = tokenize_pairs(self.tokenizer, [query] * len(texts), texts, self.cfg.max_len)
         floor = self.cfg.max_batch_tokens / self.cfg.max_batch_size
-        pairs = [_Pair(e["input_ids"], e.get("token_type_ids"), floor) for e in encodings]
+        pairs = [_Pair(e, floor) for e in encodings]
         logits = await asyncio.gather(*(self.score_pair(p) for p in pairs))
         tokens = sum(len(e["input_ids"]) for e in encodings)
         self.stats["documents"] += len(texts)
@@ -275,14 +269,9 @@ class RerankerDeployment:
         from raykit.data import chunk_by_length, pad_encodings
 
         scores = [0.0] * len(pairs)
-        lengths = [len(p.input_ids) for p in pairs]
+        lengths = [len(p.encoding["input_ids"]) for p in pairs]
         for chunk in chunk_by_length(lengths, self.cfg.chunk_tokens):
-            encodings = []
-            for i in chunk:
-                encoding = {"input_ids": pairs[i].input_ids}
-                if pairs[i].token_type_ids is not None:
-                    encoding["token_type_ids"] = pairs[i].token_type_ids
-                encodings.append(encoding)
+            encodings = [pairs[i].encoding for i in chunk]
             batch = pad_encodings(encodings, self.tokenizer.pad_token_id or 0)
             logits = batch_logits(self.model, batch, self.dtype).tolist()
             for i, value in zip(chunk, logits, strict=True):

@@ -124,6 +124,7 @@ def test_chunk_by_length_bounds_padding():
     for chunk in chunks:
         assert max(lengths[i] for i in chunk) * len(chunk) <= 200 or len(chunk) == 1
     assert chunk_by_length([500], 100) == [[0]]
+    assert chunk_by_length([5] * 7, 1000, max_items=3) == [[0, 1, 2], [3, 4, 5], [6]]
 
 
 def test_tokenize_pairs_truncates_passage_first(tiny_model_dir):
