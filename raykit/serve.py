@@ -119,6 +119,9 @@ async def guard(request: Request, call_next: Any) -> Any:
     if response is None and length and length.isdigit() and int(length) > max_bytes:
         response = _error(413, f"request body over {max_bytes} bytes")
     if response is None:
+        # `curl -d '{...}'` sends form encoding; every route here takes JSON, so read it as JSON.
+        headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+        request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
         response = await call_next(request)
     replica.record(path, started, response.status_code)
     return response

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 
 import httpx
@@ -98,6 +99,11 @@ def test_errors_and_limits(served):
                                 "Content-Type": "application/json"})  # fmt: skip
     assert reply.status_code == 422
     assert status("/v1/rerank", {"query": QUERY, "documents": DOCS, "top_n": 0}) == 422
+    form = {"Authorization": f"Bearer {API_KEY}",  # what plain `curl -d '{...}'` sends
+            "Content-Type": "application/x-www-form-urlencoded"}  # fmt: skip
+    body = json.dumps({"query": QUERY, "documents": DOCS})
+    reply = httpx.post(served + "/v1/rerank", content=body, headers=form)
+    assert reply.status_code == 200 and len(reply.json()["results"]) == 3
     assert status("/v1/rerank", {"query": QUERY, "documents": ["d"] * 51}) == 413
     assert status("/rerank", {"query": QUERY, "texts": ["x" * 500] * 45}) == 413  # > 20,000 bytes
     long_doc = " ".join(["tulip"] * 5000)  # far over max_len: truncated, not rejected
