@@ -20,6 +20,8 @@ from raykit.config import (
     ConfigError,
     EvaluateConfig,
     FinetuneConfig,
+    MineConfig,
+    MixConfig,
     ScoreConfig,
     ServeConfig,
     TuneConfig,
@@ -32,7 +34,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Fine-tune, evaluate, score and serve cross-encoder rerankers on Ray.",
+    help="Fine-tune, sweep, score and serve cross-encoder rerankers on Ray; mine; mix.",
 )
 COMMAND_CONFIGS: dict[str, type] = {}
 _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
@@ -173,6 +175,20 @@ def serve_command(cfg: ServeConfig) -> None:
     from raykit.serve import run_serve
 
     run_serve(cfg)
+
+
+@config_command("mine", MineConfig, "Mine hard negatives (BM25 or dense) into training groups.")
+def mine_command(cfg: MineConfig) -> None:
+    from raykit.mine import run_mine
+
+    run_mine(cfg)
+
+
+@config_command("mix", MixConfig, "Average models of one architecture (LM-Cocktail merging).")
+def mix_command(cfg: MixConfig) -> None:
+    from raykit.merge import run_mix
+
+    run_mix(cfg)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

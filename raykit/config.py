@@ -332,6 +332,109 @@ class TuneConfig(FinetuneConfig):
         parse_search(self.search)
 
 
+@dataclass
+class MineConfig:
+    """`raykit mine`: add retrieved hard negatives to training groups."""
+
+    input: list[str] = _list_opt("JSONL groups {query, pos, neg?} (files, directories, URIs).")
+    corpus: list[str] = _list_opt(
+        "JSONL {text, id?} to mine from (default: every pos/neg text of the input)."
+    )
+    output: str = _opt("mined.jsonl", "Output JSONL in the training format.")
+    retriever: str = _opt("bm25", "bm25 (bm25s) or dense (an HF encoder, see --embedder).")
+    embedder: str = _opt("BAAI/bge-base-en-v1.5", "Dense retriever: HF encoder (mean pooling).")
+    query_instruction: str = _opt("", "Dense retriever: text put before every query.")
+    range: str = _opt(
+        "10-100", "Sample negatives from retrieval ranks LO-HI (Python slice [LO:HI], 0-based)."
+    )
+    negatives: int = _opt(15, "Negatives sampled per query.")
+    replace_neg: bool = _opt(False, "Replace the input's neg instead of adding to it.")
+    pad_random: bool = _opt(False, "Top up short queries with random corpus texts.")
+    filter_model: str | None = _opt(
+        None, "Cross-encoder that drops likely false negatives (see --filter_margin)."
+    )
+    filter_margin: float = _opt(
+        0.95, "Drop a candidate when sigmoid(score) > margin x sigmoid(best positive's score)."
+    )
+    max_len: int = _opt(512, "Tokens per text (embedder) or pair (filter model).")
+    batch_size: int = _opt(64, "Texts or pairs per forward pass.")
+    num_actors: int = _opt(1, "Ray Data actors for embedding and filtering.")
+    use_gpu: bool = _opt(False, "One GPU per actor.")
+    cpus_per_actor: float = _opt(1.0, "CPUs per actor (its torch threads on CPU).")
+    fp16: bool = _opt(False, "float16 autocast (GPU only).")
+    skip_invalid: bool = _opt(False, "Skip invalid input rows (counted) instead of failing.")
+    seed: int = _opt(42, "Seed of the negative sampling.")
+    trust_remote_code: bool = _opt(False, "Allow custom model code from the hub.")
+
+    def validate(self) -> None:
+        if not self.input:
+            raise ConfigError("input: at least one file, directory or URI is required")
+        if self.retriever not in ("bm25", "dense"):
+            raise ConfigError(f"retriever: expected bm25 or dense, got {self.retriever!r}")
+        self.sample_range  # noqa: B018 (validates)
+        for name in ["negatives", "max_len", "batch_size", "num_actors", "cpus_per_actor"]:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.filter_margin <= 0:
+            raise ConfigError(f"filter_margin: must be > 0, got {self.filter_margin}")
+
+    @property
+    def sample_range(self) -> tuple[int, int]:
+        """(lo, hi) from `range` = "LO-HI"."""
+        lo, sep, hi = self.range.partition("-")
+        try:
+            low, high = int(lo), int(hi)
+        except ValueError:
+            low = high = -1
+        if not sep or low < 0 or high <= low:
+            raise ConfigError(f"range: expected LO-HI with 0 <= LO < HI, got {self.range!r}")
+        return low, high
+
+
+@dataclass
+class MixConfig:
+    """`raykit mix`: a weighted average of models of one architecture (LM-Cocktail)."""
+
+    models: list[str] = _list_opt("Two or more models (dirs, HF ids or embedded names).")
+    weights: list[str] = _list_opt(
+        "One weight per model, >= 0, summing to 1; or 'auto' (needs --example_data)."
+    )
+    output: str = _opt("mixed", "Output directory (Hugging Face format).")
+    example_data: list[str] = _list_opt("auto: a few JSONL groups {query, pos, neg}.")
+    temperature: float = _opt(5.0, "auto: weights = softmax(-loss / temperature).")
+    train_group_size: int = _opt(8, "auto: 1 positive + up to N-1 negatives per group.")
+    max_len: int = _opt(512, "auto: maximum tokens of a pair.")
+    trust_remote_code: bool = _opt(False, "Allow custom model code from the hub.")
+
+    def validate(self) -> None:
+        if len(self.models) < 2:
+            raise ConfigError("models: give at least two models to mix")
+        if self.auto_weights:
+            if not self.example_data:
+                raise ConfigError("weights: 'auto' needs --example_data")
+            if self.temperature <= 0 or self.train_group_size < 2 or self.max_len <= 0:
+                raise ConfigError("temperature, max_len must be > 0; train_group_size >= 2")
+            return
+        weights = self.weight_values
+        if len(weights) != len(self.models):
+            raise ConfigError(f"weights: {len(weights)} weight(s) for {len(self.models)} models")
+        if any(w < 0 for w in weights):
+            raise ConfigError(f"weights: must be >= 0, got {weights}")
+        if abs(sum(weights) - 1.0) > 1e-6:
+            raise ConfigError(f"weights: must sum to 1 (+-1e-6), got {sum(weights)!r}")
+
+    @property
+    def auto_weights(self) -> bool:
+        return [w.lower() for w in self.weights] == ["auto"]
+
+    @property
+    def weight_values(self) -> list[float]:
+        try:
+            return [float(w) for w in self.weights]
+        except ValueError:
+            raise ConfigError(f"weights: expected numbers or 'auto', got {self.weights}") from None
+
+
 C = TypeVar("C")
 
 

@@ -123,10 +123,15 @@ def open_text(path: str) -> io.TextIOWrapper:
 # ---------------------------------------------------------------------------- validation
 
 
-def check_group(record: Any) -> tuple[str, str, str] | None:
-    """Return (reason, field, message) when a parsed JSON value is not a valid group."""
+def check_group(record: Any, require_neg: bool = True) -> tuple[str, str, str] | None:
+    """Return (reason, field, message) when a parsed JSON value is not a valid group.
+
+    `require_neg=False` accepts groups without negatives (inputs of `raykit mine`).
+    """
     if not isinstance(record, dict):
         return "not_an_object", "-", f"expected a JSON object, got {type(record).__name__}"
+    if not require_neg and record.get("neg") is None:
+        record = {**record, "neg": []}
     for name in ("query", "pos", "neg"):
         if name not in record:
             return "missing_field", name, "required field is missing"
@@ -138,7 +143,7 @@ def check_group(record: Any) -> tuple[str, str, str] | None:
         texts = record[name]
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             return "wrong_type", name, "expected a list of strings"
-        if not texts:
+        if not texts and (name == "pos" or require_neg):
             return f"empty_{name}", name, f"{name} has no passages"
         if any(not t.strip() for t in texts):
             return f"empty_{name}", name, f"{name} contains an empty passage"
@@ -162,28 +167,32 @@ def check_group(record: Any) -> tuple[str, str, str] | None:
     return None
 
 
-def parse_line(line: str) -> tuple[dict | None, tuple[str, str, str] | None]:
+def parse_line(
+    line: str, require_neg: bool = True
+) -> tuple[dict | None, tuple[str, str, str] | None]:
     """Parse and check one JSONL line: (record, None) or (None, (reason, field, message))."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         return None, ("invalid_json", "-", f"invalid JSON: {exc.msg} (column {exc.colno})")
-    problem = check_group(record)
+    problem = check_group(record, require_neg)
     return (None, problem) if problem else (record, None)
 
 
-def validate_file(path: str) -> DataReport:
-    """Check every line of one file, streaming (memory does not grow with the file)."""
+def check_file(path: str, require_neg: bool = True, keep: list[dict] | None = None) -> DataReport:
+    """Check every line of one file, streaming; valid records are appended to `keep` if given."""
     report = DataReport(files=[path])
     try:
         with open_text(path) as lines:
             for number, line in enumerate(lines, start=1):
                 if not line.strip():
                     continue
-                record, problem = parse_line(line)
+                record, problem = parse_line(line, require_neg)
                 if problem is None:
                     report.valid_rows += 1
                     report.has_teacher_scores |= "pos_scores" in record
+                    if keep is not None:
+                        keep.append(record)
                     continue
                 reason, name, message = problem
                 report.skipped[reason] += 1
@@ -198,7 +207,7 @@ def validate_file(path: str) -> DataReport:
 
 @ray.remote(num_cpus=0.25)
 def _validate_file_task(path: str) -> DataReport:
-    return validate_file(path)
+    return check_file(path)
 
 
 def validate_files(files: Sequence[str]) -> DataReport:
@@ -242,13 +251,8 @@ def read_groups(
     """
     files = expand_paths(paths)
     report = validate_files(files)
-    if report.invalid_rows and not skip_invalid:
-        shown = "\n  ".join(report.errors)
-        more = report.invalid_rows - len(report.errors)
-        raise DataError(
-            f"{report.invalid_rows} invalid row(s) in training data (use --skip_invalid to skip "
-            f"them):\n  {shown}" + (f"\n  ... and {more} more" if more > 0 else "")
-        )
+    if not skip_invalid:
+        raise_for_invalid(report, " in training data (use --skip_invalid to skip them)")
     if report.valid_rows == 0:
         raise DataError(f"no valid groups in {', '.join(files)}")
     if report.invalid_rows:
@@ -263,22 +267,33 @@ def read_groups(
     return dataset, report
 
 
+def collect_groups(
+    paths: str | Sequence[str], require_neg: bool = True
+) -> tuple[list[dict], DataReport]:
+    """Read small files into memory on this process; invalid rows are counted, not returned."""
+    groups: list[dict] = []
+    report = DataReport()
+    for path in expand_paths(paths):
+        report.merge(check_file(path, require_neg, keep=groups))
+    return groups, report
+
+
+def raise_for_invalid(report: DataReport, hint: str = "") -> None:
+    """DataError listing the first invalid rows (file:line: field: message), if there are any."""
+    if not report.invalid_rows:
+        return
+    shown = "\n  ".join(report.errors)
+    more = report.invalid_rows - len(report.errors)
+    raise DataError(
+        f"{report.invalid_rows} invalid row(s){hint}:\n  {shown}"
+        + (f"\n  ... and {more} more" if more > 0 else "")
+    )
+
+
 def load_groups(paths: str | Sequence[str]) -> list[dict]:
     """Read small files (evaluation sets) into memory on this process, failing on bad rows."""
-    groups = []
-    errors = []
-    for path in expand_paths(paths):
-        with open_text(path) as lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                record, problem = parse_line(line)
-                if problem:
-                    errors.append(f"{path}:{number}: {problem[1]}: {problem[2]}")
-                else:
-                    groups.append(record)
-    if errors:
-        raise DataError(f"{len(errors)} invalid row(s):\n  " + "\n  ".join(errors[:20]))
+    groups, report = collect_groups(paths)
+    raise_for_invalid(report)
     return groups
 
 

@@ -58,10 +58,14 @@ def test_embedded_model_name_resolves_to_a_local_path():
 
 
 def test_example_configs_load():
-    from raykit.config import TuneConfig
+    from raykit.config import MineConfig, MixConfig, TuneConfig
     from tests.conftest import ROOT
 
     finetune = load_config(FinetuneConfig, ROOT / "examples" / "finetune.yaml")
     assert finetune.model_name_or_path == "minilm-l6" and finetune.num_workers == 2
     tune = load_config(TuneConfig, ROOT / "examples" / "tune.yaml")
     assert sorted(s.split("=")[0] for s in tune.search) == ["learning_rate", "train_group_size"]
+    mine = load_config(MineConfig, ROOT / "examples" / "mine.yaml")
+    assert mine.sample_range == (2, 30) and mine.input == ["examples/data/train.jsonl"]
+    mix = load_config(MixConfig, ROOT / "examples" / "mix.yaml")
+    assert mix.weight_values == [0.3, 0.7] and mix.models[0] == "minilm-l6"

@@ -6,12 +6,12 @@ import pytest
 
 from raykit.data import (
     DataError,
+    check_file,
     chunk_by_length,
     expand_paths,
     read_groups,
     sample_group,
     tokenize_pairs,
-    validate_file,
 )
 from tests.conftest import write_jsonl
 
@@ -39,7 +39,7 @@ GOOD = {"query": "what is ray", "pos": ["ray is a framework"], "neg": ["a ray of
 )  # fmt: skip
 def test_validation_names_file_line_and_field(tmp_path, line, field, reason):
     path = write_jsonl(tmp_path / "train.jsonl", [GOOD, "", line, GOOD])
-    report = validate_file(str(path))
+    report = check_file(str(path))
     assert report.valid_rows == 2
     assert report.skipped == {reason: 1}
     assert report.errors[0].startswith(f"{path}:3: {field}: ")

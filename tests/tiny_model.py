@@ -23,12 +23,23 @@ def sample_texts() -> list[str]:
 
 
 def build_tiny_reranker(
-    out: str | Path, texts: Iterable[str] | None = None, hidden_size: int = 32, layers: int = 2
+    out: str | Path,
+    texts: Iterable[str] | None = None,
+    hidden_size: int = 32,
+    layers: int = 2,
+    seed: int = 0,
+    head: bool = True,
 ) -> str:
-    """Save a random `BertForSequenceClassification(num_labels=1)` and its tokenizer to `out`."""
+    """Save a random `BertForSequenceClassification(num_labels=1)` and its tokenizer to `out`
+    (with `head=False` a plain `BertModel`, like a base encoder)."""
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        BertModel,
+        PreTrainedTokenizerFast,
+    )
 
     tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -51,11 +62,37 @@ def build_tiny_reranker(
         model_input_names=["input_ids", "token_type_ids", "attention_mask"],
     )  # fmt: skip
     fast.save_pretrained(out)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=tokenizer.get_vocab_size(), hidden_size=hidden_size, num_hidden_layers=layers,
         num_attention_heads=max(2, hidden_size // 64), intermediate_size=hidden_size * 2,
         max_position_embeddings=512, num_labels=1, pad_token_id=0,
     )  # fmt: skip
-    BertForSequenceClassification(config).save_pretrained(out)
+    (BertForSequenceClassification if head else BertModel)(config).save_pretrained(out)
+    return str(out)
+
+
+def train_tiny(
+    model_dir: str, groups: list[list[str]], out: str | Path, steps: int = 30, lr: float = 3e-3
+) -> str:
+    """A copy of `model_dir` after `steps` of group-softmax training on `groups`
+    ([query, positive, negative, ...], all the same length), so its scores mean something."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from raykit.model import group_softmax_loss
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pairs = [[group[0], passage] for group in groups for passage in group[1:]]
+    batch = tokenizer(pairs, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = group_softmax_loss(model(**batch).logits.view(-1), len(groups[0]) - 1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return str(out)

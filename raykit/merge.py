@@ -1,0 +1,181 @@
+"""Model merging (LM-Cocktail): a weighted average of rerankers that share one architecture.
+
+Merging a fine-tuned reranker back into its base keeps some of the base's general ability.
+Models are loaded one at a time and summed into a running average, so memory holds two models
+at most. With `weights: auto` each model's group-softmax loss on a few examples sets the
+weights, softmax(-loss / temperature), which LM-Cocktail's own `mix_models_with_data` does not
+offer for rerankers.
+
+A base encoder without a classification head (e.g. all-MiniLM-L6-v2) can be mixed too: tensors a
+model's checkpoint does not have (the new head) are averaged over the models that have them,
+with their weights renormalised, and the command says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raykit.config import ConfigError, MixConfig, resolve_model_path
+from raykit.data import load_groups
+
+# Config keys that decide parameter shapes and meaning; they must agree between models.
+ARCHITECTURE_KEYS = (
+    "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "intermediate_size", "vocab_size", "max_position_embeddings", "type_vocab_size",
+    "hidden_act", "position_embedding_type", "num_labels",
+)  # fmt: skip
+
+
+def load_for_mixing(name: str, trust_remote_code: bool = False) -> tuple[nn.Module, set[str]]:
+    """A one-logit reranker and the names of the tensors its checkpoint did not contain."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)  # a missing head is created the same way every time
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            resolve_model_path(name), num_labels=1, output_loading_info=True,
+            trust_remote_code=trust_remote_code,
+        )  # fmt: skip
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"models: cannot load {name!r}: {str(exc).splitlines()[0]}") from None
+    return model.eval(), set(info.get("missing_keys") or [])
+
+
+def check_same_architecture(first_name: str, first: nn.Module, name: str, other: nn.Module) -> None:
+    """ConfigError naming the first differing tensor (name or shape), then config key."""
+    mine, theirs = first.state_dict(), other.state_dict()
+    for key, tensor in mine.items():
+        if key not in theirs:
+            raise ConfigError(f"{name}: has no tensor {key!r} (found in {first_name})")
+        if theirs[key].shape != tensor.shape:
+            raise ConfigError(
+                f"{name}: tensor {key!r} has shape {tuple(theirs[key].shape)}, "
+                f"{first_name} has {tuple(tensor.shape)}"
+            )
+    extra = [key for key in theirs if key not in mine]
+    if extra:
+        raise ConfigError(f"{name}: has tensor {extra[0]!r} that {first_name} does not have")
+    for key in ARCHITECTURE_KEYS:  # same shapes can still mean different models
+        a, b = getattr(first.config, key, None), getattr(other.config, key, None)
+        if a != b:
+            raise ConfigError(f"{name}: config {key}={b!r} but {first_name} has {key}={a!r}")
+
+
+def mix_models(
+    names: list[str], weights: list[float], trust_remote_code: bool = False
+) -> tuple[nn.Module, Any, dict[str, list[str]]]:
+    """The weighted average as a model of the first model's class, its tokenizer, and for each
+    tensor some checkpoint lacked, the models it was averaged over."""
+    from transformers import AutoTokenizer
+
+    first, first_missing = load_for_mixing(names[0], trust_remote_code)
+    sums: dict[str, torch.Tensor] = {}
+    mass: dict[str, float] = {}
+    has: dict[str, list[str]] = {}
+    for index, (name, weight) in enumerate(zip(names, weights, strict=True)):
+        if index == 0:
+            model, missing = first, first_missing
+        else:
+            model, missing = load_for_mixing(name, trust_remote_code)
+            check_same_architecture(names[0], first, name, model)
+        for key, tensor in model.state_dict().items():
+            if not tensor.is_floating_point():
+                continue  # integer buffers come from the first model
+            sums.setdefault(key, torch.zeros_like(tensor, dtype=torch.float32))
+            mass.setdefault(key, 0.0)
+            has.setdefault(key, [])
+            if key in missing:
+                continue
+            sums[key] += weight * tensor.detach().float()
+            mass[key] += weight
+            has[key].append(name)
+    state = first.state_dict()
+    partial = {}
+    for key, total in sums.items():
+        if len(has[key]) < len(names):
+            partial[key] = has[key]
+        if mass[key] > 0:
+            # Renormalised only where some checkpoint lacked the tensor (its weight is missing).
+            value = total if len(has[key]) == len(names) else total / mass[key]
+            state[key] = value.to(state[key].dtype)
+    first.load_state_dict(state)
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model_path(names[0]), trust_remote_code=trust_remote_code
+    )
+    return first, tokenizer, partial
+
+
+def example_loss(
+    model: nn.Module, tokenizer: Any, groups: list[dict], group_size: int, max_len: int
+) -> float:
+    """Mean group-softmax loss: each group is its first positive + up to group_size-1 negatives."""
+    from raykit.model import predict_logits
+
+    pairs, sizes = [], []
+    for group in groups:
+        passages = [group["pos"][0], *group["neg"][: group_size - 1]]
+        pairs += [[group["query"], p] for p in passages]
+        sizes.append(len(passages))
+    logits = torch.tensor(predict_logits(model, tokenizer, pairs, max_len=max_len))
+    losses, start = [], 0
+    for n in sizes:
+        group_logits = logits[start : start + n].unsqueeze(0)
+        losses.append(F.cross_entropy(group_logits, torch.zeros(1, dtype=torch.long)).item())
+        start += n
+    return sum(losses) / len(losses)
+
+
+def auto_weights(cfg: MixConfig) -> tuple[list[float], list[float]]:
+    """(weights, losses): weights = softmax(-loss / temperature) over the models."""
+    from transformers import AutoTokenizer
+
+    groups = load_groups(cfg.example_data)
+    losses = []
+    for name in cfg.models:
+        model, _ = load_for_mixing(name, cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolve_model_path(name), trust_remote_code=cfg.trust_remote_code
+        )
+        losses.append(example_loss(model, tokenizer, groups, cfg.train_group_size, cfg.max_len))
+        del model
+    weights = torch.softmax(-torch.tensor(losses) / cfg.temperature, dim=0).tolist()
+    return weights, losses
+
+
+def run_mix(cfg: MixConfig) -> dict[str, Any]:
+    """Mix `cfg.models` into `cfg.output` (Hugging Face format); returns the summary."""
+    cfg.validate()
+    losses = None
+    if cfg.auto_weights:
+        weights, losses = auto_weights(cfg)
+    else:
+        weights = cfg.weight_values
+    model, tokenizer, partial = mix_models(cfg.models, weights, cfg.trust_remote_code)
+    os.makedirs(cfg.output, exist_ok=True)
+    model.save_pretrained(cfg.output)
+    tokenizer.save_pretrained(cfg.output)
+    summary = {
+        "models": cfg.models,
+        "weights": [round(w, 6) for w in weights],
+        "example_losses": losses,
+        "averaged_over_some_models": partial,
+        "output": cfg.output,
+    }
+    with open(os.path.join(cfg.output, "mix.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    for key, names in partial.items():
+        source = (
+            f"averaged over {names}" if names else f"new in every model, kept from {cfg.models[0]}"
+        )
+        print(f"[raykit] mix: {key}: not in every checkpoint, {source}", flush=True)
+    shown = ", ".join(f"{n}={w:.4f}" for n, w in zip(cfg.models, weights, strict=True))
+    if losses:
+        shown += " (example losses: " + ", ".join(f"{x:.4f}" for x in losses) + ")"
+    print(f"[raykit] mix weights: {shown}", flush=True)
+    return summary
