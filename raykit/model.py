@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,11 +18,37 @@ from raykit.config import resolve_model_path
 from raykit.data import chunk_by_length, pad_encodings, tokenize_pairs
 
 
+def local_model_path(model: str) -> str:
+    """A local directory or hub id for `model`: URIs (s3://, gs://, ...) are copied to a local
+    cache once per machine (atomically, so concurrent actors never read a partial copy)."""
+    if "://" not in model:
+        return resolve_model_path(model)
+    import hashlib
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    root = os.path.join(tempfile.gettempdir(), "raykit-models")
+    target = os.path.join(root, hashlib.sha1(model.encode()).hexdigest()[:16])
+    if not os.path.exists(os.path.join(target, "config.json")):
+        os.makedirs(root, exist_ok=True)
+        partial = tempfile.mkdtemp(dir=root)
+        fs, path = pafs.FileSystem.from_uri(model)
+        pafs.copy_files(path, partial, source_filesystem=fs)
+        try:
+            os.rename(partial, target)
+        except OSError:  # another process finished first
+            shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
 def load_model_and_tokenizer(
     name_or_path: str, trust_remote_code: bool = False
 ) -> tuple[nn.Module, Any]:
-    """A one-logit sequence classifier and its tokenizer (a new head is created if missing)."""
-    path = resolve_model_path(name_or_path)
+    """A one-logit sequence classifier and its tokenizer (a new head is created if missing).
+
+    `name_or_path` is a hub id, a local directory, an embedded name or a URI (s3://...)."""
+    path = local_model_path(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=1, trust_remote_code=trust_remote_code

@@ -18,7 +18,6 @@ import functools
 import json
 import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -42,7 +41,7 @@ from raykit.data import (
     pad_encodings,
     tokenize_pairs,
 )
-from raykit.model import batch_logits, sigmoid
+from raykit.model import batch_logits, local_model_path, sigmoid
 
 INPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 READ_ROWS_PER_BLOCK = 1024
@@ -55,17 +54,6 @@ class ScoreError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------- model files
-
-
-def local_model_path(model: str) -> str:
-    """A local directory for `model`: URIs (s3://, gs://, ...) are copied to a temp dir once."""
-    if "://" not in model:
-        return resolve_model_path(model)
-    target = os.path.join(tempfile.gettempdir(), "raykit-models", str(abs(hash(model))))
-    if not os.path.exists(os.path.join(target, "config.json")):
-        fs, path = pafs.FileSystem.from_uri(model)
-        pafs.copy_files(path, target, source_filesystem=fs)
-    return target
 
 
 def check_model(model: str) -> None:
@@ -242,9 +230,7 @@ class PairScorer:
         if not cfg.use_gpu:
             torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
         self.device = torch.device("cuda" if cfg.use_gpu else "cpu")
-        hf_model, tokenizer = load_model_and_tokenizer(
-            local_model_path(model), trust_remote_code=cfg.trust_remote_code
-        )
+        hf_model, tokenizer = load_model_and_tokenizer(model, cfg.trust_remote_code)
         self.model = hf_model.to(self.device).eval()
         self.pad_id = tokenizer.pad_token_id or 0
         self.cfg = cfg
