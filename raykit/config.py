@@ -80,6 +80,12 @@ class FinetuneConfig:
     num_workers: int = _opt(1, "Ray Train workers (one per GPU with --use_gpu).")
     use_gpu: bool = _opt(False, "One GPU per worker, NCCL backend.")
     cpus_per_worker: float = _opt(1.0, "CPUs reserved per worker (also its torch threads).")
+    worker_resources: list[str] = _list_opt(
+        "Extra resources per worker, KEY=AMOUNT (a custom node resource such as trainer_node=1)."
+    )
+    placement_strategy: str = _opt(
+        "PACK", "Worker placement: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD (one per node)."
+    )
     run_name: str | None = _opt(None, "Ray Train run name; reuse it to resume a run.")
     storage_path: str | None = _opt(None, "Checkpoint storage (local dir or s3://...).")
     max_failures: int = _opt(0, "Worker failures to recover from, from the last checkpoint.")
@@ -129,6 +135,26 @@ class FinetuneConfig:
             raise ConfigError("weight_decay, max_grad_norm and distill_weight must be >= 0")
         if self.max_failures < -1:
             raise ConfigError("max_failures: must be >= -1")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ConfigError(
+                f"placement_strategy: expected PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
+                f"got {self.placement_strategy!r}"
+            )
+        self.extra_worker_resources  # noqa: B018 (validates)
+
+    @property
+    def extra_worker_resources(self) -> dict[str, float]:
+        """`worker_resources` as a dict: ["trainer_node=1"] -> {"trainer_node": 1.0}."""
+        resources = {}
+        for item in self.worker_resources:
+            key, sep, amount = item.partition("=")
+            try:
+                resources[key.strip()] = float(amount)
+            except ValueError:
+                sep = ""
+            if not sep or not key.strip() or resources.get(key.strip(), 0) <= 0:
+                raise ConfigError(f"worker_resources: expected KEY=AMOUNT > 0, got {item!r}")
+        return resources
 
     @property
     def effective_query_max_len(self) -> int:

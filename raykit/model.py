@@ -28,12 +28,18 @@ def local_model_path(model: str) -> str:
 
     import pyarrow.fs as pafs
 
+    fs, path = pafs.FileSystem.from_uri(model)
+    files = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    if not any(f.base_name == "config.json" for f in files):
+        raise FileNotFoundError(f"{model}: no config.json there")
+    # The cache key covers every file's size and mtime: a model re-written at the same URI is
+    # copied again, never served stale.
+    signature = model + "".join(f"|{f.path}:{f.size}:{f.mtime_ns}" for f in files)
     root = os.path.join(tempfile.gettempdir(), "raykit-models")
-    target = os.path.join(root, hashlib.sha1(model.encode()).hexdigest()[:16])
+    target = os.path.join(root, hashlib.sha1(signature.encode()).hexdigest()[:16])
     if not os.path.exists(os.path.join(target, "config.json")):
         os.makedirs(root, exist_ok=True)
         partial = tempfile.mkdtemp(dir=root)
-        fs, path = pafs.FileSystem.from_uri(model)
         pafs.copy_files(path, partial, source_filesystem=fs)
         try:
             os.rename(partial, target)

@@ -237,6 +237,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     model = ray.train.torch.prepare_model(encoder)  # moves to device, wraps in DDP if world > 1
     encoder = model.module if hasattr(model, "module") else model
     is_ddp = model is not encoder
+    worker_nodes = [ray.get_runtime_context().get_node_id()]
+    if torch.distributed.is_initialized():
+        worker_nodes = [None] * world
+        torch.distributed.all_gather_object(worker_nodes, ray.get_runtime_context().get_node_id())
 
     eval_groups = []
     if "eval" in loop_config["datasets"]:
@@ -281,6 +285,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         history["eval_before"] = evaluate("before training")
     if step:
         log(f"resumed from checkpoint at step {step}/{plan.total_steps}")
+    log(f"workers on {len(set(worker_nodes))} node(s): {worker_nodes}")
     log(
         f"training {plan.total_steps} steps ({plan.steps_per_epoch}/epoch, {plan.epochs} epoch(s)),"
         f" {world} worker(s) on {device.type}, {plan.groups_per_worker} groups per worker per epoch"
@@ -365,6 +370,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             if evaluate_now:
                 evaluate("final" if step == plan.total_steps else "")
                 last_evaluated = step
+            # One report per step: a scheduler such as ASHA may stop the trial on any report,
+            # so a checkpoint due at this step travels with that step's metrics.
+            save_now = step == plan.total_steps or bool(save_every and step % save_every == 0)
+            log_metrics: dict[str, Any] = {}
             if step % cfg.logging_steps == 0 or step == plan.total_steps:
                 loss_sum, n_micro, n_groups, real, padded, seconds = _all_reduce_sum(
                     list(window), device
@@ -379,10 +388,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 )
                 window[:] = 0
                 history["loss"].append({"step": step, "loss": loss_sum / n_micro})
-                report({"loss": loss_sum / n_micro, "lr": scheduler.get_last_lr()[0]}, save=False)
-
-            if step == plan.total_steps or (save_every and step % save_every == 0):
-                report({}, save=True)
+                log_metrics = {"loss": loss_sum / n_micro, "lr": scheduler.get_last_lr()[0]}
+            if log_metrics or save_now:
+                report(log_metrics, save=save_now)
+            if save_now:
                 last_saved = step
             if step >= plan.total_steps:
                 break
@@ -403,6 +412,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         "pairs_trained": totals["pairs"] * world,
         "train_seconds": totals["seconds"],
         "time_to_first_step_s": (first_step_at - launched_at) if first_step_at else None,
+        "worker_nodes": worker_nodes,  # Ray node id of each rank
     }
 
 
@@ -510,7 +520,8 @@ def finetune(cfg: FinetuneConfig, callbacks: list | None = None) -> FinetuneResu
 
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # deterministic shards: resuming mid-epoch skips the same rows
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {}),
+                 **cfg.extra_worker_resources}  # fmt: skip
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -521,8 +532,11 @@ def finetune(cfg: FinetuneConfig, callbacks: list | None = None) -> FinetuneResu
             "datasets": sorted(datasets),
         },
         scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
-        ),
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=cfg.placement_strategy,
+        ),  # fmt: skip
         run_config=RunConfig(
             name=cfg.run_name,
             storage_path=cfg.storage_path,

@@ -65,7 +65,7 @@ def test_sweep_picks_the_better_trial_survives_a_failing_one_and_exports_best(
         "--eval_data", str(marked_train_file(tmp_path, SAMPLE_DEV)),
         "--output_dir", str(out), "--max_steps", "12", "--eval_steps", "4",
         "--per_device_train_batch_size", "4", "--train_group_size", "4", "--max_len", "64",
-        "--logging_steps", "4", "--num_samples", "1", "--scheduler", "fifo",
+        "--logging_steps", "4", "--num_samples", "1", "--scheduler", "asha",
         "--max_concurrent_trials", "2",
         "--search", "learning_rate=grid:1e-9,5e-3",
         "--search", f"model_name_or_path=grid:{tiny_model_dir},{tmp_path / 'missing-model'}",
@@ -77,12 +77,15 @@ def test_sweep_picks_the_better_trial_survives_a_failing_one_and_exports_best(
     assert len(rows) == 4
     failed = [r for r in rows if r["status"] == "ERROR"]
     assert len(failed) == 2 and all("missing-model" in r["model_name_or_path"] for r in failed)
-    ok = {r["learning_rate"]: r for r in rows if r["status"] == "OK"}
+    # ASHA may stop the weak trial early (STOPPED); every trial's checkpoints still count.
+    ok = {r["learning_rate"]: r for r in rows if r["status"] != "ERROR"}
     assert set(ok) == {1e-9, 5e-3}
     assert ok[5e-3]["best_ndcg@10"] > ok[1e-9]["best_ndcg@10"]
     assert (out / "trials.csv").read_text().startswith("trial,")
 
     best = json.loads((out / "best" / "train_summary.json").read_text())
+    # The exported model is the best evaluation of all, also when ASHA ended its trial at
+    # max_t on that very report.
     assert best["best_metrics"]["ndcg@10"] == pytest.approx(ok[5e-3]["best_ndcg@10"], abs=1e-4)
     assert best["best_metrics"]["config/learning_rate"] == 5e-3
     scores = Reranker(str(out / "best"), max_length=64).compute_score([["q", "p"], ["a", "b"]])

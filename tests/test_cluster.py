@@ -1,0 +1,255 @@
+"""A two-node Ray cluster on this machine with S3 storage (moto): `ray job submit` of the jobs,
+workers on different nodes, checkpoints and outputs on S3, and a training worker killed mid-run.
+
+The cluster is started the way a user starts one (`ray start --head`, `ray start --address`),
+with token auth off (Ray 2.60: RAY_AUTH_MODE=disabled) and the S3 endpoint in the environment of
+every Ray process, which is how pyarrow (and so Ray Train and raykit) finds it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import ROOT, SAMPLE_DEV, SAMPLE_TRAIN
+from tests.test_train import free_ports, stop_processes_mentioning
+
+VENV_BIN = Path(sys.executable).parent
+BUCKET = "raykit-test"
+pytestmark = pytest.mark.skipif(
+    not (VENV_BIN / "ray").exists() or not (VENV_BIN / "moto_server").exists(),
+    reason="needs the ray CLI and moto[server]",
+)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
+    deadline = time.time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+class Cluster:
+    """Handles to the test cluster: `ray` CLI calls with the right environment."""
+
+    def __init__(self, env: dict[str, str], dashboard: str, temp_dir: Path):
+        self.env, self.dashboard, self.temp_dir = env, dashboard, temp_dir
+
+    def ray(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        return subprocess.run([str(VENV_BIN / "ray"), *args], env=self.env, capture_output=True,
+                              text=True, timeout=timeout)  # fmt: skip
+
+    def submit(self, job: str, *args: str, wait: bool = True, job_id: str | None = None):
+        job_id = job_id or f"raykit-{uuid.uuid4().hex[:8]}"
+        flags = [] if wait else ["--no-wait"]
+        for _ in range(40):  # the job agent comes up a little after `ray start` returns
+            result = self.ray("job", "submit", f"--address={self.dashboard}", *flags,
+                              f"--submission-id={job_id}", f"--working-dir={ROOT}", "--",
+                              "python", job, *args)  # fmt: skip
+            if "No available agent" not in result.stderr:
+                break
+            time.sleep(3)
+        return job_id, result
+
+    def status(self, job_id: str) -> str:
+        from ray.job_submission import JobSubmissionClient
+
+        return str(JobSubmissionClient(self.dashboard).get_job_status(job_id))
+
+    def logs(self, job_id: str) -> str:
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.dashboard).get_job_logs(job_id)
+
+    def nodes(self) -> list[dict]:
+        out = self.ray("list", "nodes", f"--address={self.dashboard}", "--format=json").stdout
+        return [n for n in json.loads(out) if n["state"] == "ALIVE"]
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    """A moto S3 server on 127.0.0.1 and the AWS variables that point pyarrow/boto3 at it."""
+    import boto3
+
+    (port,) = free_ports(1)
+    server = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # for this process's pyarrow/boto3 clients
+    try:
+        s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+        wait_for(lambda: _try(lambda: s3.create_bucket(Bucket=BUCKET)), 60, "moto")
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _try(call) -> bool:
+    try:
+        call()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_env):
+    """`ray start --head` plus a second node, each offering one `trainer_node` resource."""
+    marker = uuid.uuid4().hex
+    env = {**os.environ, **s3_env, "RAY_AUTH_MODE": "disabled", "RAYKIT_TEST_CLUSTER": marker,
+           "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_DEDUP_LOGS": "0",
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = Path(tempfile.mkdtemp(prefix="rk-2n-", dir="/tmp"))  # short: AF_UNIX paths
+    gcs, dashboard, *agent_ports = free_ports(10)
+    handle = Cluster(env, f"http://127.0.0.1:{dashboard}", temp_dir)
+    try:
+        head = handle.ray(
+            "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
+            f"--dashboard-agent-listen-port={agent_ports[0]}",
+            f"--dashboard-agent-grpc-port={agent_ports[1]}",
+            f"--metrics-export-port={agent_ports[2]}", f"--runtime-env-agent-port={agent_ports[3]}",
+            "--num-cpus=3", '--resources={"trainer_node": 1}', "--include-dashboard=true",
+            "--disable-usage-stats", f"--temp-dir={temp_dir}", timeout=180,
+        )  # fmt: skip
+        assert head.returncode == 0, head.stdout + head.stderr
+        worker = handle.ray(
+            "start", f"--address=127.0.0.1:{gcs}",
+            f"--dashboard-agent-listen-port={agent_ports[4]}",
+            f"--dashboard-agent-grpc-port={agent_ports[5]}",
+            f"--metrics-export-port={agent_ports[6]}", f"--runtime-env-agent-port={agent_ports[7]}",
+            "--num-cpus=2", '--resources={"trainer_node": 1}', "--disable-usage-stats",
+            timeout=180,
+        )  # fmt: skip
+        assert worker.returncode == 0, worker.stdout + worker.stderr
+        wait_for(lambda: len(handle.nodes()) == 2, 120, "two alive nodes", interval=2)
+        yield handle
+    finally:
+        stop_processes_mentioning(str(temp_dir))
+        stop_marked_processes(marker)  # agents and workers whose command line shows neither
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def stop_marked_processes(marker: str) -> None:
+    """Kill every process whose environment carries RAYKIT_TEST_CLUSTER=marker."""
+    needle = f"RAYKIT_TEST_CLUSTER={marker}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes():
+                os.kill(int(entry.name), 9)
+        except (OSError, ProcessLookupError):
+            pass
+
+
+def finetune_args(model: str, **extra: str) -> list[str]:
+    args = {"model_name_or_path": model, "train_data": str(SAMPLE_TRAIN),
+            "eval_data": str(SAMPLE_DEV), "learning_rate": "1e-3", "train_group_size": "4",
+            "per_device_train_batch_size": "2", "max_len": "64", "num_workers": "2",
+            "worker_resources": "trainer_node=1", "eval_on_start": "false", **extra}  # fmt: skip
+    return [x for k, v in args.items() for x in (f"--{k}", v)]
+
+
+def read_s3_json(uri: str) -> dict:
+    fs, path = pafs.FileSystem.from_uri(uri)
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())
+
+
+def test_jobs_run_on_two_nodes_with_s3_storage(cluster, tiny_model_dir, tmp_path):
+    from raykit.model import Reranker
+
+    model_uri = f"s3://{BUCKET}/models/two-node"
+    args = finetune_args(tiny_model_dir, max_steps="6", storage_path=f"s3://{BUCKET}/checkpoints",
+                         run_name="two-node", output_dir=model_uri)  # fmt: skip
+    _, result = cluster.submit("jobs/finetune.py", *args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in (result.stdout + result.stderr).lower()
+    summary = read_s3_json(f"{model_uri}/train_summary.json")
+    nodes = {n["node_id"] for n in cluster.nodes()}
+    assert len(set(summary["worker_nodes"])) == 2 and set(summary["worker_nodes"]) == nodes
+    fs, path = pafs.FileSystem.from_uri(f"s3://{BUCKET}/checkpoints/two-node")
+    assert fs.get_file_info(path).type == pafs.FileType.Directory  # Ray Train's run on S3
+
+    # Batch scoring on the same cluster: model and input on S3, output to S3.
+    rows = [{"query_id": i, "query": "what is ray", "passage": f"passage number {i}"}
+            for i in range(50)]  # fmt: skip
+    fs, path = pafs.FileSystem.from_uri(f"s3://{BUCKET}/pairs/part-0.jsonl")
+    with fs.open_output_stream(path) as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows).encode())
+    _, result = cluster.submit("jobs/score.py", "--model", model_uri, "--input",
+                               f"s3://{BUCKET}/pairs/", "--output", f"s3://{BUCKET}/scored",
+                               "--max_len", "64")  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    fs, path = pafs.FileSystem.from_uri(f"s3://{BUCKET}/scored/part-0.parquet")
+    scored = pq.read_table(path, filesystem=fs).to_pylist()
+    assert [r["query_id"] for r in scored] == list(range(50))
+    expected = Reranker(model_uri, device="cpu", max_length=64).compute_score(
+        [[r["query"], r["passage"]] for r in rows]
+    )
+    assert [r["score"] for r in scored] == pytest.approx(expected, abs=1e-4)
+
+
+def test_killed_training_worker_resumes_from_the_s3_checkpoint(cluster, tiny_model_dir):
+    model_uri = f"s3://{BUCKET}/models/fault"
+    args = finetune_args(tiny_model_dir, max_steps="150", save_steps="10", logging_steps="1",
+                         eval_steps="1000", storage_path=f"s3://{BUCKET}/checkpoints",
+                         run_name="fault", output_dir=model_uri, max_failures="1")  # fmt: skip
+    job_id, result = cluster.submit("jobs/finetune.py", *args, wait=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    def past_a_checkpoint() -> bool:
+        logs = cluster.logs(job_id)
+        return any(f"step {s}/150 " in logs for s in range(12, 120))
+
+    wait_for(past_a_checkpoint, 600, "training past its first checkpoint", interval=0.5)
+    listed = cluster.ray(
+        "list",
+        "actors",
+        f"--address={cluster.dashboard}",
+        "--format=json",
+        "--filter",
+        "class_name=RayTrainWorker",
+        "--filter",
+        "state=ALIVE",
+    )
+    workers = json.loads(listed.stdout)
+    assert len(workers) == 2, listed.stdout + listed.stderr
+    os.kill(int(workers[1]["pid"]), 9)  # one training worker dies mid-run
+
+    wait_for(lambda: any(s in cluster.status(job_id) for s in ("SUCCEEDED", "FAILED", "STOPPED")),
+             900, "the job to finish", interval=2)  # fmt: skip
+    logs = cluster.logs(job_id)
+    assert "SUCCEEDED" in cluster.status(job_id), logs[-4000:]
+    summary = read_s3_json(f"{model_uri}/train_summary.json")
+    assert summary["steps"] == 150
+    resumed = summary["resumed_from_step"]
+    assert 10 <= resumed < 150 and resumed % 10 == 0
+    assert f"resumed from checkpoint at step {resumed}/150" in logs
+    # One loss entry per step: nothing repeated or lost around the restart.
+    assert [entry["step"] for entry in summary["loss"]] == list(range(1, 151))
