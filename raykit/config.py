@@ -34,6 +34,14 @@ def _list_opt(help: str) -> Any:
     return field(default_factory=list, metadata={"help": help})
 
 
+def _require_positive(config: Any, names: list[str], optional: bool = False) -> None:
+    """ConfigError naming the first field that is not > 0 (`optional`: None is allowed)."""
+    for name in names:
+        value = getattr(config, name)
+        if (value is not None or not optional) and value <= 0:
+            raise ConfigError(f"{name}: must be > 0, got {value}")
+
+
 @dataclass
 class FinetuneConfig:
     """Everything `raykit finetune` and `jobs/finetune.py` accept (FlagEmbedding flag names)."""
@@ -116,13 +124,9 @@ class FinetuneConfig:
             "distill_temperature",
             "cpus_per_worker",
         ]
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
-        for name in ["query_max_len", "passage_max_len", "eval_steps", "save_steps"]:
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ConfigError(f"{name}: must be > 0, got {value}")
+        _require_positive(self, positive)
+        optional = ["query_max_len", "passage_max_len", "eval_steps", "save_steps"]
+        _require_positive(self, optional, optional=True)
         if self.train_group_size < 2:
             raise ConfigError("train_group_size: needs at least 2 (1 positive + 1 negative)")
         if self.num_train_epochs <= 0 and self.max_steps <= 0:
@@ -235,14 +239,10 @@ class ScoreConfig:
             raise ConfigError("input: at least one file, directory or URI is required")
         if self.format not in ("parquet", "jsonl"):
             raise ConfigError(f"format: expected parquet or jsonl, got {self.format!r}")
-        for name in ["num_actors", "cpus_per_actor", "batch_size", "forward_token_budget",
-                     "sort_window", "max_len"]:  # fmt: skip
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
-        for name in ["top_k", "min_actors", "max_actors", "query_max_len", "passage_max_len"]:
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ConfigError(f"{name}: must be > 0, got {value}")
+        _require_positive(self, ["num_actors", "cpus_per_actor", "batch_size",
+                                 "forward_token_budget", "sort_window", "max_len"])  # fmt: skip
+        optional = ["top_k", "min_actors", "max_actors", "query_max_len", "passage_max_len"]
+        _require_positive(self, optional, optional=True)
         low, high = self.actor_pool_size
         if low > high:
             raise ConfigError(f"min_actors ({low}) must be <= max_actors ({high})")
@@ -302,12 +302,10 @@ class ServeConfig:
     )
 
     def validate(self) -> None:
-        for name in ["port", "min_replicas", "max_replicas", "target_ongoing_requests",
-                     "cpus_per_replica", "max_len", "max_batch_size", "max_batch_tokens",
-                     "chunk_tokens", "max_queued_requests", "max_documents",
-                     "max_request_bytes"]:  # fmt: skip
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+        _require_positive(self, ["port", "min_replicas", "max_replicas", "target_ongoing_requests",
+                                 "cpus_per_replica", "max_len", "max_batch_size",
+                                 "max_batch_tokens", "chunk_tokens", "max_queued_requests",
+                                 "max_documents", "max_request_bytes"])  # fmt: skip
         if self.min_replicas > self.max_replicas:
             raise ConfigError(
                 f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})"
@@ -398,11 +396,10 @@ class MineConfig:
         if self.retriever not in ("bm25", "dense"):
             raise ConfigError(f"retriever: expected bm25 or dense, got {self.retriever!r}")
         self.sample_range  # noqa: B018 (validates)
-        for name in ["negatives", "max_len", "batch_size", "num_actors", "cpus_per_actor"]:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
-        if self.filter_margin <= 0:
-            raise ConfigError(f"filter_margin: must be > 0, got {self.filter_margin}")
+        _require_positive(
+            self,
+            ["negatives", "max_len", "batch_size", "num_actors", "cpus_per_actor", "filter_margin"],
+        )
 
     @property
     def sample_range(self) -> tuple[int, int]:
