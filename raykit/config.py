@@ -278,18 +278,19 @@ class ServeConfig:
     fp16: bool = _opt(False, "float16 autocast (GPU only).")
     bf16: bool = _opt(False, "bfloat16 autocast (GPU only).")
     max_len: int = _opt(512, "Pairs longer than this are truncated (passage side).")
-    max_batch_size: int = _opt(64, "Most (query, document) pairs per forward pass.")
-    max_batch_tokens: int = _opt(16384, "Most tokens in one batch of pairs.")
+    max_batch_size: int = _opt(64, "Most (query, document) pairs per batch, from any requests.")
+    max_batch_tokens: int = _opt(16384, "Most tokens (unpadded) per batch of pairs.")
     chunk_tokens: int = _opt(
-        2048,
+        1024,
         "Padded tokens per forward pass: a batch is sorted by length and cut into chunks "
-        "(CPU: 2048; GPU: 32768 or more).",
+        "(CPU: 1024; GPU: 32768 or more).",
     )
     batch_wait_timeout_s: float = _opt(0.01, "How long a batch waits to fill up.")
     max_ongoing_requests: int | None = _opt(
         None, "Requests a replica works on at once (default: max_batch_size)."
     )
     max_queued_requests: int = _opt(256, "Requests queued beyond that get 429 + Retry-After.")
+    access_log: bool = _opt(True, "Log one line per request on each replica (off saves CPU).")
     retry_after_s: int = _opt(1, "Retry-After seconds on 429.")
     max_documents: int = _opt(1000, "Most documents per request (413 beyond).")
     max_request_bytes: int = _opt(4_000_000, "Largest request body (413 beyond).")

@@ -7,8 +7,8 @@ counters also go to Ray's own Prometheus export with Serve's metrics).
 
 Every (query, document) pair of every request goes through one `@serve.batch` queue, so pairs from
 concurrent requests share forward passes and a long request is split into model-sized batches.
-A batch is capped by `max_batch_tokens` padded tokens and `max_batch_size` pairs and is sorted by
-length before padding.
+A batch is capped by `max_batch_tokens` tokens and `max_batch_size` pairs, sorted by length and
+run in chunks of `chunk_tokens` padded tokens.
 
 `serve run examples/serve.yaml` uses `app_builder`; `raykit serve` uses `build_app` + `run_serve`.
 No `from __future__ import annotations` here: FastAPI must see the request models as real types
@@ -81,9 +81,13 @@ class _Pair:
 
 
 def batch_cost(pairs: list[_Pair]) -> int:
-    """Padded tokens of a batch, and at least its share of the pair cap (see `_Pair`)."""
-    longest = max(len(p.encoding["input_ids"]) for p in pairs)
-    return math.ceil(max(len(pairs) * longest, len(pairs) * pairs[0].cost_floor))
+    """Tokens of a batch, and at least its share of the pair cap (see `_Pair`).
+
+    Plain tokens, not padded ones: `_forward` sorts the batch by length and pads each chunk only
+    to its own longest pair, so one long pair does not make the whole batch expensive.
+    """
+    tokens = sum(len(p.encoding["input_ids"]) for p in pairs)
+    return math.ceil(max(tokens, len(pairs) * pairs[0].cost_floor))
 
 
 # Helpers the deployment uses sit above it: Serve pickles the class by value when it is
@@ -157,7 +161,7 @@ class RerankerDeployment:
         self.score_pair.set_max_batch_size(cfg.max_batch_tokens)
         self.score_pair.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self.stats = {"requests": 0, "documents": 0, "tokens": 0, "forward_passes": 0,
-                      "pairs_scored": 0, "latency_sum_s": 0.0}  # fmt: skip
+                      "pairs_scored": 0, "latency_sum_s": 0.0, "forward_s": 0.0}  # fmt: skip
         self.status_counts: dict[str, int] = {}
         self.metric_requests = Counter("raykit_requests", "Rerank requests.", ("route", "status"))
         self.metric_documents = Counter("raykit_documents", "Documents scored.")
@@ -202,6 +206,7 @@ class RerankerDeployment:
             lines.append(f"raykit_{name}_total {self.stats[name]}")
         lines.append(f"raykit_request_latency_seconds_sum {self.stats['latency_sum_s']:.6f}")
         lines.append(f"raykit_request_latency_seconds_count {self.stats['requests']}")
+        lines.append(f"raykit_forward_seconds_total {self.stats['forward_s']:.6f}")
         return PlainTextResponse("\n".join(lines) + "\n")
 
     @api.post("/v1/rerank")
@@ -271,6 +276,7 @@ class RerankerDeployment:
         """Score a batch: pairs of similar length are padded together, chunk by chunk."""
         from raykit.data import chunk_by_length, pad_encodings
 
+        started = time.perf_counter()
         scores = [0.0] * len(pairs)
         lengths = [len(p.encoding["input_ids"]) for p in pairs]
         for chunk in chunk_by_length(lengths, self.cfg.chunk_tokens):
@@ -282,6 +288,7 @@ class RerankerDeployment:
             self.stats["forward_passes"] += 1
             self.metric_forwards.inc()
         self.stats["pairs_scored"] += len(pairs)
+        self.stats["forward_s"] += time.perf_counter() - started
         return scores
 
 
@@ -303,6 +310,7 @@ def build_app(cfg: ServeConfig) -> serve.Application:
         max_ongoing_requests=ongoing,
         max_queued_requests=cfg.max_queued_requests,
         backpressure_config={"status_code": 429, "retry_after_s": cfg.retry_after_s},
+        logging_config={"enable_access_log": cfg.access_log},
     ).bind(cfg)
 
 
