@@ -108,6 +108,7 @@ class PeakMemory:
 
     def __init__(self):
         self.peak = 0
+        self.at_peak: dict[str, dict[str, int]] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -129,21 +130,41 @@ class PeakMemory:
             todo += children.get(pid, [])
         return tree
 
-    def _pss(self) -> int:
-        total = 0
+    def _sample(self) -> dict[str, dict[str, int]]:
+        """{process name: {"anon", "shmem", "file": PSS bytes}} for the process tree."""
+        sample: dict[str, dict[str, int]] = {}
         for pid in self._tree():
             try:
-                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1]) * 1024
-            except (OSError, ValueError):
+                name = Path(f"/proc/{pid}/comm").read_text().strip()
+                rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+            except OSError:
                 continue
-        return total
+            if pid == os.getpid():
+                name = "driver"
+            parts = sample.setdefault(name, {"anon": 0, "shmem": 0, "file": 0})
+            for line in rollup:
+                for kind in parts:
+                    if line.startswith(f"Pss_{kind.capitalize()}:"):
+                        parts[kind] += int(line.split()[1]) * 1024
+        return sample
 
     def _run(self) -> None:
         while not self.stop.is_set():
-            self.peak = max(self.peak, self._pss())
+            sample = self._sample()
+            total = sum(sum(parts.values()) for parts in sample.values())
+            if total > self.peak:
+                self.peak, self.at_peak = total, sample
             time.sleep(0.5)
+
+    def breakdown(self) -> dict[str, float]:
+        """GiB at the peak by kind (anon: private heaps; shmem: Ray's object store) and by the
+        biggest processes."""
+        gib = 2**30
+        kinds = {k: round(sum(p[k] for p in self.at_peak.values()) / gib, 2)
+                 for k in ("anon", "shmem", "file")}  # fmt: skip
+        by_process = sorted(self.at_peak.items(), key=lambda kv: -sum(kv[1].values()))[:6]
+        return {**kinds, "processes": {name: round(sum(p.values()) / gib, 2)
+                                       for name, p in by_process}}  # fmt: skip
 
     def __enter__(self) -> PeakMemory:
         self.thread.start()
@@ -213,6 +234,7 @@ def main() -> None:
             with PeakMemory() as memory:
                 summary = raykit_run(tiny, source, tmp / f"out-{total}", 128, args.actors)
             summary["peak_pss_gib"] = round(memory.peak / 2**30, 2)
+            summary["peak_pss_breakdown_gib"] = memory.breakdown()
             results[f"memory_{total}"] = summary
             print(json.dumps({f"memory_{total}": summary}), flush=True)
             source.unlink()

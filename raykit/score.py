@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+from array import array
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -341,6 +342,19 @@ class RunStats:
     rejected: Counter = field(default_factory=Counter)
 
 
+def rank_within_queries(query: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """1-based rank of each row by descending score within its query number (ties keep input
+    order); 0 for rows whose query number is -1."""
+    order = np.lexsort((-score, query))  # stable: by query, then score, then position
+    sorted_query = query[order]
+    starts = np.flatnonzero(np.r_[True, sorted_query[1:] != sorted_query[:-1]])
+    sizes = np.diff(np.r_[starts, len(order)])
+    ranks = np.zeros(len(query), dtype=np.int32)
+    ranks[order] = np.arange(len(order)) - np.repeat(starts, sizes) + 1
+    ranks[query < 0] = 0
+    return ranks
+
+
 class FileSink:
     """Turns the scored stream of one input file into its output file and its error records.
 
@@ -360,8 +374,11 @@ class FileSink:
         self.fs.create_dir(os.path.dirname(self.error_part), recursive=True)
         self.errors = self.fs.open_output_stream(self.error_part)
         self.ranked = False
-        self.keys: list[Any] = []
-        self.scores: list[float] = []
+        # What the ranking pass needs, 8 bytes a row: the row's query number (-1: no query key)
+        # and its score; plus one entry per distinct query.
+        self.query_numbers: dict[Any, int] = {}
+        self.row_query = array("i")
+        self.row_score = array("f")
         self.writer: TableWriter | None = None
         self.group_row: tuple[int, dict] | None = None
 
@@ -395,8 +412,9 @@ class FileSink:
             if cfg.normalize:
                 row["normalized_score"] = sigmoid(float(score))
             rows.append(row)
-            self.keys.append(key)
-            self.scores.append(float(score))
+            numbers = self.query_numbers
+            self.row_query.append(-1 if key is None else numbers.setdefault(key, len(numbers)))
+            self.row_score.append(score)
             self.ranked |= key is not None  # groups, or group_by: a second pass adds `rank`
         valid = batch.filter(pa.compute.is_null(batch["_error"]))
         self.stats.pairs_scored += len(valid)
@@ -419,7 +437,7 @@ class FileSink:
 
     def finish(self) -> None:
         self.errors.close()
-        unranked = sum(k is None for k in self.keys)
+        unranked = self.row_query.count(-1)
         if self.cfg.top_k and unranked:
             print(f"[raykit] {self.source}: top_k does not apply to {unranked} pair row(s) "
                   "without a query key; pass --group_by (e.g. query_id)", flush=True)  # fmt: skip
@@ -434,15 +452,10 @@ class FileSink:
 
     def _rank_and_rewrite(self) -> None:
         """Second pass: add each row's rank within its query and keep the top_k."""
-        ranks = np.zeros(len(self.scores), dtype=np.int32)
-        groups: dict[Any, list[int]] = {}
-        for i, key in enumerate(self.keys):
-            groups.setdefault(key, []).append(i)
-        for key, members in groups.items():
-            if key is None:
-                continue
-            ordered = sorted(members, key=lambda i: -self.scores[i])
-            ranks[ordered] = np.arange(1, len(ordered) + 1)
+        ranks = rank_within_queries(
+            np.frombuffer(self.row_query, dtype=np.int32),
+            np.frombuffer(self.row_score, dtype=np.float32),
+        )
         ranked_path = self.partial + ".ranked"
         writer = TableWriter(self.fs, ranked_path, self.cfg.format, self.source)
         position = 0

@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -18,7 +19,7 @@ from typer.testing import CliRunner
 from raykit.cli import app, normalize_argv
 from raykit.config import ConfigError, ScoreConfig
 from raykit.model import Reranker
-from raykit.score import output_names, run_score
+from raykit.score import output_names, rank_within_queries, run_score
 from tests.conftest import SAMPLE_DEV, SAMPLE_TRAIN, write_jsonl
 
 
@@ -197,3 +198,12 @@ def test_output_names_and_config_errors():
         ScoreConfig(input=["x"], min_actors=3, max_actors=2).validate()
     assert ScoreConfig(input=["x"], min_actors=1, max_actors=4).actor_pool_size == (1, 4)
     assert ScoreConfig(input=["x"], num_actors=3).actor_pool_size == (3, 3)
+
+
+def test_rank_within_queries_orders_by_score_keeps_ties_in_input_order():
+    query = np.array([0, 0, 1, -1, 0, 1, 1, 2], dtype=np.int32)
+    score = np.array([0.1, 0.5, 0.3, 0.9, 0.5, 0.2, 0.4, -3.0], dtype=np.float32)
+    # query 0: rows 1 and 4 tie at 0.5 (row 1 first); row 3 has no query and no rank
+    assert rank_within_queries(query, score).tolist() == [3, 1, 2, 0, 2, 3, 1, 1]
+    empty = rank_within_queries(np.array([], np.int32), np.array([], np.float32))
+    assert empty.tolist() == []
