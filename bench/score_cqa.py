@@ -9,7 +9,7 @@ memory (--memory): the same pipeline on 100k and 1M pairs with a tiny random mod
   run takes minutes; peak memory (sum of PSS over the driver and every Ray process, sampled
   every 0.5 s) shows whether memory grows with the input.
 
-Run: python bench/score_cqa.py [--large 100000] [--memory]   (writes bench/results/score_cqa.json)
+Run: python bench/score_cqa.py [--large 100000] [--memory]   (adds to bench/results/score_cqa.json)
 """
 
 from __future__ import annotations
@@ -241,7 +241,12 @@ def main() -> None:
     ray.shutdown()
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
-    (out / "score_cqa.json").write_text(json.dumps(results, indent=2))
+    # Runs of different parts (--skip_throughput --memory, then --large) add to one file.
+    path = out / "score_cqa.json"
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    earlier.pop("args", None)
+    results = {**earlier, **results}
+    path.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 
 

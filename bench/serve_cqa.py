@@ -7,10 +7,10 @@ fixed time each, then 2x the saturating load against raykit to count non-429 err
 
 naive: one uvicorn process, an `async def` route that runs the model inline (one request at a
   time, no batching), the request's 20 documents padded to the longest, 2 torch threads.
-raykit: Ray Serve, `@serve.batch` across requests (up to 16 requests' pairs per batch),
+raykit: Ray Serve, `@serve.batch` across requests (up to 8 requests' pairs per batch),
   length-sorted chunks of 1024 padded tokens, no per-request access log (uvicorn's is off too).
 
-Run: python bench/serve_cqa.py [--seconds 60 --warmup 30]   (writes bench/results/serve_cqa.json)
+Run: python bench/serve_cqa.py [--seconds 90 --warmup 20]   (writes bench/results/serve_cqa.json)
 """
 
 from __future__ import annotations
@@ -152,10 +152,10 @@ def main() -> None:
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/cqa"))
     parser.add_argument("--model", default="minilm-l6")
     parser.add_argument("--max_len", type=int, default=512)
-    parser.add_argument("--seconds", type=float, default=60, help="measured window per level")
-    parser.add_argument("--warmup", type=float, default=30, help="unmeasured ramp-up per level")
+    parser.add_argument("--seconds", type=float, default=90, help="measured window per level")
+    parser.add_argument("--warmup", type=float, default=20, help="unmeasured ramp-up per level")
     parser.add_argument("--replicas", type=int, default=2, help="CPU replicas, 2/N threads each")
-    parser.add_argument("--max_batch_size", type=int, default=320, help="pairs per batch")
+    parser.add_argument("--max_batch_size", type=int, default=160, help="pairs per batch")
     parser.add_argument("--chunk_tokens", type=int, default=1024)
     parser.add_argument("--skip_naive", action="store_true")
     args = parser.parse_args()

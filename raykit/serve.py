@@ -79,6 +79,10 @@ class _Pair:
     encoding: dict[str, list[int]]  # input_ids (+ token_type_ids)
     cost_floor: float  # max_batch_tokens / max_batch_size: caps the pairs per batch
 
+    @property
+    def tokens(self) -> int:
+        return len(self.encoding["input_ids"])
+
 
 def batch_cost(pairs: list[_Pair]) -> int:
     """Tokens of a batch, and at least its share of the pair cap (see `_Pair`).
@@ -86,9 +90,12 @@ def batch_cost(pairs: list[_Pair]) -> int:
     Plain tokens, not padded ones: `_forward` sorts the batch by length and pads each chunk only
     to its own longest pair, so one long pair does not make the whole batch expensive.
     """
-    tokens = sum(len(p.encoding["input_ids"]) for p in pairs)
+    tokens = sum(p.tokens for p in pairs)
     return math.ceil(max(tokens, len(pairs) * pairs[0].cost_floor))
 
+
+# Serve batches that may wait for the model at once; more wait in Serve's queue.
+MAX_WAITING_BATCHES = 64
 
 # Helpers the deployment uses sit above it: Serve pickles the class by value when it is
 # decorated, so names defined further down would be missing in the replica.
@@ -158,6 +165,8 @@ class RerankerDeployment:
             self.dtype = torch.float16 if cfg.fp16 else torch.bfloat16
         self.api_key = cfg.api_key or os.environ.get("RAYKIT_API_KEY") or None
         self.model_name = cfg.model_name or cfg.model
+        self.waiting: list[tuple[list[_Pair], asyncio.Future]] = []  # Serve batches, oldest first
+        self.model_lock = asyncio.Lock()
         self.score_pair.set_max_batch_size(cfg.max_batch_tokens)
         self.score_pair.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self.stats = {"requests": 0, "documents": 0, "tokens": 0, "forward_passes": 0,
@@ -267,10 +276,51 @@ class RerankerDeployment:
         self.metric_tokens.inc(tokens)
         return list(logits), tokens
 
-    @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.01, batch_size_fn=batch_cost)
+    @serve.batch(
+        max_batch_size=16384, batch_wait_timeout_s=0.01, batch_size_fn=batch_cost,
+        max_concurrent_batches=MAX_WAITING_BATCHES,
+    )  # fmt: skip
     async def score_pair(self, pairs: list[_Pair]) -> list[float]:
-        """One forward pass over pairs from any number of requests."""
-        return await asyncio.get_running_loop().run_in_executor(None, self._forward, pairs)
+        """Scores of one Serve batch (pairs from any number of requests).
+
+        Serve forms the next batch while the model is still busy with the last one, from the
+        few pairs that arrive within `batch_wait_timeout_s`. So batches wait here for the
+        model, and whoever gets it scores every batch waiting by then (up to the caps) as one
+        length-sorted set: under load the model always gets full, well-sorted work, and an
+        idle model starts on a lone request at once.
+        """
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((pairs, future))
+        async with self.model_lock:
+            if not future.done():  # else an earlier holder already scored this batch
+                # Shielded: if this request is cancelled, the batches it took still get scores.
+                await asyncio.shield(self._score_waiting())
+        return await future
+
+    async def _score_waiting(self) -> None:
+        """Score the oldest waiting batches that fit the caps (the first always goes)."""
+        taken = [self.waiting.pop(0)]
+        pairs, tokens = list(taken[0][0]), sum(p.tokens for p in taken[0][0])
+        while self.waiting:
+            more = self.waiting[0][0]
+            more_tokens = sum(p.tokens for p in more)
+            if (len(pairs) + len(more) > self.cfg.max_batch_size
+                    or tokens + more_tokens > self.cfg.max_batch_tokens):  # fmt: skip
+                break
+            taken.append(self.waiting.pop(0))
+            pairs += more
+            tokens += more_tokens
+        try:
+            loop = asyncio.get_running_loop()
+            scores = await loop.run_in_executor(None, self._forward, pairs)
+        except Exception as exc:  # every caller in this set gets the error, none hangs
+            for _, future in taken:
+                future.set_exception(exc)
+            return
+        start = 0
+        for batch, future in taken:
+            future.set_result(scores[start : start + len(batch)])
+            start += len(batch)
 
     def _forward(self, pairs: list[_Pair]) -> list[float]:
         """Score a batch: pairs of similar length are padded together, chunk by chunk."""

@@ -176,3 +176,44 @@ def test_serve_config_validation():
         ServeConfig(min_replicas=3, max_replicas=2).validate()
     with pytest.raises(Exception, match="max_batch_tokens"):
         ServeConfig(max_len=512, max_batch_tokens=256).validate()
+
+
+def test_waiting_batches_merge_oldest_first_within_caps_and_share_errors():
+    """Serve batches that wait for the model are scored together up to the caps; a failing
+    forward pass fails every request in its set and leaves none hanging."""
+    from types import SimpleNamespace
+
+    from raykit.serve import RerankerDeployment, _Pair
+
+    score_waiting = RerankerDeployment.func_or_class._score_waiting
+
+    def batch(*pairs: tuple[int, int]) -> list[_Pair]:  # (tokens, value the fake model returns)
+        return [_Pair({"input_ids": [value] * tokens}, 0.0) for tokens, value in pairs]
+
+    forward_sizes: list[int] = []
+
+    def forward(pairs: list[_Pair]) -> list[float]:
+        forward_sizes.append(len(pairs))
+        if any(p.encoding["input_ids"][0] < 0 for p in pairs):
+            raise ValueError("bad input")
+        return [float(p.encoding["input_ids"][0]) for p in pairs]
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        batches = [batch((10, 1), (10, 2)), batch((10, 3)), batch((70, 4), (10, 5)),
+                   batch((10, 6)), batch((10, -1))]  # fmt: skip
+        futures = [loop.create_future() for _ in batches]
+        fake = SimpleNamespace(cfg=ServeConfig(max_batch_size=6, max_batch_tokens=100),
+                               waiting=list(zip(batches, futures, strict=True)),
+                               _forward=forward)  # fmt: skip
+        await score_waiting(fake)  # 20 + 10 tokens; the third batch would make 110 > 100
+        assert forward_sizes == [3]
+        assert [f.result() for f in futures[:2]] == [[1.0, 2.0], [3.0]]
+        assert not any(f.done() for f in futures[2:])
+        await score_waiting(fake)  # 80 + 10 + 10 tokens, 4 pairs: one set, and it fails
+        assert forward_sizes == [3, 4] and fake.waiting == []
+        for future in futures[2:]:
+            with pytest.raises(ValueError, match="bad input"):
+                future.result()
+
+    asyncio.run(scenario())
