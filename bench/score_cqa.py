@@ -191,6 +191,7 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=0, help="also N pairs with MiniLM")
     parser.add_argument("--memory", action="store_true", help="100k vs 1M pairs, tiny model")
     parser.add_argument("--skip_throughput", action="store_true")
+    parser.add_argument("--object_store_gib", type=float, default=2.0, help="--memory runs")
     args = parser.parse_args()
     rows = pair_rows(Path(args.data) / "dev.jsonl")
     model = resolve_model_path("minilm-l6")
@@ -207,10 +208,10 @@ def main() -> None:
         plain["fraction_of_peak"] = round(plain["gflops_per_s"] * 1e9 / peak, 3)
         results["plain_loop_dev"] = plain
         print(json.dumps({"plain_loop_dev": plain}), flush=True)
-    # A Ray instance of its own: never join another cluster running on this machine.
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
     if not args.skip_throughput:
+        # A Ray instance of its own: never join another cluster running on this machine.
+        ray.init(address="local", num_cpus=4, include_dashboard=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
         summary = raykit_run(model, dev_pairs, tmp / "out-dev", args.max_len, args.actors)
         # FLOPs of the pairs raykit scored: the same pairs, truncated the same way.
         flops_per_pair = model_flops_of(model, rows, args.max_len)
@@ -225,6 +226,7 @@ def main() -> None:
             summary["speedup_vs_plain"] = round(summary["pairs_per_s"] / plain["pairs_per_s"], 2)
             results[f"raykit_{args.large}"] = summary
             print(json.dumps({f"raykit_{args.large}": summary}), flush=True)
+        ray.shutdown()
     if args.memory:
         from tests.tiny_model import build_tiny_reranker
 
@@ -232,13 +234,21 @@ def main() -> None:
         for total in (100_000, 1_000_000):
             source = write_pairs(tmp / f"pairs_{total}.jsonl", rows, total)
             with PeakMemory() as memory:
-                summary = raykit_run(tiny, source, tmp / f"out-{total}", 128, args.actors)
+                # A fresh Ray instance per size: neither run inherits the other's object-store
+                # pages. The store is capped as a deployment would cap it (Ray's default is 30%
+                # of RAM), so its pages are bounded whatever the input size.
+                ray.init(address="local", num_cpus=4, include_dashboard=False,
+                         object_store_memory=int(args.object_store_gib * 2**30))  # fmt: skip
+                ray.data.DataContext.get_current().enable_progress_bars = False
+                try:
+                    summary = raykit_run(tiny, source, tmp / f"out-{total}", 128, args.actors)
+                finally:
+                    ray.shutdown()
             summary["peak_pss_gib"] = round(memory.peak / 2**30, 2)
             summary["peak_pss_breakdown_gib"] = memory.breakdown()
             results[f"memory_{total}"] = summary
             print(json.dumps({f"memory_{total}": summary}), flush=True)
             source.unlink()
-    ray.shutdown()
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     # Runs of different parts (--skip_throughput --memory, then --large) add to one file.
