@@ -298,7 +298,11 @@ class RerankerDeployment:
         return await future
 
     async def _score_waiting(self) -> None:
-        """Score the oldest waiting batches that fit the caps (the first always goes)."""
+        """Score the oldest waiting batches that fit the caps (the first always goes). Batches
+        whose requests were cancelled meanwhile are dropped, not scored."""
+        self.waiting = [(batch, future) for batch, future in self.waiting if not future.done()]
+        if not self.waiting:
+            return
         taken = [self.waiting.pop(0)]
         pairs, tokens = list(taken[0][0]), sum(p.tokens for p in taken[0][0])
         while self.waiting:
@@ -315,11 +319,13 @@ class RerankerDeployment:
             scores = await loop.run_in_executor(None, self._forward, pairs)
         except Exception as exc:  # every caller in this set gets the error, none hangs
             for _, future in taken:
-                future.set_exception(exc)
+                if not future.done():
+                    future.set_exception(exc)
             return
         start = 0
         for batch, future in taken:
-            future.set_result(scores[start : start + len(batch)])
+            if not future.done():  # a request cancelled during the forward pass
+                future.set_result(scores[start : start + len(batch)])
             start += len(batch)
 
     def _forward(self, pairs: list[_Pair]) -> list[float]:

@@ -210,9 +210,10 @@ def test_waiting_batches_merge_oldest_first_within_caps_and_share_errors():
         assert forward_sizes == [3]
         assert [f.result() for f in futures[:2]] == [[1.0, 2.0], [3.0]]
         assert not any(f.done() for f in futures[2:])
-        await score_waiting(fake)  # 80 + 10 + 10 tokens, 4 pairs: one set, and it fails
-        assert forward_sizes == [3, 4] and fake.waiting == []
-        for future in futures[2:]:
+        futures[3].cancel()  # its request went away: the batch is dropped, not scored
+        await score_waiting(fake)  # 80 + 10 tokens, 3 pairs: one set, and it fails
+        assert forward_sizes == [3, 3] and fake.waiting == []
+        for future in (futures[2], futures[4]):
             with pytest.raises(ValueError, match="bad input"):
                 future.result()
 
