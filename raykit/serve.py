@@ -334,7 +334,7 @@ class RerankerDeployment:
 
         started = time.perf_counter()
         scores = [0.0] * len(pairs)
-        lengths = [len(p.encoding["input_ids"]) for p in pairs]
+        lengths = [p.tokens for p in pairs]
         for chunk in chunk_by_length(lengths, self.cfg.chunk_tokens):
             encodings = [pairs[i].encoding for i in chunk]
             batch = pad_encodings(encodings, self.tokenizer.pad_token_id or 0)
