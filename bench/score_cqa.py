@@ -5,9 +5,10 @@ throughput (default): all-MiniLM-L6-v2 (+ new head) on the CQA dev pairs (209 qu
   plain loop is what users write by hand: batches of 32 in input order, padded to the longest
   pair, 2 torch threads. Prints pairs/s, tokens/s and achieved FLOP/s against the CPU's fp32
   peak (2 x 256-bit FMA per cycle per core on AVX2 Zen/Skylake cores, x cores x clock).
-memory (--memory): the same pipeline on 100k and 1M pairs with a tiny random model, so that the
-  run takes minutes; peak memory (sum of PSS over the driver and every Ray process, sampled
-  every 0.5 s) shows whether memory grows with the input.
+memory (--memory): the same pipeline, with its default windows and batches, on 100k, 300k and
+  1M pairs with a tiny random model, so that a run takes minutes; peak memory (sum of PSS over
+  the driver and every Ray process, sampled every 0.5 s), and the peak within each quarter of
+  a run, show whether memory grows with the input.
 
 Run: python bench/score_cqa.py [--large 100000] [--memory]   (adds to bench/results/score_cqa.json)
 """
@@ -109,6 +110,7 @@ class PeakMemory:
     def __init__(self):
         self.peak = 0
         self.at_peak: dict[str, dict[str, int]] = {}
+        self.series: list[tuple[float, int]] = []  # (seconds since start, total PSS)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -149,9 +151,11 @@ class PeakMemory:
         return sample
 
     def _run(self) -> None:
+        started = time.perf_counter()
         while not self.stop.is_set():
             sample = self._sample()
             total = sum(sum(parts.values()) for parts in sample.values())
+            self.series.append((time.perf_counter() - started, total))
             if total > self.peak:
                 self.peak, self.at_peak = total, sample
             time.sleep(0.5)
@@ -166,6 +170,16 @@ class PeakMemory:
         return {**kinds, "processes": {name: round(sum(p.values()) / gib, 2)
                                        for name, p in by_process}}  # fmt: skip
 
+    def quarters(self) -> list[float]:
+        """GiB: the peak within each quarter of the run. Flat from the second quarter on means
+        memory stopped growing once the pipeline was full."""
+        end = self.series[-1][0]
+        peaks = [0] * 4
+        for t, total in self.series:
+            quarter = min(3, int(4 * t / end)) if end else 0
+            peaks[quarter] = max(peaks[quarter], total)
+        return [round(p / 2**30, 2) for p in peaks]
+
     def __enter__(self) -> PeakMemory:
         self.thread.start()
         return self
@@ -175,10 +189,12 @@ class PeakMemory:
         self.thread.join()
 
 
-def raykit_run(model: str, source: Path, out: Path, max_len: int, actors: int) -> dict:
+def raykit_run(model: str, source: Path, out: Path, max_len: int, actors: int, **options) -> dict:
+    """Throughput runs: windows of 256 (the dev set is 2,090 pairs) and CPU-sized forwards."""
+    options = {"batch_size": 64, "forward_token_budget": 2048, "sort_window": 256, **options}
     cfg = ScoreConfig(model=model, input=[str(source)], output=str(out), overwrite=True,
                       max_len=max_len, num_actors=actors, cpus_per_actor=2 / actors,
-                      batch_size=64, forward_token_budget=2048, sort_window=256)  # fmt: skip
+                      **options)  # fmt: skip
     return run_score(cfg)
 
 
@@ -189,9 +205,15 @@ def main() -> None:
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--cpu_ghz", type=float, default=2.45, help="EPYC Milan base clock")
     parser.add_argument("--large", type=int, default=0, help="also N pairs with MiniLM")
-    parser.add_argument("--memory", action="store_true", help="100k vs 1M pairs, tiny model")
+    parser.add_argument(
+        "--memory", action="store_true", help="peak memory by input size, tiny model"
+    )
     parser.add_argument("--skip_throughput", action="store_true")
     parser.add_argument("--object_store_gib", type=float, default=2.0, help="--memory runs")
+    parser.add_argument("--object_store_limit_mib", type=int, default=256, help="--memory runs")
+    parser.add_argument(
+        "--memory_sizes", type=int, nargs="+", default=[100_000, 300_000, 1_000_000]
+    )
     args = parser.parse_args()
     rows = pair_rows(Path(args.data) / "dev.jsonl")
     model = resolve_model_path("minilm-l6")
@@ -231,7 +253,7 @@ def main() -> None:
         from tests.tiny_model import build_tiny_reranker
 
         tiny = build_tiny_reranker(tmp / "tiny")
-        for total in (100_000, 1_000_000):
+        for total in args.memory_sizes:
             source = write_pairs(tmp / f"pairs_{total}.jsonl", rows, total)
             with PeakMemory() as memory:
                 # A fresh Ray instance per size: neither run inherits the other's object-store
@@ -241,11 +263,18 @@ def main() -> None:
                          object_store_memory=int(args.object_store_gib * 2**30))  # fmt: skip
                 ray.data.DataContext.get_current().enable_progress_bars = False
                 try:
-                    summary = raykit_run(tiny, source, tmp / f"out-{total}", 128, args.actors)
+                    defaults = ScoreConfig()
+                    summary = raykit_run(
+                        tiny, source, tmp / f"out-{total}", 128, args.actors,
+                        batch_size=defaults.batch_size, sort_window=defaults.sort_window,
+                        forward_token_budget=defaults.forward_token_budget,
+                        object_store_limit_mib=args.object_store_limit_mib,
+                    )  # fmt: skip
                 finally:
                     ray.shutdown()
             summary["peak_pss_gib"] = round(memory.peak / 2**30, 2)
             summary["peak_pss_breakdown_gib"] = memory.breakdown()
+            summary["peak_pss_by_quarter_gib"] = memory.quarters()
             results[f"memory_{total}"] = summary
             print(json.dumps({f"memory_{total}": summary}), flush=True)
             source.unlink()

@@ -226,6 +226,16 @@ class ScoreConfig:
     max_len: int = _opt(512, "Maximum tokens of a (query, passage) pair.")
     query_max_len: int | None = _opt(None, "Maximum query tokens (default: max_len // 2).")
     passage_max_len: int | None = _opt(None, "Maximum passage tokens (default: max_len).")
+    tokenize_tasks: int | None = _opt(
+        None,
+        "Most read/tokenise tasks at once (default: max actors, at least 2); each runs in "
+        "a worker process that holds the tokenizer.",
+    )
+    object_store_limit_mib: int = _opt(
+        512,
+        "Most MiB of blocks in flight in Ray's object store; keeps memory flat whatever "
+        "the input size (raise it for many GPU actors or big windows).",
+    )
     resume: bool = _opt(False, "Skip input files whose output is complete.")
     overwrite: bool = _opt(False, "Replace existing outputs instead of failing.")
     errors_path: str | None = _opt(
@@ -239,9 +249,11 @@ class ScoreConfig:
             raise ConfigError("input: at least one file, directory or URI is required")
         if self.format not in ("parquet", "jsonl"):
             raise ConfigError(f"format: expected parquet or jsonl, got {self.format!r}")
-        _require_positive(self, ["num_actors", "cpus_per_actor", "batch_size",
-                                 "forward_token_budget", "sort_window", "max_len"])  # fmt: skip
-        optional = ["top_k", "min_actors", "max_actors", "query_max_len", "passage_max_len"]
+        positive = ["num_actors", "cpus_per_actor", "batch_size", "forward_token_budget",
+                    "sort_window", "max_len", "object_store_limit_mib"]  # fmt: skip
+        _require_positive(self, positive)
+        optional = ["top_k", "min_actors", "max_actors", "query_max_len", "passage_max_len",
+                    "tokenize_tasks"]  # fmt: skip
         _require_positive(self, optional, optional=True)
         low, high = self.actor_pool_size
         if low > high:

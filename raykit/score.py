@@ -14,6 +14,7 @@ file with their file, line and reason and are counted in the summary.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import os
@@ -45,8 +46,14 @@ from raykit.data import (
 from raykit.model import batch_logits, local_model_path, sigmoid
 
 INPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
-READ_ROWS_PER_BLOCK = 1024
-TOKENIZE_ROWS_PER_BATCH = 512
+# Rows per block out of the read and tokenise stages. Ray keeps some state per block for the
+# Dataset's lifetime (stats, task events), so blocks are few and big; the scoring stage's unit
+# of work is --sort_window rows.
+READ_ROWS_PER_BLOCK = 4096
+TOKENIZE_ROWS_PER_BATCH = 2048
+# Ray Data merges what a task yields into blocks of up to its target_max_block_size (128 MiB by
+# default), which would make the read stage hold a fifth of a million rows in one block.
+MAX_BLOCK_BYTES = 8 * 2**20
 ERRORS_DIR = "_errors"  # per-file error parts; readers of the output skip "_" paths
 
 
@@ -252,11 +259,28 @@ class PairScorer:
             inputs = pad_encodings([{c: tokens[c][i] for c in columns} for i in index],
                                    self.pad_id)  # fmt: skip
             scores[index] = batch_logits(self.model, inputs, self.dtype).numpy()
+        release_freed_memory()
         return (
             batch.drop_columns(columns)
             .append_column("score", pa.array(scores))
             .append_column("_tokens", pa.array(lengths, pa.int32()))
         )
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS. glibc keeps what torch frees after a window
+    (activations of every shape), so without this a scoring actor's RSS creeps up over a run."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 # ---------------------------------------------------------------------------- write
@@ -374,8 +398,9 @@ class FileSink:
         self.fs.create_dir(os.path.dirname(self.error_part), recursive=True)
         self.errors = self.fs.open_output_stream(self.error_part)
         self.ranked = False
-        # What the ranking pass needs, 8 bytes a row: the row's query number (-1: no query key)
-        # and its score; plus one entry per distinct query.
+        self.rows_added = 0
+        # What the ranking pass needs, 8 bytes a row once a row has a query key: the row's query
+        # number (-1: no query key) and its score; plus one entry per distinct query.
         self.query_numbers: dict[Any, int] = {}
         self.row_query = array("i")
         self.row_score = array("f")
@@ -412,10 +437,15 @@ class FileSink:
             if cfg.normalize:
                 row["normalized_score"] = sigmoid(float(score))
             rows.append(row)
-            numbers = self.query_numbers
-            self.row_query.append(-1 if key is None else numbers.setdefault(key, len(numbers)))
-            self.row_score.append(score)
-            self.ranked |= key is not None  # groups, or group_by: a second pass adds `rank`
+            if key is not None and not self.ranked:  # groups, or group_by: a second pass adds rank
+                self.ranked = True
+                self.row_query.extend(array("i", [-1]) * self.rows_added)
+                self.row_score.extend(array("f", [0.0]) * self.rows_added)
+            if self.ranked:
+                numbers = self.query_numbers
+                self.row_query.append(-1 if key is None else numbers.setdefault(key, len(numbers)))
+                self.row_score.append(score)
+            self.rows_added += 1
         valid = batch.filter(pa.compute.is_null(batch["_error"]))
         self.stats.pairs_scored += len(valid)
         self.stats.tokens_scored += int(pa.compute.sum(valid["_tokens"]).as_py() or 0)
@@ -426,7 +456,9 @@ class FileSink:
                 # Ranked output needs a second pass, so the first one always writes Parquet.
                 first_format = "parquet" if self.ranked else cfg.format
                 self.writer = TableWriter(self.fs, self.partial, first_format, self.source)
-            self.writer.write(pa.Table.from_pylist(rows))
+            # Every column any row has (from_pylist would keep only the first row's keys).
+            names = dict.fromkeys(name for row in rows for name in row)
+            self.writer.write(pa.table({n: [row.get(n) for row in rows] for n in names}))
 
     def _error_record(self, line: int, text: str, reason: str) -> dict:
         try:
@@ -437,7 +469,7 @@ class FileSink:
 
     def finish(self) -> None:
         self.errors.close()
-        unranked = self.row_query.count(-1)
+        unranked = self.row_query.count(-1) if self.ranked else self.rows_added
         if self.cfg.top_k and unranked:
             print(f"[raykit] {self.source}: top_k does not apply to {unranked} pair row(s) "
                   "without a query key; pass --group_by (e.g. query_id)", flush=True)  # fmt: skip
@@ -499,13 +531,17 @@ def build_dataset(cfg: ScoreConfig, files: list[str], todo: list[int]) -> ray.da
     """read -> tokenise (CPU tasks) -> score (actor pool), rows kept in input order."""
     model_path = local_model_path(cfg.model)
     low, high = cfg.actor_pool_size
+    # A fixed number of CPU tasks: Ray Data would otherwise start one per free CPU while the
+    # actors load, and every worker process it starts stays for the run with a tokenizer loaded.
+    cpu_tasks = ray.data.TaskPoolStrategy(size=cfg.tokenize_tasks or max(2, high))
     items = [{"file_index": i, "path": files[i]} for i in todo]
     return (
         ray.data.from_items(items, override_num_blocks=len(items))
-        .map_batches(read_input_file, batch_size=1, batch_format="pyarrow", num_cpus=0.5)
-        # Streaming repartitions by row count: Ray Data would otherwise coalesce a file into
-        # 128 MiB blocks. Small blocks are the unit of parallel work, of retry after an actor
-        # dies, and of progress at the driver.
+        .map_batches(
+            read_input_file, batch_size=1, batch_format="pyarrow", num_cpus=0.5, compute=cpu_tasks
+        )  # fmt: skip
+        # Streaming repartitions by row count: blocks of a known size are the unit of parallel
+        # work, of retry after an actor dies, and of progress at the driver.
         .repartition(target_num_rows_per_block=READ_ROWS_PER_BLOCK)
         .map_batches(
             tokenize_rows,
@@ -513,6 +549,7 @@ def build_dataset(cfg: ScoreConfig, files: list[str], todo: list[int]) -> ray.da
             batch_format="pyarrow",
             fn_kwargs={"cfg": cfg, "model_path": model_path},
             num_cpus=0.5,
+            compute=cpu_tasks,
         )
         .repartition(target_num_rows_per_block=cfg.sort_window)
         .map_batches(
@@ -571,8 +608,15 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         init_ray(cfg.actor_pool_size[1] * cfg.cpus_per_actor + 1)
         # Rows must reach the driver in input order: that is how a file is known to be complete.
         context = ray.data.DataContext.get_current()
-        saved = context.execution_options.preserve_order
-        context.execution_options.preserve_order = True
+        options = context.execution_options
+        saved = options.preserve_order, options.resource_limits, context.target_max_block_size
+        options.preserve_order = True
+        # Bounded blocks in flight: the streaming executor backpressures reads and tokenising
+        # once this much waits in the object store, so memory stays flat whatever the input size.
+        options.resource_limits = options.resource_limits.copy(
+            object_store_memory=cfg.object_store_limit_mib * 2**20
+        )
+        context.target_max_block_size = MAX_BLOCK_BYTES
         dataset = build_dataset(cfg, files, todo)
         sinks = OrderedSinks(cfg, files, names, todo, stats)
         progress = Progress(len(todo))
@@ -592,7 +636,7 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
             raise
         finally:
             progress.close()
-            context.execution_options.preserve_order = saved
+            options.preserve_order, options.resource_limits, context.target_max_block_size = saved
     errors_file = _merge_error_parts(cfg, names)
     wall = time.time() - started
     rejected = sum(stats.rejected.values())

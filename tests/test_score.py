@@ -103,6 +103,36 @@ def test_group_by_top_k_and_jsonl_round_trip(ray_cluster, tiny_model_dir, tmp_pa
         assert mine[0]["score"] >= mine[1]["score"]
 
 
+def test_mixed_rows_keep_every_column_and_only_keyed_rows_are_ranked(
+    ray_cluster, tiny_model_dir, tmp_path, capsys
+):
+    group = dev_groups()[0]
+    candidates = group["pos"] + group["neg"]
+    source = write_jsonl(tmp_path / "mixed.jsonl", [
+        {"query": group["query"], "passage": candidates[0]},  # no doc_id: not lost for row 2
+        {"query": group["query"], "passage": candidates[1], "doc_id": "d1"},
+        {"query": group["query"], "candidates": candidates, "qid": 7},
+    ])  # fmt: skip
+    cfg = score_config(tiny_model_dir, [source], tmp_path / "out", format="jsonl", top_k=1)
+    summary = run_score(cfg)
+    rows = read_output(tmp_path / "out" / "mixed.jsonl")
+    assert "top_k does not apply to 2 pair row(s)" in capsys.readouterr().out
+    assert [(r["passage"], r["doc_id"], r["rank"]) for r in rows[:2]] == [
+        (candidates[0], None, None), (candidates[1], "d1", None),
+    ]  # fmt: skip
+    scores = Reranker(tiny_model_dir, device="cpu", max_length=64).compute_score(
+        [[group["query"], c] for c in candidates]
+    )
+    best = int(np.argmax(scores))
+    assert (
+        len(rows) == 3
+        and summary["rows_out"] == 3
+        and summary["pairs_scored"] == 2 + len(candidates)
+    )
+    assert (rows[2]["qid"], rows[2]["candidate_index"], rows[2]["rank"]) == (7, best, 1)
+    assert rows[2]["score"] == pytest.approx(scores[best], abs=1e-4)
+
+
 def test_bad_rows_go_to_errors_file_and_fail_the_run(ray_cluster, tiny_model_dir, tmp_path):
     good = pair_rows(dev_groups())[:5]
     source = write_jsonl(tmp_path / "mixed.jsonl", [
