@@ -253,6 +253,10 @@ def main() -> None:
         from tests.tiny_model import build_tiny_reranker
 
         tiny = build_tiny_reranker(tmp / "tiny")
+        defaults = ScoreConfig()  # the pipeline's own windows and batches, not the bench's
+        memory_options = {"batch_size": defaults.batch_size, "sort_window": defaults.sort_window,
+                          "forward_token_budget": defaults.forward_token_budget,
+                          "object_store_limit_mib": args.object_store_limit_mib}  # fmt: skip
         for total in args.memory_sizes:
             source = write_pairs(tmp / f"pairs_{total}.jsonl", rows, total)
             with PeakMemory() as memory:
@@ -263,13 +267,8 @@ def main() -> None:
                          object_store_memory=int(args.object_store_gib * 2**30))  # fmt: skip
                 ray.data.DataContext.get_current().enable_progress_bars = False
                 try:
-                    defaults = ScoreConfig()
-                    summary = raykit_run(
-                        tiny, source, tmp / f"out-{total}", 128, args.actors,
-                        batch_size=defaults.batch_size, sort_window=defaults.sort_window,
-                        forward_token_budget=defaults.forward_token_budget,
-                        object_store_limit_mib=args.object_store_limit_mib,
-                    )  # fmt: skip
+                    summary = raykit_run(tiny, source, tmp / f"out-{total}", 128, args.actors,
+                                         **memory_options)  # fmt: skip
                 finally:
                     ray.shutdown()
             summary["peak_pss_gib"] = round(memory.peak / 2**30, 2)

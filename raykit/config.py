@@ -233,7 +233,7 @@ class ScoreConfig:
     )
     object_store_limit_mib: int = _opt(
         512,
-        "Most MiB of blocks in flight in Ray's object store; keeps memory flat whatever "
+        "Most MiB of blocks in flight in Ray's object store; keeps memory bounded whatever "
         "the input size (raise it for many GPU actors or big windows).",
     )
     resume: bool = _opt(False, "Skip input files whose output is complete.")

@@ -267,20 +267,17 @@ class PairScorer:
         )
 
 
-@functools.cache
-def _malloc_trim() -> Any:
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
+try:
+    _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):  # not glibc
+    _MALLOC_TRIM = None
 
 
 def release_freed_memory() -> None:
     """Hand the heap's free pages back to the OS. glibc keeps what torch frees after a window
     (activations of every shape), so without this a scoring actor's RSS creeps up over a run."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 # ---------------------------------------------------------------------------- write
@@ -612,7 +609,7 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         saved = options.preserve_order, options.resource_limits, context.target_max_block_size
         options.preserve_order = True
         # Bounded blocks in flight: the streaming executor backpressures reads and tokenising
-        # once this much waits in the object store, so memory stays flat whatever the input size.
+        # once this much waits in the object store, so memory is bounded whatever the input size.
         options.resource_limits = options.resource_limits.copy(
             object_store_memory=cfg.object_store_limit_mib * 2**20
         )
