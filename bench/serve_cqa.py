@@ -7,7 +7,7 @@ fixed time each, then 2x the saturating load against raykit to count non-429 err
 
 naive: one uvicorn process, an `async def` route that runs the model inline (one request at a
   time, no batching), the request's 20 documents padded to the longest, 2 torch threads.
-raykit: Ray Serve, `@serve.batch` across requests (up to 8 requests' pairs per batch),
+raykit: Ray Serve, an ingress + model replicas with one token-budgeted queue of pairs per replica,
   length-sorted chunks of 1024 padded tokens, no per-request access log (uvicorn's is off too).
 
 Run: python bench/serve_cqa.py [--seconds 90 --warmup 20]   (writes bench/results/serve_cqa.json)

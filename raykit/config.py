@@ -54,6 +54,9 @@ class FinetuneConfig:
     train_data: list[str] = _list_opt("JSONL files, directories of *.jsonl(.gz), or URIs.")
     eval_data: list[str] = _list_opt("Same format as train_data; ranks each group's pos+neg.")
     output_dir: str = _opt("output", "Where the best model is written in Hugging Face format.")
+    overwrite_output_dir: bool = _opt(
+        False, "Replace a non-empty output_dir (as a whole) instead of refusing to start."
+    )
     skip_invalid: bool = _opt(False, "Skip invalid rows (counted per reason) instead of failing.")
     trust_remote_code: bool = _opt(False, "Allow custom model code from the hub.")
     # Optimisation
@@ -277,7 +280,9 @@ class ServeConfig:
     """`raykit serve` and `serve run examples/serve.yaml`: a reranking endpoint on Ray Serve."""
 
     model: str = _opt("BAAI/bge-reranker-base", "Model dir, HF hub id or embedded name.")
-    model_name: str | None = _opt(None, "Name reported by the API (default: model).")
+    model_name: str | None = _opt(
+        None, "Name reported by the API (default: the model's hub id, or its folder's name)."
+    )
     host: str = _opt("127.0.0.1", "Bind address of Serve's HTTP proxy (0.0.0.0 for all).")
     port: int = _opt(8000, "Port of Serve's HTTP proxy.")
     route_prefix: str = _opt("/", "URL prefix of the app.")
@@ -297,11 +302,15 @@ class ServeConfig:
         "Padded tokens per forward pass: a batch is sorted by length and cut into chunks "
         "(CPU: 1024; GPU: 32768 or more).",
     )
-    batch_wait_timeout_s: float = _opt(0.01, "How long a batch waits to fill up.")
+    batch_wait_timeout_s: float = _opt(
+        0.01, "When the model was idle, how long the next batch waits for more pairs."
+    )
     max_ongoing_requests: int | None = _opt(
         None, "Requests a replica works on at once (default: max_batch_size)."
     )
-    max_queued_requests: int = _opt(256, "Requests queued beyond that get 429 + Retry-After.")
+    max_queued_requests: int = _opt(
+        256, "Requests waiting for a model replica; beyond that a JSON 429 + Retry-After."
+    )
     access_log: bool = _opt(True, "Log one line per request on each replica (off saves CPU).")
     retry_after_s: int = _opt(1, "Retry-After seconds on 429.")
     max_documents: int = _opt(1000, "Most documents per request (413 beyond).")
@@ -436,6 +445,9 @@ class MixConfig:
         "One weight per model, >= 0, summing to 1; or 'auto' (needs --example_data)."
     )
     output: str = _opt("mixed", "Output directory (Hugging Face format).")
+    overwrite_output_dir: bool = _opt(
+        False, "Replace a non-empty output directory (as a whole) instead of refusing."
+    )
     example_data: list[str] = _list_opt("auto: a few JSONL groups {query, pos, neg}.")
     temperature: float = _opt(5.0, "auto: weights = softmax(-loss / temperature).")
     train_group_size: int = _opt(8, "auto: 1 positive + up to N-1 negatives per group.")

@@ -5,25 +5,25 @@ A training record is one JSON object per line:
      "pos_scores"?: [float, ...], "neg_scores"?: [float, ...]}
 
 Every file is first checked line by line in parallel Ray tasks, so a bad row is reported with its
-file, line and field before any training starts. Clean data is then read with `ray.data.read_json`
-and an explicit Arrow schema; with `skip_invalid` the rows that failed the check are dropped in a
-`map_batches` stage and counted per reason.
+file, line and field before any training starts. The Ray Dataset is then read with the same line
+decoder (`read_lines`) and checks, so validation and reading agree on every row; with
+`skip_invalid` the rows that failed the check are dropped and counted per reason.
 """
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.json as pajson
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -115,9 +115,52 @@ def expand_paths(
 
 
 def open_text(path: str) -> io.TextIOWrapper:
-    """Open a local file or URI as UTF-8 text, decompressing .gz transparently."""
+    """Open a local file or URI as UTF-8 text (a BOM is dropped), decompressing .gz."""
     fs, fs_path = _filesystem(path)
-    return io.TextIOWrapper(fs.open_input_stream(fs_path, compression="detect"), encoding="utf-8")
+    stream = fs.open_input_stream(fs_path, compression="detect")
+    return io.TextIOWrapper(stream, encoding="utf-8-sig")
+
+
+def read_lines(path: str) -> Iterator[tuple[int, str, str | None]]:
+    """Every non-blank line of a JSONL file as (line number, text, problem), streaming.
+
+    The one place that decodes input files, so that validation and reading agree: each line is
+    decoded on its own, so a line that is not UTF-8 is one bad row (`problem` says where, and
+    `text` shows it with the bad bytes escaped) rather than the end of the file. A UTF-8 BOM and
+    CRLF line ends are accepted. An unreadable or truncated file raises a one-line DataError
+    with the line reached.
+    """
+    fs, fs_path = _filesystem(path)
+    number = 0
+    try:
+        with fs.open_input_stream(fs_path, compression="detect") as stream:
+            for number, raw in enumerate(io.BufferedReader(stream), start=1):
+                if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                    raw = raw[len(codecs.BOM_UTF8) :]
+                raw = raw.rstrip(b"\r\n")
+                if not raw.strip():
+                    continue
+                try:
+                    yield number, raw.decode("utf-8"), None
+                except UnicodeDecodeError as exc:
+                    where = f"byte 0x{raw[exc.start]:02x} at column {exc.start + 1}"
+                    text = raw.decode("utf-8", errors="backslashreplace")
+                    yield number, text, f"not valid UTF-8 ({where})"
+    except OSError as exc:
+        where = f"after line {number}" if number else "at the start"
+        raise DataError(f"{path}: cannot read {where}: {exc}") from None
+
+
+def lone_surrogate(text: str) -> bool:
+    """True when a decoded JSON string holds a lone surrogate (an escape such as "\\ud800"):
+    valid JSON, but not text that a tokenizer, Arrow or a UTF-8 writer accepts."""
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 # ---------------------------------------------------------------------------- validation
@@ -139,10 +182,15 @@ def check_group(record: Any, require_neg: bool = True) -> tuple[str, str, str] |
         return "wrong_type", "query", f"expected a string, got {type(record['query']).__name__}"
     if not record["query"].strip():
         return "empty_query", "query", "query is empty"
+    if lone_surrogate(record["query"]):
+        return "invalid_text", "query", "not valid Unicode (a lone surrogate escape)"
     for name in ("pos", "neg"):
         texts = record[name]
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             return "wrong_type", name, "expected a list of strings"
+        bad = next((i for i, t in enumerate(texts) if lone_surrogate(t)), None)
+        if bad is not None:
+            return "invalid_text", f"{name}[{bad}]", "not valid Unicode (a lone surrogate escape)"
         if not texts and (name == "pos" or require_neg):
             return f"empty_{name}", name, f"{name} has no passages"
         if any(not t.strip() for t in texts):
@@ -175,6 +223,8 @@ def parse_line(
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         return None, ("invalid_json", "-", f"invalid JSON: {exc.msg} (column {exc.colno})")
+    except RecursionError:
+        return None, ("invalid_json", "-", "invalid JSON: nested too deeply")
     problem = check_group(record, require_neg)
     return (None, problem) if problem else (record, None)
 
@@ -182,32 +232,40 @@ def parse_line(
 def check_file(path: str, require_neg: bool = True, keep: list[dict] | None = None) -> DataReport:
     """Check every line of one file, streaming; valid records are appended to `keep` if given."""
     report = DataReport(files=[path])
-    try:
-        with open_text(path) as lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                record, problem = parse_line(line, require_neg)
-                if problem is None:
-                    report.valid_rows += 1
-                    report.has_teacher_scores |= "pos_scores" in record
-                    if keep is not None:
-                        keep.append(record)
-                    continue
-                reason, name, message = problem
-                report.skipped[reason] += 1
-                if len(report.errors) < MAX_REPORTED_ERRORS:
-                    report.errors.append(f"{path}:{number}: {name}: {message}")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc}") from None
+    for number, line, problem in read_lines(path):
+        record = None
+        if problem is not None:
+            problem = ("invalid_utf8", "-", problem)
+        else:
+            record, problem = parse_line(line, require_neg)
+        if problem is None:
+            report.valid_rows += 1
+            report.has_teacher_scores |= "pos_scores" in record
+            if keep is not None:
+                keep.append(record)
+            continue
+        reason, name, message = problem
+        report.skipped[reason] += 1
+        if len(report.errors) < MAX_REPORTED_ERRORS:
+            report.errors.append(f"{path}:{number}: {name}: {message}")
     return report
 
 
+def iter_valid_records(path: str, require_neg: bool = True) -> Iterator[dict]:
+    """The records of one file that `check_file` counts as valid, in file order."""
+    for _, line, problem in read_lines(path):
+        if problem is None:
+            record, problem = parse_line(line, require_neg)
+            if problem is None:
+                yield record
+
+
 @ray.remote(num_cpus=0.25)
-def _validate_file_task(path: str) -> DataReport:
-    return check_file(path)
+def _validate_file_task(path: str) -> DataReport | DataError:
+    try:
+        return check_file(path)
+    except DataError as exc:  # returned, not raised: one line at the driver, no Ray traceback
+        return exc
 
 
 def validate_files(files: Sequence[str]) -> DataReport:
@@ -219,11 +277,15 @@ def validate_files(files: Sequence[str]) -> DataReport:
     )
     report = DataReport()
     for file_report in ray.get([task.remote(path) for path in files]):
+        if isinstance(file_report, DataError):
+            raise file_report
         report.merge(file_report)
     return report
 
 
 # ---------------------------------------------------------------------------- datasets
+
+READ_ROWS_PER_BLOCK = 1024
 
 
 def _records_to_table(records: list[dict]) -> pa.Table:
@@ -231,14 +293,17 @@ def _records_to_table(records: list[dict]) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=GROUP_SCHEMA)
 
 
-def _keep_valid_lines(batch: dict[str, np.ndarray]) -> pa.Table:
-    records = []
-    for line in batch["text"]:
-        if line.strip():
-            record, problem = parse_line(line)
-            if problem is None:
-                records.append(record)
-    return _records_to_table(records)
+def _read_group_file(batch: pa.Table) -> Iterator[pa.Table]:
+    """Ray Data read stage: the valid groups of one file as `GROUP_SCHEMA` blocks."""
+    (path,) = batch["path"].to_pylist()
+    records: list[dict] = []
+    for record in iter_valid_records(path):
+        records.append(record)
+        if len(records) == READ_ROWS_PER_BLOCK:
+            yield _records_to_table(records)
+            records = []
+    if records:
+        yield _records_to_table(records)
 
 
 def read_groups(
@@ -247,7 +312,8 @@ def read_groups(
     """Validate, then read training groups as a Ray Dataset with `GROUP_SCHEMA`.
 
     Raises DataError naming file:line:field for the first invalid rows unless `skip_invalid`,
-    in which case those rows are dropped and counted in the returned report.
+    in which case those rows are dropped and counted in the returned report. The read uses
+    the same line decoder and checks as the validation pass, so both agree on every row.
     """
     files = expand_paths(paths)
     report = validate_files(files)
@@ -255,15 +321,9 @@ def read_groups(
         raise_for_invalid(report, " in training data (use --skip_invalid to skip them)")
     if report.valid_rows == 0:
         raise DataError(f"no valid groups in {', '.join(files)}")
-    if report.invalid_rows:
-        dataset = ray.data.read_text(files).map_batches(_keep_valid_lines, batch_format="numpy")
-    else:
-        dataset = ray.data.read_json(
-            files,
-            parse_options=pajson.ParseOptions(
-                explicit_schema=GROUP_SCHEMA, unexpected_field_behavior="ignore"
-            ),
-        )
+    dataset = ray.data.from_items(
+        [{"path": path} for path in files], override_num_blocks=len(files)
+    ).map_batches(_read_group_file, batch_size=1, batch_format="pyarrow")
     return dataset, report
 
 

@@ -98,8 +98,9 @@ def evaluate_groups(
 def evaluate_model(cfg: EvaluateConfig) -> dict[str, float]:
     """Load a model in this process and evaluate it on `cfg.eval_data`."""
     from raykit.data import load_groups
-    from raykit.model import Reranker, predict_logits
+    from raykit.model import Reranker, check_model, predict_logits
 
+    check_model(cfg.model_name_or_path, "model_name_or_path")
     reranker = Reranker(
         cfg.model_name_or_path, fp16=cfg.fp16, bf16=cfg.bf16, max_length=cfg.max_len,
         trust_remote_code=cfg.trust_remote_code,

@@ -23,6 +23,7 @@ from torch import nn
 
 from raykit.config import ConfigError, MixConfig, resolve_model_path
 from raykit.data import load_groups
+from raykit.storage import prepare_output_dir, publish_dir
 
 # Config keys that decide parameter shapes and meaning; they must agree between models.
 ARCHITECTURE_KEYS = (
@@ -151,15 +152,13 @@ def auto_weights(cfg: MixConfig) -> tuple[list[float], list[float]]:
 def run_mix(cfg: MixConfig) -> dict[str, Any]:
     """Mix `cfg.models` into `cfg.output` (Hugging Face format); returns the summary."""
     cfg.validate()
+    prepare_output_dir(cfg.output, cfg.overwrite_output_dir, field="output")
     losses = None
     if cfg.auto_weights:
         weights, losses = auto_weights(cfg)
     else:
         weights = cfg.weight_values
     model, tokenizer, partial = mix_models(cfg.models, weights, cfg.trust_remote_code)
-    os.makedirs(cfg.output, exist_ok=True)
-    model.save_pretrained(cfg.output)
-    tokenizer.save_pretrained(cfg.output)
     summary = {
         "models": cfg.models,
         "weights": [round(w, 6) for w in weights],
@@ -167,8 +166,14 @@ def run_mix(cfg: MixConfig) -> dict[str, Any]:
         "averaged_over_some_models": partial,
         "output": cfg.output,
     }
-    with open(os.path.join(cfg.output, "mix.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+
+    def write(folder: str) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        with open(os.path.join(folder, "mix.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+
+    publish_dir(cfg.output, write)
     for key, names in partial.items():
         source = (
             f"averaged over {names}" if names else f"new in every model, kept from {cfg.models[0]}"

@@ -31,9 +31,12 @@ from raykit.data import (
     _filesystem,
     collect_groups,
     expand_paths,
-    open_text,
+    lone_surrogate,
     raise_for_invalid,
+    read_lines,
 )
+from raykit.model import check_model
+from raykit.storage import absolute, check_writable, is_uri
 
 ROWS_PER_BLOCK = 256  # unit of work of an embedding or filter actor
 
@@ -46,20 +49,20 @@ def read_corpus(paths: list[str]) -> list[str]:
     texts: dict[str, None] = {}
     errors: list[str] = []
     for path in expand_paths(paths):
-        with open_text(path) as lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    errors.append(f"{path}:{number}: -: invalid JSON: {exc.msg}")
-                    continue
-                text = row.get("text") if isinstance(row, dict) else None
-                if not isinstance(text, str) or not text.strip():
-                    errors.append(f"{path}:{number}: text: expected a non-empty string")
-                    continue
-                texts[text] = None
+        for number, line, problem in read_lines(path):
+            if problem is not None:
+                errors.append(f"{path}:{number}: -: {problem}")
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                errors.append(f"{path}:{number}: -: invalid JSON: {exc.msg}")
+                continue
+            text = row.get("text") if isinstance(row, dict) else None
+            if not isinstance(text, str) or not text.strip() or lone_surrogate(text):
+                errors.append(f"{path}:{number}: text: expected a non-empty Unicode string")
+                continue
+            texts[text] = None
     if errors:
         shown = "\n  ".join(errors[:MAX_REPORTED_ERRORS])
         raise DataError(f"{len(errors)} invalid corpus row(s):\n  {shown}")
@@ -252,6 +255,12 @@ def run_mine(cfg: MineConfig) -> dict[str, Any]:
     """Mine negatives for every valid input group; returns (and prints) the run summary."""
     cfg.validate()
     started = time.time()
+    if cfg.retriever == "dense":
+        check_model(cfg.embedder, "embedder")
+    if cfg.filter_model:
+        check_model(cfg.filter_model, "filter_model")
+    if not is_uri(cfg.output):
+        check_writable(os.path.dirname(absolute(cfg.output)), "output")
     groups, report = collect_groups(cfg.input, require_neg=False)
     if not cfg.skip_invalid:
         raise_for_invalid(report, " in the input (use --skip_invalid to skip them)")

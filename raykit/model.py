@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from raykit.config import resolve_model_path
+from raykit.config import ConfigError, resolve_model_path
 from raykit.data import chunk_by_length, pad_encodings, tokenize_pairs
 
 
@@ -46,6 +46,32 @@ def local_model_path(model: str) -> str:
         except OSError:  # another process finished first
             shutil.rmtree(partial, ignore_errors=True)
     return target
+
+
+def check_model(name_or_path: str, field: str = "model") -> None:
+    """Fail fast, in one line, when a model can be found neither locally nor on the hub."""
+    if "://" in name_or_path:
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(name_or_path)
+        if fs.get_file_info(f"{path}/config.json").type == pafs.FileType.NotFound:
+            raise ConfigError(f"{field}: no config.json under {name_or_path}")
+        return
+    path = resolve_model_path(name_or_path)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError(f"{field}: {name_or_path} is a folder without a config.json")
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"{field}: {name_or_path!r} is neither a local folder nor a model reachable on the "
+            f"Hugging Face hub ({reason[:200]})"
+        ) from None
 
 
 def load_model_and_tokenizer(

@@ -33,17 +33,19 @@ import pyarrow.parquet as pq
 import ray
 
 from raykit.cluster import init_ray
-from raykit.config import ConfigError, ScoreConfig, resolve_model_path
+from raykit.config import ConfigError, ScoreConfig
 from raykit.data import (
     DataError,
     _filesystem,
     chunk_by_length,
     expand_paths,
-    open_text,
+    lone_surrogate,
     pad_encodings,
+    read_lines,
     tokenize_pairs,
 )
-from raykit.model import batch_logits, local_model_path, sigmoid
+from raykit.model import batch_logits, check_model, local_model_path, sigmoid
+from raykit.storage import absolute, check_writable
 
 INPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 # Rows per block out of the read and tokenise stages. Ray keeps some state per block for the
@@ -64,21 +66,6 @@ class ScoreError(RuntimeError):
 # ---------------------------------------------------------------------------- model files
 
 
-def check_model(model: str) -> None:
-    """Fail fast, in one line, when the model cannot be found (before any actor starts)."""
-    if "://" in model:
-        fs, path = pafs.FileSystem.from_uri(model)
-        if fs.get_file_info(f"{path}/config.json").type == pafs.FileType.NotFound:
-            raise ConfigError(f"model: no config.json under {model}")
-        return
-    from transformers import AutoConfig
-
-    try:
-        AutoConfig.from_pretrained(resolve_model_path(model))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"model: cannot load {model!r}: {str(exc).splitlines()[0]}") from None
-
-
 @functools.lru_cache(maxsize=4)
 def _tokenizer(model_path: str, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
@@ -90,13 +77,14 @@ def _tokenizer(model_path: str, trust_remote_code: bool) -> Any:
 
 
 def read_input_file(batch: pa.Table) -> Iterator[pa.Table]:
-    """Stream one input file as blocks of (_file, _line, _json); `_json` is the row as JSON."""
+    """Stream one input file as blocks of (_file, _line, _json, _problem); `_json` is the row as
+    JSON text, `_problem` says why a line could not even be decoded (else null)."""
     for file_index, path in zip(
         batch["file_index"].to_pylist(), batch["path"].to_pylist(), strict=True
     ):
-        rows: list[tuple[int, str]] = []
-        for line_number, text in _file_rows(path):
-            rows.append((line_number, text))
+        rows: list[tuple[int, str, str | None]] = []
+        for row in _file_rows(path):
+            rows.append(row)
             if len(rows) == READ_ROWS_PER_BLOCK:
                 yield _read_block(file_index, rows)
                 rows = []
@@ -104,40 +92,57 @@ def read_input_file(batch: pa.Table) -> Iterator[pa.Table]:
             yield _read_block(file_index, rows)
 
 
-def _file_rows(path: str) -> Iterator[tuple[int, str]]:
+def _file_rows(path: str) -> Iterator[tuple[int, str, str | None]]:
+    if not path.endswith(".parquet"):
+        yield from read_lines(path)
+        return
     try:
-        if path.endswith(".parquet"):
-            fs, fs_path = _filesystem(path)
-            parquet = pq.ParquetFile(fs.open_input_file(fs_path))
-            number = 0
-            for record_batch in parquet.iter_batches(batch_size=READ_ROWS_PER_BLOCK):
-                for row in record_batch.to_pylist():
-                    number += 1
-                    yield number, json.dumps(row, ensure_ascii=False, default=str)
-            return
-        with open_text(path) as handle:
-            for number, text in enumerate(handle, start=1):
-                if text.strip():
-                    yield number, text.rstrip("\n")
-    except (OSError, UnicodeDecodeError, pa.ArrowInvalid) as exc:
+        fs, fs_path = _filesystem(path)
+        parquet = pq.ParquetFile(fs.open_input_file(fs_path))
+        number = 0
+        for record_batch in parquet.iter_batches(batch_size=READ_ROWS_PER_BLOCK):
+            for row in record_batch.to_pylist():
+                number += 1
+                yield number, json.dumps(row, ensure_ascii=False, default=str), None
+    except (OSError, pa.ArrowInvalid) as exc:
         raise DataError(f"{path}: cannot read: {exc}") from None
 
 
-def _read_block(file_index: int, rows: list[tuple[int, str]]) -> pa.Table:
+def _read_block(file_index: int, rows: list[tuple[int, str, str | None]]) -> pa.Table:
     return pa.table({
         "_file": pa.array([file_index] * len(rows), pa.int32()),
-        "_line": pa.array([n for n, _ in rows], pa.int64()),
-        "_json": pa.array([t for _, t in rows], pa.string()),
+        "_line": pa.array([n for n, _, _ in rows], pa.int64()),
+        "_json": pa.array([t for _, t, _ in rows], pa.string()),
+        "_problem": pa.array([p for _, _, p in rows], pa.string()),
     })  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- tokenise
 
 
+def _field_with_lone_surrogate(row: dict) -> str | None:
+    """The first column whose value (or name) holds a lone surrogate escape such as "\\ud800":
+    valid JSON, but no tokenizer, Arrow column or UTF-8 file takes it."""
+
+    def bad(value: Any) -> bool:
+        if isinstance(value, str):
+            return lone_surrogate(value)
+        if isinstance(value, list):
+            return any(bad(v) for v in value)
+        if isinstance(value, dict):
+            return any(bad(k) or bad(v) for k, v in value.items())
+        return False
+
+    return next((key for key, value in row.items() if bad(key) or bad(value)), None)
+
+
 def check_row(row: Any, cfg: ScoreConfig) -> tuple[list[str] | None, str | None]:
     """(passages, None) for a valid pair or group row, else (None, reason)."""
     if not isinstance(row, dict):
         return None, "not a JSON object"
+    broken = _field_with_lone_surrogate(row)
+    if broken is not None:
+        return None, f"field '{broken}' is not valid Unicode (a lone surrogate escape)"
     query = row.get(cfg.query_field)
     if query is None:
         return None, f"missing field '{cfg.query_field}'"
@@ -172,14 +177,19 @@ def tokenize_rows(batch: pa.Table, cfg: ScoreConfig, model_path: str) -> pa.Tabl
     -1 for a pair row), _error (reason, or null), input_ids, token_type_ids (if the model has them).
     """
     tokenizer = _tokenizer(model_path, cfg.trust_remote_code)
-    files, lines, texts = (batch[c].to_pylist() for c in ("_file", "_line", "_json"))
+    columns_in = ("_file", "_line", "_json", "_problem")
+    files, lines, texts, problems = (batch[c].to_pylist() for c in columns_in)
     out: dict[str, list] = {k: [] for k in ("_file", "_line", "_json", "_cand", "_error")}
     queries, passages = [], []
-    for file_index, line, text in zip(files, lines, texts, strict=True):
+    for file_index, line, text, problem in zip(files, lines, texts, problems, strict=True):
         try:
+            if problem is not None:
+                raise ValueError(problem)
             row = json.loads(text)
         except json.JSONDecodeError as exc:
             row, reason = None, f"invalid JSON: {exc.msg}"
+        except (ValueError, RecursionError) as exc:
+            row, reason = None, str(exc) if problem else "invalid JSON: nested too deeply"
         else:
             passages_of_row, reason = check_row(row, cfg)
         if reason is not None:
@@ -460,7 +470,7 @@ class FileSink:
     def _error_record(self, line: int, text: str, reason: str) -> dict:
         try:
             row: Any = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             row = text
         return {"file": self.source, "line": line, "reason": reason, "row": row}
 
@@ -563,8 +573,11 @@ def build_dataset(cfg: ScoreConfig, files: list[str], todo: list[int]) -> ray.da
 
 def _unwrap(exc: BaseException) -> BaseException:
     """The DataError/ConfigError behind Ray's task-error wrappers, if there is one."""
-    seen = exc
+    seen: BaseException | None = exc
     while seen is not None:
+        if isinstance(seen, ray.exceptions.RayTaskError):  # also an instance of its cause's type
+            seen = seen.cause
+            continue
         if isinstance(seen, (DataError, ConfigError)):
             return seen
         seen = seen.__cause__ or getattr(seen, "cause", None)
@@ -594,6 +607,9 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     """Score every input row once; returns (and prints) the run summary."""
     cfg.validate()
     check_model(cfg.model)
+    check_writable(cfg.output, "output")
+    if cfg.errors_path:
+        check_writable(os.path.dirname(absolute(cfg.errors_path)), "errors_path")
     files, names, todo = plan_files(cfg)
     skipped = len(files) - len(todo)
     if skipped:

@@ -2,13 +2,17 @@
 unchanged.
 
 Routes: `POST /v1/rerank` and `/v2/rerank` (Cohere/Jina shape), `POST /rerank` (TEI shape),
-`GET /health`, `GET /info`, `GET /metrics` (Prometheus text of this replica's counters; the same
-counters also go to Ray's own Prometheus export with Serve's metrics).
+`GET /health`, `GET /info`, `GET /metrics` (Prometheus text of the API's request, document, token
+and latency counters; the model replicas' counters go to Ray's own Prometheus export).
 
-Every (query, document) pair of every request goes through one `@serve.batch` queue, so pairs from
-concurrent requests share forward passes and a long request is split into model-sized batches.
-A batch is capped by `max_batch_tokens` tokens and `max_batch_size` pairs, sorted by length and
-run in chunks of `chunk_tokens` padded tokens.
+Two deployments, as in Ray's model-composition examples:
+- `RerankerAPI` (the ingress, no model): the HTTP surface. API key, one body-size limit whatever
+  the transfer encoding, validation with JSON errors (never a 500 for a JSON body), and the
+  mapping of Serve's failures: a full queue is a JSON 429, a request lost with a model replica is
+  retried once and then a JSON 503, both with Retry-After.
+- `RerankerModel` (autoscaled, one GPU or `cpus_per_replica` CPUs each): tokenises off the event
+  loop and scores through one token-budgeted queue (`raykit.serve_queue.BatchQueue`), so pairs of
+  concurrent requests share forward passes; a disconnected client's pairs are dropped.
 
 `serve run examples/serve.yaml` uses `app_builder`; `raykit serve` uses `build_app` + `run_serve`.
 No `from __future__ import annotations` here: FastAPI must see the request models as real types
@@ -17,26 +21,33 @@ in the signatures Serve rewrites for class-based routes.
 
 import asyncio
 import hmac
-import math
 import os
 import signal
 import sys
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from ray import serve
-from ray.serve.metrics import Counter, Histogram
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+from ray.serve.metrics import Counter
 
 from raykit.config import ConfigError, ServeConfig, load_config
-from raykit.model import batch_logits, sigmoid
+from raykit.data import lone_surrogate
+from raykit.model import sigmoid
 
 HEALTH_PATH = "/health"
+ROUTES = ("/v1/rerank", "/v2/rerank", "/rerank", "/info", "/metrics", HEALTH_PATH)
+OTHER_ROUTE = "other"  # the metrics label of every path that is not a route
 
 
 # ---------------------------------------------------------------------------- API shapes
@@ -64,137 +75,286 @@ class TeiRerankRequest(BaseModel):
     texts: list[str]
     raw_scores: bool = False
     return_text: bool = False
-    truncate: bool | None = None
+    truncate: bool | None = None  # None: truncate, as TEI's --auto-truncate
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str):
-        self.status, self.message = status, message
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        self.status, self.message, self.headers = status, message, headers
 
 
-@dataclass
-class _Pair:
-    """One tokenised (query, document) pair waiting in the batch queue."""
-
-    encoding: dict[str, list[int]]  # input_ids (+ token_type_ids)
-    cost_floor: float  # max_batch_tokens / max_batch_size: caps the pairs per batch
-
-    @property
-    def tokens(self) -> int:
-        return len(self.encoding["input_ids"])
-
-
-def batch_cost(pairs: list[_Pair]) -> int:
-    """Tokens of a batch, and at least its share of the pair cap (see `_Pair`).
-
-    Plain tokens, not padded ones: `_forward` sorts the batch by length and pads each chunk only
-    to its own longest pair, so one long pair does not make the whole batch expensive.
-    """
-    tokens = sum(p.tokens for p in pairs)
-    return math.ceil(max(tokens, len(pairs) * pairs[0].cost_floor))
-
-
-# Serve batches that may wait for the model at once; more wait in Serve's queue.
-MAX_WAITING_BATCHES = 64
-
-# Helpers the deployment uses sit above it: Serve pickles the class by value when it is
-# decorated, so names defined further down would be missing in the replica.
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return JSONResponse({"detail": message}, status_code=status, headers=headers)
 
 
-# ---------------------------------------------------------------------------- the deployment
-
-api = FastAPI(title="raykit reranker", docs_url=None, redoc_url=None)
-_replica: "RerankerDeployment | None" = None  # this process's replica (one per process)
-
-
-@api.middleware("http")
-async def guard(request: Request, call_next: Any) -> Any:
-    """API key, body size, and per-route counters for every request."""
-    started = time.perf_counter()
-    path = request.url.path[len(request.scope.get("root_path", "")) :] or "/"
-    replica = _replica
-    if replica is None:
-        return _error(503, "model is loading")
-    response = None
-    if replica.api_key and path != HEALTH_PATH:
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {replica.api_key}".encode()):
-            response = _error(401, "missing or wrong API key")
-    length = request.headers.get("content-length")
-    max_bytes = replica.cfg.max_request_bytes
-    if response is None and length and length.isdigit() and int(length) > max_bytes:
-        response = _error(413, f"request body over {max_bytes} bytes")
-    if response is None:
-        # `curl -d '{...}'` sends form encoding; every route here takes JSON, so read it as JSON.
-        headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
-        request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
-        response = await call_next(request)
-    replica.record(path, started, response.status_code)
-    return response
+def validation_message(exc: RequestValidationError) -> str:
+    """'field: problem' for each validation error, without echoing the input (which may be
+    NaN, huge, or not JSON-serialisable at all)."""
+    parts = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+        parts.append(f"{where or 'body'}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request body"
 
 
-@api.exception_handler(ApiError)
-async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return _error(exc.status, exc.message)
+def public_model_name(model: str) -> str:
+    """What clients see as the model: a hub id as it is, the last part of a path or URI (never
+    a server's local path)."""
+    if (
+        "://" in model
+        or os.path.isabs(model)
+        or model.startswith((".", "~"))
+        or os.path.isdir(model)
+    ):
+        return os.path.basename(model.rstrip("/")) or "reranker"
+    return model
+
+
+def check_texts(query: str, texts: list[str], field: str, max_documents: int) -> None:
+    if not texts:
+        raise ApiError(400, f"{field}: must not be empty")
+    if len(texts) > max_documents:
+        raise ApiError(413, f"{field}: {len(texts)} > max_documents {max_documents}")
+    if not query.strip():
+        raise ApiError(400, "query: must not be empty")
+    if lone_surrogate(query):
+        raise ApiError(422, "query: not valid Unicode (a lone surrogate escape)")
+    for i, text in enumerate(texts):
+        if lone_surrogate(text):
+            raise ApiError(422, f"{field}[{i}]: not valid Unicode (a lone surrogate escape)")
+
+
+# ---------------------------------------------------------------------------- the HTTP guard
+
+
+class RequestGuard:
+    """Pure ASGI middleware on the ingress: API key, body-size limit, per-route counters.
+
+    The body is read here, chunk by chunk, and refused with 413 as soon as it passes
+    `max_request_bytes`, whether it came with a Content-Length or chunked; what was read is then
+    replayed to the app. Every body is read as JSON (`curl -d` sends form encoding).
+    """
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        api = _ingress
+        if scope["type"] != "http" or api is None:
+            if scope["type"] == "http":
+                await _error(503, "starting up")(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        path = scope["path"][len(scope.get("root_path", "")) :] or "/"
+        status = {"code": 500}
+
+        async def send_and_record(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            response = self._refuse(scope, path, api)
+            if response is None:
+                body, response = await self._read_body(receive, api.cfg.max_request_bytes)
+            if response is not None:
+                await response(scope, receive, send_and_record)
+                return
+            replayed = False
+
+            async def replay() -> dict:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()  # after the body: only a disconnect is left
+
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+            await self.app(scope, replay, send_and_record)
+        finally:
+            api.record(path, started, status["code"])
+
+    @staticmethod
+    def _refuse(scope: dict, path: str, api: "RerankerAPI") -> Response | None:
+        headers = dict(scope["headers"])
+        if api.api_key and path != HEALTH_PATH:
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {api.api_key}".encode()):
+                return _error(401, "missing or wrong API key")
+        length = headers.get(b"content-length", b"")
+        limit = api.cfg.max_request_bytes
+        if length.isdigit() and int(length) > limit:
+            return _error(413, f"request body over {limit} bytes")
+        return None
+
+    @staticmethod
+    async def _read_body(receive: Any, limit: int) -> tuple[bytes, Response | None]:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b"", _error(499, "client disconnected")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:  # stop reading: the rest of the body is never held
+                return b"", _error(413, f"request body over {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), None
+
+
+# ---------------------------------------------------------------------------- the model replica
 
 
 @serve.deployment
-@serve.ingress(api)
-class RerankerDeployment:
-    """Holds the model on its replica and answers every route."""
+class RerankerModel:
+    """Holds the model; scores (query, documents) requests through one `BatchQueue`."""
 
     def __init__(self, cfg: ServeConfig):
         import torch
 
         from raykit.model import load_model_and_tokenizer
+        from raykit.serve_queue import BatchQueue
 
         self.cfg = cfg
         self.device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
-        if self.device.type == "cpu":
-            torch.set_num_threads(max(1, int(cfg.cpus_per_replica)))
+        threads = max(1, int(cfg.cpus_per_replica))
         model, self.tokenizer = load_model_and_tokenizer(cfg.model, cfg.trust_remote_code)
         self.model = model.to(self.device).eval()
-        on_gpu = self.device.type == "cuda"
+        self.pad_id = self.tokenizer.pad_token_id or 0
         self.dtype = None
-        if on_gpu and (cfg.fp16 or cfg.bf16):
+        if self.device.type == "cuda" and (cfg.fp16 or cfg.bf16):
             self.dtype = torch.float16 if cfg.fp16 else torch.bfloat16
-        self.api_key = cfg.api_key or os.environ.get("RAYKIT_API_KEY") or None
-        self.model_name = cfg.model_name or cfg.model
-        self.waiting: list[tuple[list[_Pair], asyncio.Future]] = []  # Serve batches, oldest first
-        self.model_lock = asyncio.Lock()
-        self.score_pair.set_max_batch_size(cfg.max_batch_tokens)
-        self.score_pair.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-        self.stats = {"requests": 0, "documents": 0, "tokens": 0, "forward_passes": 0,
-                      "pairs_scored": 0, "latency_sum_s": 0.0, "forward_s": 0.0}  # fmt: skip
-        self.status_counts: dict[str, int] = {}
-        self.metric_requests = Counter("raykit_requests", "Rerank requests.", ("route", "status"))
+        # One thread runs the model (torch threads set in it), one tokenises: the event loop
+        # only moves requests in and out of the queue.
+        on_cpu = self.device.type == "cpu"
+        initializer = (lambda: torch.set_num_threads(threads)) if on_cpu else None
+        self.model_thread = ThreadPoolExecutor(1, "raykit-model", initializer=initializer)
+        self.tokenizer_thread = ThreadPoolExecutor(1, "raykit-tokenizer")
+        self.queue = BatchQueue(self._forward, cfg.max_batch_size, cfg.max_batch_tokens,
+                                self.model_thread, cfg.batch_wait_timeout_s)  # fmt: skip
+        self.forward_passes = 0
         self.metric_documents = Counter("raykit_documents", "Documents scored.")
         self.metric_tokens = Counter("raykit_tokens", "Tokens scored.")
         self.metric_forwards = Counter("raykit_forward_passes", "Model forward passes.")
-        self.metric_latency = Histogram(
-            "raykit_request_latency_s", "Request latency in seconds.",
-            boundaries=[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10], tag_keys=("route",),
-        )  # fmt: skip
-        # For the HTTP middleware, which FastAPI runs outside the class. Serve ships this class
-        # by value, so a `global` here would set a copy: set the imported module's attribute.
-        sys.modules[__name__]._replica = self
 
-    # ------------------------------------------------------------------ routes
+    def _tokenize(
+        self, query: str, texts: list[str], max_tokens_per_doc: int | None, truncate: bool
+    ) -> list[dict[str, list[int]]] | str:
+        """Encodings of every pair, or (with `truncate` False) a message naming a pair over
+        `max_len`."""
+        from raykit.data import tokenize_pairs
+
+        queries = [query] * len(texts)
+        if not truncate:
+            lengths = [len(ids) for ids in self.tokenizer(queries, texts)["input_ids"]]
+            over = next((i for i, n in enumerate(lengths) if n > self.cfg.max_len), None)
+            if over is not None:
+                return (f"texts[{over}]: {lengths[over]} tokens with the query > max_len "
+                        f"{self.cfg.max_len}; send truncate: true to cut it")  # fmt: skip
+        return tokenize_pairs(self.tokenizer, queries, texts, self.cfg.max_len,
+                              passage_max_len=max_tokens_per_doc)  # fmt: skip
+
+    async def score(
+        self, query: str, texts: list[str], max_tokens_per_doc: int | None = None,
+        truncate: bool = True,
+    ) -> dict[str, Any]:  # fmt: skip
+        """{"logits": [...], "tokens": n}, or {"status": 413, "error": "..."}."""
+        loop = asyncio.get_running_loop()
+        encodings = await loop.run_in_executor(
+            self.tokenizer_thread, self._tokenize, query, texts, max_tokens_per_doc, truncate
+        )
+        if isinstance(encodings, str):
+            return {"status": 413, "error": encodings}
+        logits = await self.queue.score(encodings)
+        tokens = sum(len(e["input_ids"]) for e in encodings)
+        self.metric_documents.inc(len(texts))
+        self.metric_tokens.inc(tokens)
+        return {"logits": logits.tolist(), "tokens": tokens}
+
+    def _forward(self, pairs: list[dict[str, list[int]]]) -> list[float]:
+        """Score a batch: pairs of similar length are padded together, chunk by chunk."""
+        from raykit.data import chunk_by_length, pad_encodings
+        from raykit.model import batch_logits
+
+        scores = [0.0] * len(pairs)
+        lengths = [len(p["input_ids"]) for p in pairs]
+        for chunk in chunk_by_length(lengths, self.cfg.chunk_tokens):
+            batch = pad_encodings([pairs[i] for i in chunk], self.pad_id)
+            logits = batch_logits(self.model, batch, self.dtype).tolist()
+            for i, value in zip(chunk, logits, strict=True):
+                scores[i] = value
+            self.forward_passes += 1
+            self.metric_forwards.inc()
+        return scores
+
+    async def info(self) -> dict[str, Any]:
+        stats = asdict(self.queue.stats)
+        return {"device": str(self.device), "dtype": str(self.dtype or "float32"),
+                "forward_passes": self.forward_passes, "queued_requests": len(self.queue.waiting),
+                **stats}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- the ingress
+
+api = FastAPI(title="raykit reranker", docs_url=None, redoc_url=None, openapi_url=None)
+api.add_middleware(RequestGuard)
+_ingress: "RerankerAPI | None" = None  # this process's ingress replica
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return _error(exc.status, exc.message, exc.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return _error(422, validation_message(exc))
+
+
+@serve.deployment
+@serve.ingress(api)
+class RerankerAPI:
+    """The HTTP surface; every scoring call goes to `RerankerModel` through a handle."""
+
+    def __init__(self, cfg: ServeConfig, model: DeploymentHandle):
+        from prometheus_client import CollectorRegistry
+        from prometheus_client import Counter as PromCounter
+        from prometheus_client import Histogram as PromHistogram
+
+        self.cfg = cfg
+        self.model = model
+        self.api_key = cfg.api_key or os.environ.get("RAYKIT_API_KEY") or None
+        self.model_name = cfg.model_name or public_model_name(cfg.model)
+        # Labels come from the route table only: any other path is counted as "other", so no
+        # client can add series to this page.
+        self.registry = CollectorRegistry()
+        self.requests = PromCounter("raykit_requests", "HTTP requests by route and status.",
+                                    ("route", "status"), registry=self.registry)  # fmt: skip
+        self.latency = PromHistogram(
+            "raykit_request_latency_seconds", "Request latency by route.", ("route",),
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=self.registry,
+        )  # fmt: skip
+        registry = self.registry
+        self.documents = PromCounter("raykit_documents", "Documents scored.", registry=registry)
+        self.tokens = PromCounter("raykit_tokens", "Tokens scored.", registry=registry)
+        self.ray_requests = Counter("raykit_requests", "HTTP requests.", ("route", "status"))
+        sys.modules[__name__]._ingress = self  # for RequestGuard (Serve ships this class by value)
 
     def record(self, path: str, started: float, status: int) -> None:
-        if path in (HEALTH_PATH, "/metrics"):
+        route = path if path in ROUTES else OTHER_ROUTE
+        if route in (HEALTH_PATH, "/metrics"):
             return
-        self.stats["requests"] += 1
-        self.stats["latency_sum_s"] += time.perf_counter() - started
-        key = f'route="{path}",status="{status}"'
-        self.status_counts[key] = self.status_counts.get(key, 0) + 1
-        self.metric_requests.inc(tags={"route": path, "status": str(status)})
-        self.metric_latency.observe(time.perf_counter() - started, tags={"route": path})
+        self.requests.labels(route, str(status)).inc()
+        self.latency.labels(route).observe(time.perf_counter() - started)
+        self.ray_requests.inc(tags={"route": route, "status": str(status)})
+
+    # ------------------------------------------------------------------ routes
 
     @api.get(HEALTH_PATH)
     async def health(self) -> dict:
@@ -203,20 +363,18 @@ class RerankerDeployment:
     @api.get("/info")
     async def info(self) -> dict:
         fields = asdict(self.cfg)
-        fields.pop("api_key")
-        return {"model_name": self.model_name, "device": str(self.device),
-                "dtype": str(self.dtype or "float32"), "auth": bool(self.api_key),
-                **fields, "replica_stats": dict(self.stats)}  # fmt: skip
+        for private in ("api_key", "model"):  # never a server's path or secret
+            fields.pop(private)
+        replica = await self._call("info")
+        return {"model_name": self.model_name, "device": replica.pop("device"),
+                "dtype": replica.pop("dtype"), "auth": bool(self.api_key), **fields,
+                "replica_stats": replica}  # fmt: skip
 
     @api.get("/metrics")
-    async def metrics(self) -> PlainTextResponse:
-        lines = [f"raykit_requests_total{{{k}}} {v}" for k, v in self.status_counts.items()]
-        for name in ("documents", "tokens", "forward_passes", "pairs_scored"):
-            lines.append(f"raykit_{name}_total {self.stats[name]}")
-        lines.append(f"raykit_request_latency_seconds_sum {self.stats['latency_sum_s']:.6f}")
-        lines.append(f"raykit_request_latency_seconds_count {self.stats['requests']}")
-        lines.append(f"raykit_forward_seconds_total {self.stats['forward_s']:.6f}")
-        return PlainTextResponse("\n".join(lines) + "\n")
+    async def metrics(self) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
     @api.post("/v1/rerank")
     async def rerank_v1(self, body: CohereRerankRequest) -> dict:
@@ -228,7 +386,9 @@ class RerankerDeployment:
 
     @api.post("/rerank")
     async def rerank_tei(self, body: TeiRerankRequest) -> list[dict]:
-        logits, _ = await self.score_documents(body.query, body.texts)
+        check_texts(body.query, body.texts, "texts", self.cfg.max_documents)
+        truncate = True if body.truncate is None else body.truncate
+        logits, _ = await self._score(body.query, body.texts, None, truncate)
         scores = logits if body.raw_scores else [sigmoid(x) for x in logits]
         ranked = sorted(range(len(scores)), key=lambda i: -scores[i])
         return [{"index": i, "score": scores[i], **({"text": body.texts[i]} if body.return_text
@@ -236,7 +396,8 @@ class RerankerDeployment:
 
     async def _cohere(self, body: CohereRerankRequest) -> dict:
         texts = [d if isinstance(d, str) else d.text for d in body.documents]
-        logits, tokens = await self.score_documents(body.query, texts)
+        check_texts(body.query, texts, "documents", self.cfg.max_documents)
+        logits, tokens = await self._score(body.query, texts, body.max_tokens_per_doc, True)
         ranked = sorted(range(len(texts)), key=lambda i: -logits[i])[: body.top_n]
         results = []
         for i in ranked:
@@ -253,99 +414,35 @@ class RerankerDeployment:
             "usage": {"total_tokens": tokens},  # Jina's field
         }  # fmt: skip
 
-    # ------------------------------------------------------------------ scoring
+    # ------------------------------------------------------------------ calling the model
 
-    async def score_documents(self, query: str, texts: list[str]) -> tuple[list[float], int]:
-        """Raw logits for each text (in order) and the tokens they cost."""
-        from raykit.data import tokenize_pairs
+    async def _score(
+        self, query: str, texts: list[str], max_tokens_per_doc: int | None, truncate: bool
+    ) -> tuple[list[float], int]:
+        reply = await self._call("score", query, texts, max_tokens_per_doc, truncate)
+        if "error" in reply:
+            raise ApiError(reply["status"], reply["error"])
+        self.documents.inc(len(texts))
+        self.tokens.inc(reply["tokens"])
+        return reply["logits"], reply["tokens"]
 
-        if not texts:
-            raise ApiError(400, "documents: must not be empty")
-        if len(texts) > self.cfg.max_documents:
-            raise ApiError(413, f"documents: {len(texts)} > max_documents {self.cfg.max_documents}")
-        if not query.strip():
-            raise ApiError(400, "query: must not be empty")
-        encodings = tokenize_pairs(self.tokenizer, [query] * len(texts), texts, self.cfg.max_len)
-        floor = self.cfg.max_batch_tokens / self.cfg.max_batch_size
-        pairs = [_Pair(e, floor) for e in encodings]
-        logits = await asyncio.gather(*(self.score_pair(p) for p in pairs))
-        tokens = sum(len(e["input_ids"]) for e in encodings)
-        self.stats["documents"] += len(texts)
-        self.stats["tokens"] += tokens
-        self.metric_documents.inc(len(texts))
-        self.metric_tokens.inc(tokens)
-        return list(logits), tokens
+    async def _call(self, method: str, *args: Any) -> Any:
+        """Call the model deployment; Serve's failures become JSON 429/503 with Retry-After.
 
-    @serve.batch(
-        max_batch_size=16384, batch_wait_timeout_s=0.01, batch_size_fn=batch_cost,
-        max_concurrent_batches=MAX_WAITING_BATCHES,
-    )  # fmt: skip
-    async def score_pair(self, pairs: list[_Pair]) -> list[float]:
-        """Scores of one Serve batch (pairs from any number of requests).
-
-        Serve forms the next batch while the model is still busy with the last one, from the
-        few pairs that arrive within `batch_wait_timeout_s`. So batches wait here for the
-        model, and whoever gets it scores every batch waiting by then (up to the caps) as one
-        length-sorted set: under load the model always gets full, well-sorted work, and an
-        idle model starts on a lone request at once.
-        """
-        future = asyncio.get_running_loop().create_future()
-        self.waiting.append((pairs, future))
-        async with self.model_lock:
-            if not future.done():  # else an earlier holder already scored this batch
-                # Shielded: if this request is cancelled, the batches it took still get scores.
-                await asyncio.shield(self._score_waiting())
-        return await future
-
-    async def _score_waiting(self) -> None:
-        """Score the oldest waiting batches that fit the caps (the first always goes). Batches
-        whose requests were cancelled meanwhile are dropped, not scored."""
-        self.waiting = [(batch, future) for batch, future in self.waiting if not future.done()]
-        if not self.waiting:
-            return
-        taken = [self.waiting.pop(0)]
-        pairs, tokens = list(taken[0][0]), sum(p.tokens for p in taken[0][0])
-        while self.waiting:
-            more = self.waiting[0][0]
-            more_tokens = sum(p.tokens for p in more)
-            if (len(pairs) + len(more) > self.cfg.max_batch_size
-                    or tokens + more_tokens > self.cfg.max_batch_tokens):  # fmt: skip
-                break
-            taken.append(self.waiting.pop(0))
-            pairs += more
-            tokens += more_tokens
-        try:
-            loop = asyncio.get_running_loop()
-            scores = await loop.run_in_executor(None, self._forward, pairs)
-        except Exception as exc:  # every caller in this set gets the error, none hangs
-            for _, future in taken:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        start = 0
-        for batch, future in taken:
-            if not future.done():  # a request cancelled during the forward pass
-                future.set_result(scores[start : start + len(batch)])
-            start += len(batch)
-
-    def _forward(self, pairs: list[_Pair]) -> list[float]:
-        """Score a batch: pairs of similar length are padded together, chunk by chunk."""
-        from raykit.data import chunk_by_length, pad_encodings
-
-        started = time.perf_counter()
-        scores = [0.0] * len(pairs)
-        lengths = [p.tokens for p in pairs]
-        for chunk in chunk_by_length(lengths, self.cfg.chunk_tokens):
-            encodings = [pairs[i].encoding for i in chunk]
-            batch = pad_encodings(encodings, self.tokenizer.pad_token_id or 0)
-            logits = batch_logits(self.model, batch, self.dtype).tolist()
-            for i, value in zip(chunk, logits, strict=True):
-                scores[i] = value
-            self.stats["forward_passes"] += 1
-            self.metric_forwards.inc()
-        self.stats["pairs_scored"] += len(pairs)
-        self.stats["forward_s"] += time.perf_counter() - started
-        return scores
+        Scoring is idempotent, so a request lost with a replica (killed, preempted) is sent
+        once more, to whichever replica Serve picks; a second loss is a 503."""
+        retry_after = {"Retry-After": str(self.cfg.retry_after_s)}
+        for attempt in range(2):
+            try:
+                return await getattr(self.model, method).remote(*args)
+            except BackPressureError:
+                raise ApiError(429, "too many requests queued; retry later", retry_after) from None
+            except DeploymentUnavailableError:
+                raise ApiError(503, "the model is unavailable", retry_after) from None
+            except RayActorError:
+                if attempt == 1:
+                    raise ApiError(503, "the model replica went away; retry", retry_after) from None
+        raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------------------- building and running
@@ -355,8 +452,8 @@ def build_app(cfg: ServeConfig) -> serve.Application:
     """The Serve application for `cfg`: autoscaling, placement and queue limits from the config."""
     cfg.validate()
     ongoing = cfg.max_ongoing_requests or cfg.max_batch_size
-    return RerankerDeployment.options(
-        name="reranker",
+    model = RerankerModel.options(
+        name="reranker_model",
         autoscaling_config={
             "min_replicas": cfg.min_replicas,
             "max_replicas": cfg.max_replicas,
@@ -364,10 +461,21 @@ def build_app(cfg: ServeConfig) -> serve.Application:
         },
         ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": 1 if cfg.use_gpu else 0},
         max_ongoing_requests=ongoing,
-        max_queued_requests=cfg.max_queued_requests,
+        max_queued_requests=cfg.max_queued_requests,  # beyond: a JSON 429 from the ingress
+        logging_config={"enable_access_log": False},
+    ).bind(cfg)
+    # The ingress only waits on the model: no CPU of its own, room for every request the model
+    # replicas and their queue can hold (the last line of defence is Serve's own 429).
+    capacity = ongoing * cfg.max_replicas + cfg.max_queued_requests
+    return RerankerAPI.options(
+        name="reranker",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=capacity + 16,
+        max_queued_requests=capacity,
         backpressure_config={"status_code": 429, "retry_after_s": cfg.retry_after_s},
         logging_config={"enable_access_log": cfg.access_log},
-    ).bind(cfg)
+    ).bind(cfg, model)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
@@ -381,10 +489,12 @@ def run_serve(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
     import ray
 
     from raykit.cluster import init_ray
+    from raykit.model import check_model
 
     cfg.validate()
     if not cfg.use_gpu and cfg.cpus_per_replica * cfg.max_replicas < 1:
         raise ConfigError("cpus_per_replica x max_replicas must be >= 1")
+    check_model(cfg.model)
     started_ray = not ray.is_initialized()
     init_ray(cfg.cpus_per_replica * cfg.max_replicas)
     stop = stop or threading.Event()
@@ -409,3 +519,6 @@ def run_serve(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
             serve.shutdown()
             if started_ray:
                 ray.shutdown()
+
+
+__all__ = ["RerankerAPI", "RerankerModel", "app_builder", "build_app", "run_serve"]

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow.fs as pafs
 import ray
 import ray.train
 import ray.train.torch
@@ -44,12 +43,14 @@ from raykit.evaluate import mean_metrics, metric_sums
 from raykit.model import (
     CrossEncoder,
     autocast_context,
+    check_model,
     distillation_loss,
     group_softmax_loss,
     load_model_and_tokenizer,
     make_chunks,
     predict_logits,
 )
+from raykit.storage import absolute, is_uri, prepare_output_dir, publish_dir
 
 TRAINER_STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "raykit_finetune.json"
@@ -453,34 +454,36 @@ class FinetuneResult:
 
 
 def export_model(checkpoint: Checkpoint, output_dir: str, summary: dict[str, Any]) -> None:
-    """Copy a checkpoint's Hugging Face files (not the optimizer state) to `output_dir`,
-    with `train_summary.json` (loss and eval history, throughput)."""
-    summary_bytes = json.dumps(summary, indent=2, default=str).encode()
-    with checkpoint.as_directory() as ckpt_dir:
-        names = [n for n in os.listdir(ckpt_dir) if n != TRAINER_STATE_FILE]
-        if "://" in output_dir:
-            fs, root = pafs.FileSystem.from_uri(output_dir)
-            fs.create_dir(root, recursive=True)
-            for name in names:
-                pafs.copy_files(
-                    os.path.join(ckpt_dir, name), f"{root}/{name}", destination_filesystem=fs
-                )
-            with fs.open_output_stream(f"{root}/{SUMMARY_FILE}") as f:
-                f.write(summary_bytes)
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        for name in names:
-            src, dst = os.path.join(ckpt_dir, name), os.path.join(output_dir, name)
-            if os.path.isdir(src):
-                shutil.copytree(src, dst, dirs_exist_ok=True)
-            else:
-                shutil.copy2(src, dst)
-        with open(os.path.join(output_dir, SUMMARY_FILE), "wb") as f:
-            f.write(summary_bytes)
+    """Publish a checkpoint's Hugging Face files (not the optimizer state) as `output_dir`, with
+    `train_summary.json` (loss and eval history, throughput). The folder is replaced as a whole
+    and appears complete or not at all (see `publish_dir`)."""
+
+    def write(folder: str) -> None:
+        with checkpoint.as_directory() as ckpt_dir:
+            for name in os.listdir(ckpt_dir):
+                src = os.path.join(ckpt_dir, name)
+                if name == TRAINER_STATE_FILE:
+                    continue
+                if os.path.isdir(src):
+                    shutil.copytree(src, os.path.join(folder, name))
+                else:
+                    shutil.copy2(src, os.path.join(folder, name))
+        with open(os.path.join(folder, SUMMARY_FILE), "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+
+    publish_dir(output_dir, write)
 
 
-def _absolute(paths: list[str]) -> list[str]:
-    return [p if "://" in p else os.path.abspath(os.path.expanduser(p)) for p in paths]
+def check_run_paths(cfg: FinetuneConfig) -> None:
+    """One-line errors for a missing model or an output that cannot be written, before Ray."""
+    check_model(cfg.model_name_or_path, "model_name_or_path")
+    prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
+    if cfg.storage_path and not is_uri(cfg.storage_path):
+        storage, output = absolute(cfg.storage_path), absolute(cfg.output_dir)
+        if os.path.commonpath([storage, output]) == output:
+            raise ConfigError(
+                "storage_path: must not be inside output_dir, which the export replaces"
+            )
 
 
 def finetune(cfg: FinetuneConfig, callbacks: list | None = None) -> FinetuneResult:
@@ -490,14 +493,15 @@ def finetune(cfg: FinetuneConfig, callbacks: list | None = None) -> FinetuneResu
     """
     launched_at = time.time()
     cfg.validate()
+    check_run_paths(cfg)
     init_ray(cfg.num_workers * cfg.cpus_per_worker)
     ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = dataclasses.replace(
         cfg,
-        train_data=_absolute(cfg.train_data),
-        eval_data=_absolute(cfg.eval_data),
-        output_dir=_absolute([cfg.output_dir])[0],
-        storage_path=_absolute([cfg.storage_path])[0] if cfg.storage_path else None,
+        train_data=[absolute(p) for p in cfg.train_data],
+        eval_data=[absolute(p) for p in cfg.eval_data],
+        output_dir=absolute(cfg.output_dir),
+        storage_path=absolute(cfg.storage_path) if cfg.storage_path else None,
         run_name=cfg.run_name or time.strftime("raykit-finetune-%Y%m%d-%H%M%S"),
     )
     model_path = resolve_model_path(cfg.model_name_or_path)

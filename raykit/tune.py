@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
 from typing import Any
@@ -23,6 +24,8 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from raykit.cluster import init_ray
 from raykit.config import ConfigError, FinetuneConfig, TuneConfig, field_type
+from raykit.model import check_model
+from raykit.storage import absolute, filesystem, join, prepare_output_dir
 from raykit.train import WORKER_GROUP_KEY, export_model, finetune, release_placement_group
 
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # set by TuneReportCallback on checkpoint reports
@@ -100,8 +103,9 @@ def _run_trial(trial_params: dict[str, Any], base: dict[str, Any], sweep_dir: st
     cfg = dataclasses.replace(
         cfg,
         run_name=name,
-        storage_path=os.path.join(sweep_dir, "trials"),
-        output_dir=os.path.join(sweep_dir, "trials", name, "model"),
+        storage_path=join(sweep_dir, "trials"),
+        output_dir=join(sweep_dir, "trials", name, "model"),
+        overwrite_output_dir=True,  # the sweep's own folder: a resumed trial exports again
     )
     finetune(cfg, callbacks=[TuneReportCallback()])
 
@@ -121,6 +125,7 @@ def _trial_rows(
 ) -> list[dict]:
     """One row per trial; STOPPED marks a trial ASHA ended before `max_steps`."""
     rows = []
+    configs = {os.path.basename(t.path): t.config for t in _trials(results)}
     for result in results:
         frame = result.metrics_dataframe
         scores = frame[metric].dropna() if frame is not None and metric in frame else []
@@ -128,15 +133,23 @@ def _trial_rows(
         status = "ERROR" if result.error else "OK"
         if status == "OK" and max_steps > 0 and steps < max_steps:
             status = "STOPPED"
+        # A trial with no report yet has no config in its Result: take it from the trial.
+        config = result.config or configs.get(os.path.basename(result.path), {})
         rows.append({
             "trial": os.path.basename(result.path),
-            **{k: result.config.get(k) for k in param_keys},
+            **{k: config.get(k) for k in param_keys},
             f"best_{metric}": round(float(max(scores)), 4) if len(scores) else None,
             "steps": steps,
             "status": status,
             "error": str(result.error).splitlines()[0][:200] if result.error else "",
         })  # fmt: skip
     return rows
+
+
+def _trials(results: tune.ResultGrid) -> list:
+    """The Tune trials behind a ResultGrid (their configs exist even before a first report)."""
+    analysis = getattr(results, "_experiment_analysis", None)
+    return list(getattr(analysis, "trials", None) or [])
 
 
 def _best_checkpoint(results: tune.ResultGrid, metric: str) -> tuple[Checkpoint, dict] | None:
@@ -167,16 +180,21 @@ def run_sweep(cfg: TuneConfig) -> dict[str, Any]:
     space = parse_search(cfg.search)
     # Log reports before a trial's first evaluation carry no eval metric; ASHA skips them.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    output_dir = absolute(cfg.output_dir)
+    storage = absolute(cfg.storage_path) if cfg.storage_path else join(output_dir, "ray")
+    name = cfg.run_name or "sweep"
+    sweep_dir = join(storage, name)
+    # The sweep's own state may live in output_dir/ray: re-running resumes it, but earlier
+    # results beside it (trials.*, best/) are only replaced with --overwrite_output_dir.
+    prepare_output_dir(output_dir, cfg.overwrite_output_dir, keep={"ray"})
+    if "model_name_or_path" not in space:
+        check_model(cfg.model_name_or_path, "model_name_or_path")
     init_ray(cfg.num_workers * cfg.cpus_per_worker)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    output_dir = os.path.abspath(cfg.output_dir)
-    storage = os.path.abspath(cfg.storage_path or os.path.join(output_dir, "ray"))
-    name = cfg.run_name or "sweep"
-    sweep_dir = os.path.join(storage, name)
     base = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(FinetuneConfig)}
     base.update(
-        train_data=[os.path.abspath(p) if "://" not in p else p for p in cfg.train_data],
-        eval_data=[os.path.abspath(p) if "://" not in p else p for p in cfg.eval_data],
+        train_data=[absolute(p) for p in cfg.train_data],
+        eval_data=[absolute(p) for p in cfg.eval_data],
     )
     # The trial itself only waits on its TorchTrainer: a token CPU share, so that the
     # trainer's workers (and Ray Data reads) get the real CPUs.
@@ -218,20 +236,23 @@ def run_sweep(cfg: TuneConfig) -> dict[str, Any]:
     results = tuner.fit()
 
     rows = _trial_rows(results, cfg.metric, sorted(space), cfg.max_steps)
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "trials.json"), "w") as f:
-        json.dump(rows, f, indent=2, default=str)
-    with open(os.path.join(output_dir, "trials.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial"])
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]) if rows else ["trial"])
+    writer.writeheader()
+    writer.writerows(rows)
+    fs, root = filesystem(output_dir)
+    fs.create_dir(root, recursive=True)
+    for file_name, text in (("trials.json", json.dumps(rows, indent=2, default=str)),
+                            ("trials.csv", table.getvalue())):  # fmt: skip
+        with fs.open_output_stream(f"{root}/{file_name}") as f:
+            f.write(text.encode())
     print(format_table(rows), flush=True)
 
     best = _best_checkpoint(results, cfg.metric)
     if best is None:
         raise RuntimeError("no trial produced a checkpoint with the metric; see trials.csv")
     checkpoint, metrics = best
-    best_dir = os.path.join(output_dir, "best")
+    best_dir = join(output_dir, "best")
     export_model(checkpoint, best_dir, {"best_metrics": metrics, "trials": rows})
     print(f"[raykit] best {cfg.metric}={metrics[cfg.metric]:.4f}; model written to {best_dir}")
     return {"trials": rows, "best_metrics": metrics, "best_dir": best_dir}

@@ -139,3 +139,50 @@ def test_tokenize_pairs_truncates_passage_first(tiny_model_dir):
     (short,) = tokenize_pairs(tokenizer, ["long query " * 50], ["passage"], max_len=32)
     assert len(short["input_ids"]) <= 32
     assert short["token_type_ids"].count(1) >= 2  # the passage survives a long query
+
+
+def test_text_that_is_not_unicode_is_a_bad_row_with_its_line(tmp_path):
+    """A lone surrogate escape is valid JSON but no tokenizer or Arrow column takes it; bytes
+    that are not UTF-8 spoil one line, not the file. A BOM and CRLF line ends are fine."""
+    lines = [
+        json.dumps(GOOD).encode(),
+        b'{"query": "q", "pos": ["ok", "\\ud800"], "neg": ["n"]}',
+        b'{"query": "caf\xe9", "pos": ["p"], "neg": ["n"]}',  # Latin-1, not UTF-8
+        b'{"query": "\\udfff q", "pos": ["p"], "neg": ["n"]}',
+        json.dumps(GOOD).encode(),
+    ]
+    path = tmp_path / "dirty.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(lines) + b"\r\n")
+    report = check_file(str(path))
+    assert report.valid_rows == 2
+    assert report.errors == [
+        f"{path}:2: pos[1]: not valid Unicode (a lone surrogate escape)",
+        f"{path}:3: -: not valid UTF-8 (byte 0xe9 at column 15)",
+        f"{path}:4: query: not valid Unicode (a lone surrogate escape)",
+    ]
+    assert report.skipped == {"invalid_text": 2, "invalid_utf8": 1}
+
+
+def test_reading_agrees_with_validation_on_every_row(ray_cluster, tmp_path):
+    rows = [GOOD, '{"query": "q", "pos": ["\\ud800"], "neg": ["n"]}', {**GOOD, "query": "second"},
+            '{"query": "q", "pos": ["p"], "neg": ["n"]} trailing', {**GOOD, "query": "third"}]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    with pytest.raises(DataError, match=r"rows\.jsonl:2: pos\[0\]: not valid Unicode"):
+        read_groups([str(path)])
+    dataset, report = read_groups([str(path)], skip_invalid=True)
+    assert [r["query"] for r in dataset.take_all()] == ["what is ray", "second", "third"]
+    assert report.valid_rows == 3 and report.invalid_rows == 2
+
+
+def test_truncated_gzip_is_one_line_with_the_line_reached(ray_cluster, tmp_path):
+    import os
+
+    rows = [{**GOOD, "query": os.urandom(16).hex()} for _ in range(40_000)]
+    whole = gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode())
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError) as caught:
+        read_groups([str(path)])
+    message = str(caught.value)
+    assert message.startswith(f"{path}: cannot read after line ") and "runcated" in message
+    assert len(message.splitlines()) == 1

@@ -108,3 +108,16 @@ def test_auto_weights_favour_the_model_with_lower_loss(two_models, tmp_path, cap
     )
     single = example_loss(m, AutoTokenizer.from_pretrained(trained), [g], 4, 64)
     assert single == pytest.approx(group_softmax_loss(torch.tensor(logits), 4).item(), abs=1e-5)
+
+
+def test_mix_refuses_a_non_empty_output_and_replaces_it_whole_when_asked(two_models, tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "pytorch_model.bin").write_bytes(b"stale")
+    cfg = MixConfig(models=list(two_models), weights=["0.5", "0.5"], output=str(out))
+    with pytest.raises(ConfigError, match="is not empty; pass --overwrite_output_dir"):
+        run_mix(cfg)
+    cfg.overwrite_output_dir = True
+    run_mix(cfg)
+    assert not (out / "pytorch_model.bin").exists() and (out / "model.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no staging folder left behind

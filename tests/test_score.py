@@ -162,12 +162,72 @@ def test_bad_rows_go_to_errors_file_and_fail_the_run(ray_cluster, tiny_model_dir
         args + ["--overwrite", "--max_error_rate", "0.8"]))  # fmt: skip
     assert ok.exit_code == 0, ok.output
     for bad_args, message in (
-        (["--model", str(tmp_path / "nope")], "model: cannot load"),
+        (["--model", str(tmp_path / "nope")], "is neither a local folder nor a model"),
         (["--input", str(tmp_path / "missing.jsonl")], "no such file or directory"),
     ):
         result = CliRunner().invoke(app, normalize_argv(args + ["--overwrite", *bad_args]))
         assert result.exit_code != 0 and message in result.output, result.output
         assert "Traceback" not in result.output
+
+
+def test_undecodable_rows_go_to_the_errors_file_and_the_rest_is_scored(
+    ray_cluster, tiny_model_dir, tmp_path
+):
+    """A lone surrogate escape, bytes that are not UTF-8, a BOM and CRLF line ends: bad rows
+    are rejected one by one (the run goes on), good rows are scored."""
+    good = pair_rows(dev_groups())[:4]
+    lines = [
+        json.dumps(good[0]).encode(),
+        b'{"query": "q", "passage": "\\ud800 broken"}',  # valid JSON, not valid Unicode
+        json.dumps(good[1]).encode(),
+        b'{"query": "q", "passage": "caf\xff\xfe"}',  # not UTF-8
+        json.dumps({**good[2], "doc_id": "\udfff"}, ensure_ascii=True).encode(),  # carried column
+        json.dumps(good[3]).encode(),
+    ]
+    source = tmp_path / "dirty.jsonl"
+    source.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(lines) + b"\r\n")  # BOM, CRLF
+    out, errors = tmp_path / "out", tmp_path / "errors.jsonl"
+    args = ["score", "--model", tiny_model_dir, "--input", str(source), "--output", str(out),
+            "--errors_path", str(errors), "--max_len", "64", "--max_error_rate", "0.5"]  # fmt: skip
+    result = CliRunner().invoke(app, normalize_argv(args))
+    assert result.exit_code == 0, result.output
+    rows = read_output(out / "dirty.parquet")
+    assert [r["doc_id"] for r in rows] == [good[0]["doc_id"], good[1]["doc_id"], good[3]["doc_id"]]
+    records = [json.loads(line) for line in errors.read_text().splitlines()]
+    assert [(r["line"], r["reason"]) for r in records] == [
+        (2, "field 'passage' is not valid Unicode (a lone surrogate escape)"),
+        (4, "not valid UTF-8 (byte 0xff at column 31)"),
+        (5, "field 'doc_id' is not valid Unicode (a lone surrogate escape)"),
+    ]
+    assert records[1]["row"] == '{"query": "q", "passage": "caf\\xff\\xfe"}'
+
+    # Too many of them still fails the run, in one line.
+    strict = CliRunner().invoke(app, normalize_argv(args[:-2] + ["--overwrite"]))
+    assert strict.exit_code == 1 and "3 of 6 rows rejected" in strict.output
+    assert "Traceback" not in strict.output
+
+
+def test_truncated_gzip_and_unwritable_output_are_one_line_errors(
+    ray_cluster, tiny_model_dir, tmp_path
+):
+    import gzip
+
+    rows = [{"query": f"q {i}", "passage": os.urandom(24).hex()} for i in range(40_000)]
+    whole = gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in rows))
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])  # a download cut short
+    args = ["score", "--model", tiny_model_dir, "--input", str(tmp_path / "cut.jsonl.gz"),
+            "--output", str(tmp_path / "out"), "--max_len", "64"]  # fmt: skip
+    (tmp_path / "file").write_text("not a folder")
+    result = CliRunner().invoke(app, normalize_argv(args[:-4] + ["--output",
+                                                                 str(tmp_path / "file" / "o")]))
+    assert result.exit_code == 1
+    assert "output: cannot create" in result.output and "is a file" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    result = CliRunner().invoke(app, normalize_argv(args))
+    assert result.exit_code == 1, result.output
+    error = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert error and "cut.jsonl.gz: cannot read after line" in error[0], result.output
+    assert "Traceback" not in result.output
 
 
 def test_resume_skips_finished_files_without_duplicates(ray_cluster, tiny_model_dir, tmp_path):

@@ -4,50 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
+import os
+import threading
+import time
 
 import httpx
 import pytest
-import yaml
 
-from raykit.config import ServeConfig
+from raykit.config import ConfigError, ServeConfig
 from raykit.model import Reranker
-from tests.conftest import ROOT
+from raykit.serve_queue import BatchQueue
+from tests.conftest import SERVE_API_KEY
 
-API_KEY = "test-secret"
+API_KEY = SERVE_API_KEY
 QUERY = "When is the best time to plant tulip bulbs?"
 DOCS = [
     "Plant tulip bulbs in autumn, a few weeks before the ground freezes.",
     "Tulips were so valuable in the 1630s that single bulbs sold for the price of a house.",
     "Beginners do well with three runs a week and a rest day between them.",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def served(ray_cluster, tiny_model_dir):
-    """Two apps from examples/serve.yaml's args: the main one, and one with a 1-request queue."""
-    from ray import serve
-
-    from raykit.serve import app_builder
-
-    port = free_port()
-    args = yaml.safe_load((ROOT / "examples" / "serve.yaml").read_text())["applications"][0]["args"]
-    args.update(model=tiny_model_dir, max_len=64, max_batch_tokens=4096, max_documents=50,
-                max_request_bytes=20_000, batch_wait_timeout_s=0.05, api_key=API_KEY,
-                max_replicas=1)  # fmt: skip
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app_builder(args), name="main", route_prefix="/")
-    tight = {**args, "max_ongoing_requests": 1, "max_queued_requests": 1, "retry_after_s": 2,
-             "batch_wait_timeout_s": 0.0, "cpus_per_replica": 0.5}  # fmt: skip
-    serve.run(app_builder(tight), name="tight", route_prefix="/tight")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 
 
 def post(url: str, path: str, body, key: str | None = API_KEY, **kwargs) -> httpx.Response:
@@ -118,10 +94,11 @@ def test_api_key_is_required_except_on_health(served):
     )
     assert post(served, "/rerank", {"query": QUERY, "texts": DOCS}, key="wrong").status_code == 401
     assert httpx.get(served + "/info").status_code == 401
-    info = httpx.get(served + "/info", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    info = httpx.get(served + "/info", headers=HEADERS).json()
     assert info["max_len"] == 64 and info["auth"] is True and "api_key" not in info
-    metrics = httpx.get(served + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
-    assert "raykit_forward_passes_total" in metrics.text and 'status="401"' in metrics.text
+    metrics = httpx.get(served + "/metrics", headers=HEADERS)
+    assert 'raykit_requests_total{route="/info",status="401"}' in metrics.text
+    assert 'raykit_requests_total{route="/v1/rerank",status="401"}' in metrics.text
 
 
 def test_concurrent_requests_share_forward_passes(served):
@@ -159,62 +136,167 @@ def test_overload_gets_429_with_retry_after(served):
     assert set(codes) <= {200, 429} and 200 in codes and 429 in codes, codes
     rejected = next(r for r in replies if r.status_code == 429)
     assert rejected.headers["retry-after"] == "2"
+    assert "queued" in rejected.json()["detail"]  # JSON like every other error
 
 
-def test_official_cohere_client_works_unchanged(served):
+def test_official_cohere_client_works_unchanged(served, tiny_model_dir):
     import cohere
 
     client = cohere.ClientV2(api_key=API_KEY, base_url=served)
     response = client.rerank(model="raykit", query=QUERY, documents=DOCS, top_n=2)
-    assert len(response.results) == 2
-    assert response.results[0].relevance_score >= response.results[1].relevance_score
-    assert {r.index for r in response.results} <= {0, 1, 2}
+    probs = Reranker(tiny_model_dir, device="cpu", max_length=64).compute_score(
+        [[QUERY, d] for d in DOCS], normalize=True
+    )
+    best = sorted(range(3), key=lambda i: -probs[i])[:2]
+    assert [r.index for r in response.results] == best
+    for result in response.results:
+        assert result.relevance_score == pytest.approx(probs[result.index], abs=1e-4)
 
 
 def test_serve_config_validation():
-    with pytest.raises(Exception, match="min_replicas"):
+    with pytest.raises(ConfigError, match="min_replicas"):
         ServeConfig(min_replicas=3, max_replicas=2).validate()
-    with pytest.raises(Exception, match="max_batch_tokens"):
+    with pytest.raises(ConfigError, match="max_batch_tokens"):
         ServeConfig(max_len=512, max_batch_tokens=256).validate()
 
 
-def test_waiting_batches_merge_oldest_first_within_caps_and_share_errors():
-    """Serve batches that wait for the model are scored together up to the caps; a failing
-    forward pass fails every request in its set and leaves none hanging."""
-    from types import SimpleNamespace
+def test_model_name_never_shows_the_server_path(served, tiny_model_dir):
+    reply = post(served, "/v1/rerank", {"query": QUERY, "documents": DOCS})
+    assert reply.json()["model"] == os.path.basename(tiny_model_dir)
+    info = httpx.get(served + "/info", headers=HEADERS).text
+    assert tiny_model_dir not in info and tiny_model_dir not in reply.text
+    named = post(served, "/v1/rerank", {"query": QUERY, "documents": DOCS, "model": "mine"})
+    assert named.json()["model"] == "mine"  # the client's own name is echoed
 
-    from raykit.serve import RerankerDeployment, _Pair
 
-    score_waiting = RerankerDeployment.func_or_class._score_waiting
+def test_max_tokens_per_doc_and_tei_truncate_are_honoured(served, tiny_model_dir):
+    long_doc = "tulip bulbs " * 40
+    body = {"query": QUERY, "documents": [long_doc, DOCS[0]]}
+    full = post(served, "/v1/rerank", body).json()
+    cut = post(served, "/v1/rerank", {**body, "max_tokens_per_doc": 4}).json()
+    assert cut["meta"]["tokens"]["input_tokens"] < full["meta"]["tokens"]["input_tokens"]
+    reranker = Reranker(tiny_model_dir, device="cpu", max_length=64)
+    # The document cut to its first 4 tokens scores like that prefix sent whole.
+    prefix = reranker.compute_score([QUERY, "tulip bulbs tulip bulbs"], normalize=True)
+    by_index = {r["index"]: r["relevance_score"] for r in cut["results"]}
+    assert by_index[0] == pytest.approx(prefix, abs=1e-4)
 
-    def batch(*pairs: tuple[int, int]) -> list[_Pair]:  # (tokens, value the fake model returns)
-        return [_Pair({"input_ids": [value] * tokens}, 0.0) for tokens, value in pairs]
+    refused = post(served, "/rerank", {"query": QUERY, "texts": [DOCS[0], long_doc],
+                                       "truncate": False})  # fmt: skip
+    assert refused.status_code == 413 and "texts[1]" in refused.json()["detail"]
+    for truncate in (True, None):
+        body = {"query": QUERY, "texts": [long_doc]}
+        if truncate is not None:
+            body["truncate"] = truncate
+        assert post(served, "/rerank", body).status_code == 200
+    assert post(served, "/rerank", {"query": QUERY, "texts": DOCS, "truncate": False}).is_success
 
-    forward_sizes: list[int] = []
 
-    def forward(pairs: list[_Pair]) -> list[float]:
-        forward_sizes.append(len(pairs))
-        if any(p.encoding["input_ids"][0] < 0 for p in pairs):
-            raise ValueError("bad input")
-        return [float(p.encoding["input_ids"][0]) for p in pairs]
+def test_cancelled_request_is_dropped_and_does_not_delay_the_next(served):
+    """A 1,500-document request to the slow app, abandoned by its client: its unscored pairs are
+    dropped and a 1-document request right after is answered long before it would have been."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
 
-    async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        batches = [batch((10, 1), (10, 2)), batch((10, 3)), batch((70, 4), (10, 5)),
-                   batch((10, 6)), batch((10, -1))]  # fmt: skip
-        futures = [loop.create_future() for _ in batches]
-        fake = SimpleNamespace(cfg=ServeConfig(max_batch_size=6, max_batch_tokens=100),
-                               waiting=list(zip(batches, futures, strict=True)),
-                               _forward=forward)  # fmt: skip
-        await score_waiting(fake)  # 20 + 10 tokens; the third batch would make 110 > 100
-        assert forward_sizes == [3]
-        assert [f.result() for f in futures[:2]] == [[1.0, 2.0], [3.0]]
-        assert not any(f.done() for f in futures[2:])
-        futures[3].cancel()  # its request went away: the batch is dropped, not scored
-        await score_waiting(fake)  # 80 + 10 tokens, 3 pairs: one set, and it fails
-        assert forward_sizes == [3, 3] and fake.waiting == []
-        for future in (futures[2], futures[4]):
-            with pytest.raises(ValueError, match="bad input"):
-                future.result()
+    def replica_stats() -> dict:
+        return httpx.get(served + "/slow/info", headers=headers, timeout=60).json()[
+            "replica_stats"
+        ]
 
-    asyncio.run(scenario())
+    before = replica_stats()
+    big = {"query": QUERY, "documents": [f"{d} {i}" for i in range(500) for d in DOCS]}
+    started = time.perf_counter()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(served + "/slow/v1/rerank", json=big, headers=headers, timeout=1.5)
+    small = httpx.post(served + "/slow/v1/rerank", json={"query": QUERY, "documents": DOCS[:1]},
+                       headers=headers, timeout=60)  # fmt: skip
+    waited = time.perf_counter() - started
+    assert small.status_code == 200
+    after = replica_stats()
+    dropped = after["pairs_dropped"] - before["pairs_dropped"]
+    scored = after["pairs_scored"] - before["pairs_scored"]
+    assert dropped > 0 and scored < 1500, (dropped, scored, waited)
+    assert dropped + scored == 1501 - after["queued_requests"]
+
+
+def test_request_lost_with_a_killed_replica_is_retried_or_a_json_503(served):
+    import ray
+
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    names = ray.util.list_named_actors(all_namespaces=True)
+    (replica,) = [n["name"] for n in names if "slow#reranker_model" in n["name"]]
+    big = {"query": QUERY, "documents": [f"{d} {i}" for i in range(300) for d in DOCS]}
+    reply: dict = {}
+
+    def send() -> None:
+        reply["r"] = httpx.post(served + "/slow/v1/rerank", json=big, headers=headers, timeout=300)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    time.sleep(1.0)
+    ray.kill(ray.get_actor(replica, namespace="serve"), no_restart=False)
+    sender.join(timeout=300)
+    response = reply["r"]
+    assert response.status_code in (200, 503), response.text
+    if response.status_code == 503:
+        assert response.headers["retry-after"] and "went away" in response.json()["detail"]
+    else:
+        assert len(response.json()["results"]) == len(big["documents"])
+
+
+# ---------------------------------------------------------------------------- the batch queue
+
+
+def encodings(*lengths: int, value: int = 1) -> list[dict[str, list[int]]]:
+    return [{"input_ids": [value] * n} for n in lengths]
+
+
+def test_queue_fills_batches_oldest_first_within_both_caps():
+    batches: list[list[int]] = []
+
+    def forward(pairs):
+        batches.append([len(p["input_ids"]) for p in pairs])
+        return [float(p["input_ids"][0]) for p in pairs]
+
+    async def scenario():
+        queue = BatchQueue(forward, max_batch_size=3, max_batch_tokens=100)
+        first = queue.score(encodings(10, 10, 10, 10, value=1))  # split over two batches
+        second = queue.score(encodings(60, value=2))
+        third = queue.score(encodings(200, value=3))  # over the token cap alone: still goes
+        return await asyncio.gather(first, second, third)
+
+    first, second, third = asyncio.run(scenario())
+    assert first.tolist() == [1.0] * 4 and second.tolist() == [2.0] and third.tolist() == [3.0]
+    assert batches == [[10, 10, 10], [10, 60], [200]]
+
+
+def test_queue_drops_the_rest_of_a_cancelled_request_and_fails_only_its_batch():
+    release = threading.Event()
+    seen: list[int] = []
+
+    def forward(pairs):
+        seen.append(pairs[0]["input_ids"][0])
+        release.wait(5)
+        if pairs[0]["input_ids"][0] == 9:
+            raise ValueError("bad batch")
+        return [float(len(p["input_ids"])) for p in pairs]
+
+    async def scenario():
+        queue = BatchQueue(forward, max_batch_size=2, max_batch_tokens=10)
+        big = asyncio.ensure_future(queue.score(encodings(*[5] * 10, value=1)))
+        await asyncio.sleep(0.05)  # its first batch is in the model
+        big.cancel()
+        small = asyncio.ensure_future(queue.score(encodings(3, value=2)))
+        failing = asyncio.ensure_future(queue.score(encodings(8, value=9)))  # 3 + 8 > 10
+        await asyncio.sleep(0.05)
+        release.set()
+        result = await small
+        with pytest.raises(ValueError, match="bad batch"):
+            await failing
+        assert big.cancelled()
+        return queue, result
+
+    queue, result = asyncio.run(scenario())
+    assert result.tolist() == [3.0]
+    # One batch of the cancelled request ran; its other 8 pairs were never scored.
+    assert queue.stats.pairs_dropped == 8 and seen == [1, 2, 9]
+    assert not queue.waiting

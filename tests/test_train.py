@@ -207,3 +207,43 @@ def stop_processes_mentioning(text: str) -> None:
         deadline = time.time() + 10
         while matching() and time.time() < deadline:
             time.sleep(0.5)
+
+
+def test_output_dir_is_refused_when_not_empty_and_replaced_whole_when_asked(
+    ray_cluster, tiny_model_dir, tmp_path
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pytorch_model.bin").write_bytes(b"stale weights a loader would pick")
+    (out / "notes.txt").write_text("someone's notes")
+    args = tiny_args(tiny_model_dir, tmp_path, max_steps="2")
+    refused = CliRunner().invoke(app, normalize_argv(args))
+    assert refused.exit_code == 1
+    assert f"output_dir: {out} is not empty; pass --overwrite_output_dir" in refused.output
+    assert (out / "notes.txt").exists() and not (tmp_path / "ray").exists()  # nothing started
+
+    run_cli(args + ["--overwrite_output_dir"])
+    files = set(os.listdir(out))
+    assert {"model.safetensors", "config.json", "train_summary.json"} <= files
+    assert not files & {"pytorch_model.bin", "notes.txt"}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("model_name_or_path", "/no/such/model", "is neither a local folder nor a model"),
+        ("output_dir", "{tmp}/a-file/out", "is a file"),
+        ("train_data", "{tmp}/missing.jsonl", "no such file or directory"),
+    ],
+)
+def test_unusable_paths_are_one_line_errors_before_anything_starts(
+    tiny_model_dir, tmp_path, flag, value, message
+):
+    (tmp_path / "a-file").write_text("x")
+    args = tiny_args(tiny_model_dir, tmp_path, **{flag: value.format(tmp=tmp_path)})
+    result = CliRunner().invoke(app, normalize_argv(args))
+    assert result.exit_code == 1
+    # Lines Ray forwards from other workers of the shared test cluster are not ours.
+    lines = [line for line in result.output.strip().splitlines() if "pid=" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines

@@ -157,3 +157,20 @@ def test_release_placement_group_frees_a_leftover_worker_group(ray_cluster):
     assert placement_group_table(group)["state"] == "REMOVED"
     release_placement_group(group.id.hex())  # already gone: a no-op
     release_placement_group(None)
+
+
+def test_sweep_refuses_earlier_results_but_resumes_its_own_state(tmp_path):
+    from raykit.config import TuneConfig
+    from raykit.tune import run_sweep
+
+    out = tmp_path / "sweep"
+    (out / "ray").mkdir(parents=True)  # an interrupted sweep's state only: allowed (resume)
+    (out / "trials.csv").write_text("trial\n")  # results of an earlier sweep: refused
+    cfg = TuneConfig(train_data=["x.jsonl"], eval_data=["y.jsonl"], output_dir=str(out),
+                     search=["learning_rate=loguniform:1e-5:1e-4"])  # fmt: skip
+    with pytest.raises(ConfigError, match="is not empty; pass --overwrite_output_dir"):
+        run_sweep(cfg)
+    (out / "trials.csv").unlink()
+    cfg.model_name_or_path = str(tmp_path / "no-model")
+    with pytest.raises(ConfigError, match="model_name_or_path: .* is neither a local folder"):
+        run_sweep(cfg)  # past the output check, stopped by the next one, before Ray starts
