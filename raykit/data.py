@@ -27,6 +27,8 @@ import pyarrow.fs as pafs
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from raykit.storage import filesystem
+
 GROUP_SCHEMA = pa.schema(
     [
         ("query", pa.string()),
@@ -76,12 +78,6 @@ class DataReport:
 # ---------------------------------------------------------------------------- files
 
 
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
-
-
 def expand_paths(
     paths: str | Sequence[str], suffixes: tuple[str, ...] = DATA_SUFFIXES
 ) -> list[str]:
@@ -93,7 +89,7 @@ def expand_paths(
         paths = [paths]
     files: list[str] = []
     for path in paths:
-        fs, fs_path = _filesystem(path)
+        fs, fs_path = filesystem(path)
         info = fs.get_file_info(fs_path)
         prefix = path.split("://", 1)[0] + "://" if "://" in path else ""
         if info.type == pafs.FileType.File:
@@ -116,7 +112,7 @@ def expand_paths(
 
 def open_text(path: str) -> io.TextIOWrapper:
     """Open a local file or URI as UTF-8 text (a BOM is dropped), decompressing .gz."""
-    fs, fs_path = _filesystem(path)
+    fs, fs_path = filesystem(path)
     stream = fs.open_input_stream(fs_path, compression="detect")
     return io.TextIOWrapper(stream, encoding="utf-8-sig")
 
@@ -130,7 +126,7 @@ def read_lines(path: str) -> Iterator[tuple[int, str, str | None]]:
     CRLF line ends are accepted. An unreadable or truncated file raises a one-line DataError
     with the line reached.
     """
-    fs, fs_path = _filesystem(path)
+    fs, fs_path = filesystem(path)
     number = 0
     try:
         with fs.open_input_stream(fs_path, compression="detect") as stream:

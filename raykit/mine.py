@@ -28,7 +28,6 @@ from raykit.config import MineConfig, resolve_model_path
 from raykit.data import (
     MAX_REPORTED_ERRORS,
     DataError,
-    _filesystem,
     collect_groups,
     expand_paths,
     lone_surrogate,
@@ -36,7 +35,7 @@ from raykit.data import (
     read_lines,
 )
 from raykit.model import check_model
-from raykit.storage import absolute, check_writable, is_uri
+from raykit.storage import absolute, check_writable, filesystem, is_uri
 
 ROWS_PER_BLOCK = 256  # unit of work of an embedding or filter actor
 
@@ -238,7 +237,7 @@ def filter_false_negatives(
 
 def write_jsonl(path: str, records: list[dict]) -> None:
     """Write records to a local path or URI, replacing it only once complete."""
-    fs, target = _filesystem(path)
+    fs, target = filesystem(path)
     parent = os.path.dirname(target)
     if parent:
         fs.create_dir(parent, recursive=True)

@@ -36,7 +36,6 @@ from raykit.cluster import init_ray
 from raykit.config import ConfigError, ScoreConfig
 from raykit.data import (
     DataError,
-    _filesystem,
     chunk_by_length,
     expand_paths,
     lone_surrogate,
@@ -45,7 +44,7 @@ from raykit.data import (
     tokenize_pairs,
 )
 from raykit.model import batch_logits, check_model, local_model_path, sigmoid
-from raykit.storage import absolute, check_writable
+from raykit.storage import absolute, check_writable, filesystem
 
 INPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 # Rows per block out of the read and tokenise stages. Ray keeps some state per block for the
@@ -97,7 +96,7 @@ def _file_rows(path: str) -> Iterator[tuple[int, str, str | None]]:
         yield from read_lines(path)
         return
     try:
-        fs, fs_path = _filesystem(path)
+        fs, fs_path = filesystem(path)
         parquet = pq.ParquetFile(fs.open_input_file(fs_path))
         number = 0
         for record_batch in parquet.iter_batches(batch_size=READ_ROWS_PER_BLOCK):
@@ -396,7 +395,7 @@ class FileSink:
 
     def __init__(self, cfg: ScoreConfig, source: str, name: str, stats: RunStats):
         self.cfg, self.source, self.stats = cfg, source, stats
-        self.fs, root = _filesystem(cfg.output)
+        self.fs, root = filesystem(cfg.output)
         self.final = f"{root}/{name}"
         directory, base = os.path.split(self.final)
         self.fs.create_dir(directory, recursive=True)
@@ -522,7 +521,7 @@ def plan_files(cfg: ScoreConfig) -> tuple[list[str], list[str], list[int]]:
     names = output_names(files, ".parquet" if cfg.format == "parquet" else ".jsonl")
     if len(set(names)) != len(names):
         raise ConfigError("input: two input files map to the same output name")
-    fs, root = _filesystem(cfg.output)
+    fs, root = filesystem(cfg.output)
     done = [fs.get_file_info(f"{root}/{n}").type == pafs.FileType.File for n in names]
     if any(done) and not (cfg.resume or cfg.overwrite):
         first = names[done.index(True)]
@@ -586,9 +585,9 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 def _merge_error_parts(cfg: ScoreConfig, names: list[str]) -> str | None:
     """Concatenate every input file's error records (in input order) into the errors file."""
-    fs, root = _filesystem(cfg.output)
+    fs, root = filesystem(cfg.output)
     target = cfg.errors_path or f"{cfg.output.rstrip('/')}/_errors.jsonl"
-    target_fs, target_path = _filesystem(target)
+    target_fs, target_path = filesystem(target)
     parts = [f"{root}/{ERRORS_DIR}/{n}.jsonl" for n in names]
     parts = [p for p in parts if fs.get_file_info(p).type == pafs.FileType.File]
     if not any(fs.get_file_info(p).size for p in parts):

@@ -36,7 +36,7 @@ from ray.train import (
 from ray.train.torch import TorchTrainer
 from transformers import get_linear_schedule_with_warmup
 
-from raykit.cluster import init_ray
+from raykit.cluster import hold_run_lock, init_ray
 from raykit.config import ConfigError, FinetuneConfig, resolve_model_path
 from raykit.data import DataError, read_groups, rows_from_batch, sample_group, tokenize_pairs
 from raykit.evaluate import mean_metrics, metric_sums
@@ -504,6 +504,17 @@ def finetune(cfg: FinetuneConfig, callbacks: list | None = None) -> FinetuneResu
         storage_path=absolute(cfg.storage_path) if cfg.storage_path else None,
         run_name=cfg.run_name or time.strftime("raykit-finetune-%Y%m%d-%H%M%S"),
     )
+    storage = cfg.storage_path or os.path.expanduser("~/ray_results")
+    lock = hold_run_lock(f"{storage}/{cfg.run_name}", repr(cfg.run_name))
+    try:
+        return _train_and_export(cfg, callbacks, launched_at)
+    finally:
+        ray.kill(lock)
+
+
+def _train_and_export(
+    cfg: FinetuneConfig, callbacks: list | None, launched_at: float
+) -> FinetuneResult:
     model_path = resolve_model_path(cfg.model_name_or_path)
 
     train_ds, train_report = read_groups(cfg.train_data, cfg.skip_invalid)

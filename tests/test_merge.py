@@ -57,7 +57,8 @@ def test_base_without_head_takes_the_head_of_the_others(two_models, tmp_path, ca
 
 def test_mismatched_architectures_name_the_first_differing_tensor(two_models, tmp_path):
     wide = build_tiny_reranker(tmp_path / "wide", hidden_size=64)
-    cfg = MixConfig(models=[two_models[0], wide], weights=["0.5", "0.5"], output=str(tmp_path))
+    out = str(tmp_path / "m")
+    cfg = MixConfig(models=[two_models[0], wide], weights=["0.5", "0.5"], output=out)
     with pytest.raises(ConfigError, match=r"bert.embeddings.word_embeddings.weight.*\(\d+, 64\)"):
         run_mix(cfg)
 

@@ -124,10 +124,14 @@ def test_rerun_with_same_run_name_resumes_an_interrupted_run(ray_cluster, tiny_m
         )  # fmt: skip
         try:
             _wait_for(snapshot.exists, 180, "the first checkpoint")
+            # A second driver of the same run is refused while the first one lives.
+            second = CliRunner().invoke(app, normalize_argv(args))
+            assert second.exit_code == 1 and "'resume' is already running" in second.output
             os.killpg(first.pid, signal.SIGKILL)  # a crashed or killed driver
         finally:
             first.wait(timeout=60)
     assert first.returncode != 0, "the first run was meant to be interrupted"
+    # Re-run at once: the killed driver's controller and workers may still be alive.
 
     run_cli(args)
     summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())

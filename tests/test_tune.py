@@ -174,3 +174,26 @@ def test_sweep_refuses_earlier_results_but_resumes_its_own_state(tmp_path):
     cfg.model_name_or_path = str(tmp_path / "no-model")
     with pytest.raises(ConfigError, match="model_name_or_path: .* is neither a local folder"):
         run_sweep(cfg)  # past the output check, stopped by the next one, before Ray starts
+
+
+def test_trial_rows_take_the_config_of_a_trial_that_never_reported():
+    """A resumed sweep can hold a trial whose Result has no metrics (so `config` is None): its
+    parameters come from the trial itself instead of crashing the sweep at the very end."""
+    from types import SimpleNamespace
+
+    from raykit.tune import _trial_rows
+
+    reported = SimpleNamespace(config={"learning_rate": 1e-3}, metrics_dataframe=None,
+                               error=None, path="/s/trial_a")  # fmt: skip
+    silent = SimpleNamespace(config=None, metrics_dataframe=None, error=None, path="/s/trial_b")
+    results = [reported, silent]
+    trials = [SimpleNamespace(path="/s/trial_a", config={"learning_rate": 1e-3}),
+              SimpleNamespace(path="/s/trial_b", config={"learning_rate": 2e-3})]  # fmt: skip
+
+    class Grid(list):
+        _experiment_analysis = SimpleNamespace(trials=trials)
+
+    rows = _trial_rows(Grid(results), "ndcg@10", ["learning_rate"], max_steps=10)
+    assert [(r["trial"], r["learning_rate"], r["status"]) for r in rows] == [
+        ("trial_a", 1e-3, "STOPPED"), ("trial_b", 2e-3, "STOPPED"),
+    ]  # fmt: skip
