@@ -39,33 +39,36 @@ def ray_cluster():
 SERVE_API_KEY = "test-secret"
 
 
-@pytest.fixture(scope="session")
-def served(ray_cluster, tiny_model_dir, tmp_path_factory):
-    """Apps from examples/serve.yaml's args on one Serve instance: `main`, `tight` (a 1-request
-    queue) and `slow` (a wider model, so a big request takes seconds). Yields the base URL."""
-    import yaml
+@pytest.fixture(scope="module")
+def served(ray_cluster, tiny_model_dir):
+    """Two apps from examples/serve.yaml's args on one Serve instance: `main` and `tight` (a
+    1-request queue). Yields the base URL. Module-scoped: the replicas hold CPUs of the shared
+    test cluster that later modules (scoring actors, Ray Data tasks) need."""
     from ray import serve
 
     from raykit.serve import app_builder
-    from tests.tiny_model import build_tiny_reranker
 
     port = free_port()
-    args = yaml.safe_load((ROOT / "examples" / "serve.yaml").read_text())["applications"][0]["args"]
-    args.pop("model_name")  # clients see the default: the model folder's name
-    args.update(model=tiny_model_dir, max_len=64, max_batch_tokens=4096, max_documents=50,
-                max_request_bytes=20_000, batch_wait_timeout_s=0.05, api_key=SERVE_API_KEY,
-                max_replicas=1)  # fmt: skip
+    args = serve_args(tiny_model_dir)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app_builder(args), name="main", route_prefix="/")
     tight = {**args, "max_ongoing_requests": 1, "max_queued_requests": 1, "retry_after_s": 2,
              "batch_wait_timeout_s": 0.0, "cpus_per_replica": 0.5}  # fmt: skip
     serve.run(app_builder(tight), name="tight", route_prefix="/tight")
-    wide = build_tiny_reranker(tmp_path_factory.mktemp("wide-bert"), hidden_size=256, layers=4)
-    slow = {**args, "model": wide, "max_documents": 2000, "max_request_bytes": 4_000_000,
-            "max_batch_size": 16, "max_batch_tokens": 1024, "cpus_per_replica": 0.5}  # fmt: skip
-    serve.run(app_builder(slow), name="slow", route_prefix="/slow")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
+
+
+def serve_args(model: str, **extra) -> dict:
+    """examples/serve.yaml's app args, small limits for the tests, and `extra`."""
+    import yaml
+
+    args = yaml.safe_load((ROOT / "examples" / "serve.yaml").read_text())["applications"][0]["args"]
+    args.pop("model_name")  # clients see the default: the model folder's name
+    args.update(model=model, max_len=64, max_batch_tokens=4096, max_documents=50,
+                max_request_bytes=20_000, batch_wait_timeout_s=0.05, api_key=SERVE_API_KEY,
+                max_replicas=1)  # fmt: skip
+    return {**args, **extra}
 
 
 def free_port() -> int:

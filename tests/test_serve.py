@@ -14,7 +14,7 @@ import pytest
 from raykit.config import ConfigError, ServeConfig
 from raykit.model import Reranker
 from raykit.serve_queue import BatchQueue
-from tests.conftest import SERVE_API_KEY
+from tests.conftest import SERVE_API_KEY, serve_args
 
 API_KEY = SERVE_API_KEY
 QUERY = "When is the best time to plant tulip bulbs?"
@@ -24,6 +24,22 @@ DOCS = [
     "Beginners do well with three runs a week and a rest day between them.",
 ]
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def slow(served, tmp_path_factory):
+    """A third app with a wider model, so that a big request takes seconds: its URL."""
+    from ray import serve
+
+    from raykit.serve import app_builder
+    from tests.tiny_model import build_tiny_reranker
+
+    wide = build_tiny_reranker(tmp_path_factory.mktemp("wide-bert"), hidden_size=256, layers=4)
+    args = serve_args(wide, max_documents=2000, max_request_bytes=4_000_000, max_batch_size=16,
+                      max_batch_tokens=1024, cpus_per_replica=0.5)  # fmt: skip
+    serve.run(app_builder(args), name="slow", route_prefix="/slow")
+    yield served + "/slow"
+    serve.delete("slow")
 
 
 def post(url: str, path: str, body, key: str | None = API_KEY, **kwargs) -> httpx.Response:
@@ -192,13 +208,13 @@ def test_max_tokens_per_doc_and_tei_truncate_are_honoured(served, tiny_model_dir
     assert post(served, "/rerank", {"query": QUERY, "texts": DOCS, "truncate": False}).is_success
 
 
-def test_cancelled_request_is_dropped_and_does_not_delay_the_next(served):
+def test_cancelled_request_is_dropped_and_does_not_delay_the_next(slow):
     """A 1,500-document request to the slow app, abandoned by its client: its unscored pairs are
     dropped and a 1-document request right after is answered long before it would have been."""
     headers = {"Authorization": f"Bearer {API_KEY}"}
 
     def replica_stats() -> dict:
-        return httpx.get(served + "/slow/info", headers=headers, timeout=60).json()[
+        return httpx.get(slow + "/info", headers=headers, timeout=60).json()[
             "replica_stats"
         ]
 
@@ -206,8 +222,8 @@ def test_cancelled_request_is_dropped_and_does_not_delay_the_next(served):
     big = {"query": QUERY, "documents": [f"{d} {i}" for i in range(500) for d in DOCS]}
     started = time.perf_counter()
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(served + "/slow/v1/rerank", json=big, headers=headers, timeout=1.5)
-    small = httpx.post(served + "/slow/v1/rerank", json={"query": QUERY, "documents": DOCS[:1]},
+        httpx.post(slow + "/v1/rerank", json=big, headers=headers, timeout=1.5)
+    small = httpx.post(slow + "/v1/rerank", json={"query": QUERY, "documents": DOCS[:1]},
                        headers=headers, timeout=60)  # fmt: skip
     waited = time.perf_counter() - started
     assert small.status_code == 200
@@ -218,7 +234,7 @@ def test_cancelled_request_is_dropped_and_does_not_delay_the_next(served):
     assert dropped + scored == 1501 - after["queued_requests"]
 
 
-def test_request_lost_with_a_killed_replica_is_retried_or_a_json_503(served):
+def test_request_lost_with_a_killed_replica_is_retried_or_a_json_503(slow):
     import ray
 
     headers = {"Authorization": f"Bearer {API_KEY}"}
@@ -228,7 +244,7 @@ def test_request_lost_with_a_killed_replica_is_retried_or_a_json_503(served):
     reply: dict = {}
 
     def send() -> None:
-        reply["r"] = httpx.post(served + "/slow/v1/rerank", json=big, headers=headers, timeout=300)
+        reply["r"] = httpx.post(slow + "/v1/rerank", json=big, headers=headers, timeout=300)
 
     sender = threading.Thread(target=send)
     sender.start()
