@@ -62,6 +62,11 @@ def check_model(name_or_path: str, field: str = "model") -> None:
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError(f"{field}: {name_or_path} is a folder without a config.json")
         return
+    if os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1:
+        raise ConfigError(
+            f"{field}: {name_or_path!r} is neither a local folder nor a model id for the "
+            "Hugging Face hub (no such folder)"
+        )
     from transformers import AutoConfig
 
     try:
