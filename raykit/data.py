@@ -110,13 +110,6 @@ def expand_paths(
     return files
 
 
-def open_text(path: str) -> io.TextIOWrapper:
-    """Open a local file or URI as UTF-8 text (a BOM is dropped), decompressing .gz."""
-    fs, fs_path = filesystem(path)
-    stream = fs.open_input_stream(fs_path, compression="detect")
-    return io.TextIOWrapper(stream, encoding="utf-8-sig")
-
-
 def read_lines(path: str) -> Iterator[tuple[int, str, str | None]]:
     """Every non-blank line of a JSONL file as (line number, text, problem), streaming.
 
@@ -225,15 +218,22 @@ def parse_line(
     return (None, problem) if problem else (record, None)
 
 
+def checked_lines(
+    path: str, require_neg: bool = True
+) -> Iterator[tuple[int, dict | None, tuple[str, str, str] | None]]:
+    """(line number, record, None) or (line number, None, (reason, field, message)) for every
+    non-blank line: what both the validation pass and the dataset read go by."""
+    for number, line, problem in read_lines(path):
+        if problem is not None:
+            yield number, None, ("invalid_utf8", "-", problem)
+        else:
+            yield number, *parse_line(line, require_neg)
+
+
 def check_file(path: str, require_neg: bool = True, keep: list[dict] | None = None) -> DataReport:
     """Check every line of one file, streaming; valid records are appended to `keep` if given."""
     report = DataReport(files=[path])
-    for number, line, problem in read_lines(path):
-        record = None
-        if problem is not None:
-            problem = ("invalid_utf8", "-", problem)
-        else:
-            record, problem = parse_line(line, require_neg)
+    for number, record, problem in checked_lines(path, require_neg):
         if problem is None:
             report.valid_rows += 1
             report.has_teacher_scores |= "pos_scores" in record
@@ -245,15 +245,6 @@ def check_file(path: str, require_neg: bool = True, keep: list[dict] | None = No
         if len(report.errors) < MAX_REPORTED_ERRORS:
             report.errors.append(f"{path}:{number}: {name}: {message}")
     return report
-
-
-def iter_valid_records(path: str, require_neg: bool = True) -> Iterator[dict]:
-    """The records of one file that `check_file` counts as valid, in file order."""
-    for _, line, problem in read_lines(path):
-        if problem is None:
-            record, problem = parse_line(line, require_neg)
-            if problem is None:
-                yield record
 
 
 @ray.remote(num_cpus=0.25)
@@ -293,7 +284,9 @@ def _read_group_file(batch: pa.Table) -> Iterator[pa.Table]:
     """Ray Data read stage: the valid groups of one file as `GROUP_SCHEMA` blocks."""
     (path,) = batch["path"].to_pylist()
     records: list[dict] = []
-    for record in iter_valid_records(path):
+    for _, record, problem in checked_lines(path):
+        if problem is not None:
+            continue
         records.append(record)
         if len(records) == READ_ROWS_PER_BLOCK:
             yield _records_to_table(records)
