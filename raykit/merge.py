@@ -113,7 +113,13 @@ def mix_models(
 
 
 def example_loss(
-    model: nn.Module, tokenizer: Any, groups: list[dict], group_size: int, max_len: int
+    model: nn.Module,
+    tokenizer: Any,
+    groups: list[dict],
+    group_size: int,
+    max_len: int,
+    query_max_len: int | None = None,
+    passage_max_len: int | None = None,
 ) -> float:
     """Mean group-softmax loss: each group is its first positive + up to group_size-1 negatives."""
     from raykit.model import predict_logits
@@ -123,7 +129,10 @@ def example_loss(
         passages = [group["pos"][0], *group["neg"][: group_size - 1]]
         pairs += [[group["query"], p] for p in passages]
         sizes.append(len(passages))
-    logits = torch.tensor(predict_logits(model, tokenizer, pairs, max_len=max_len))
+    logits = torch.tensor(predict_logits(
+        model, tokenizer, pairs, max_len=max_len, query_max_len=query_max_len,
+        passage_max_len=passage_max_len,
+    ))  # fmt: skip
     losses, start = [], 0
     for n in sizes:
         group_logits = logits[start : start + n].unsqueeze(0)
@@ -143,7 +152,9 @@ def auto_weights(cfg: MixConfig) -> tuple[list[float], list[float]]:
         tokenizer = AutoTokenizer.from_pretrained(
             resolve_model_path(name), trust_remote_code=cfg.trust_remote_code
         )
-        losses.append(example_loss(model, tokenizer, groups, cfg.train_group_size, cfg.max_len))
+        loss = example_loss(model, tokenizer, groups, cfg.train_group_size, cfg.max_len,
+                            cfg.query_max_len, cfg.passage_max_len)  # fmt: skip
+        losses.append(loss)
         del model
     weights = torch.softmax(-torch.tensor(losses) / cfg.temperature, dim=0).tolist()
     return weights, losses

@@ -126,8 +126,9 @@ class TextEmbedder:
             inputs = self.tokenizer([texts[i] for i in index], padding=True, truncation=True,
                                     max_length=self.cfg.max_len, return_tensors="pt")  # fmt: skip
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
-            on_gpu = self.device.type == "cuda" and self.cfg.fp16
-            with torch.inference_mode(), torch.autocast(self.device.type, enabled=on_gpu):
+            dtype = torch.float16 if self.cfg.fp16 else torch.bfloat16
+            on_gpu = self.device.type == "cuda" and (self.cfg.fp16 or self.cfg.bf16)
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype, enabled=on_gpu):
                 hidden = self.model(**inputs).last_hidden_state.float()
             mask = inputs["attention_mask"].unsqueeze(-1).float()
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
@@ -147,7 +148,8 @@ class PairFilterScorer:
             torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
         self.reranker = Reranker(
             cfg.filter_model, device="cuda" if cfg.use_gpu else "cpu", fp16=cfg.fp16,
-            max_length=cfg.max_len, batch_size=cfg.batch_size,
+            bf16=cfg.bf16, max_length=cfg.max_len, query_max_length=cfg.query_max_len,
+            passage_max_length=cfg.passage_max_len, batch_size=cfg.batch_size,
             trust_remote_code=cfg.trust_remote_code,
         )  # fmt: skip
 

@@ -239,6 +239,8 @@ class Reranker:
         max_length: int = 512,
         batch_size: int = 64,
         trust_remote_code: bool = False,
+        query_max_length: int | None = None,
+        passage_max_length: int | None = None,
     ):
         self.device = torch.device(device) if device else _default_device()
         self.model, self.tokenizer = load_model_and_tokenizer(
@@ -249,6 +251,7 @@ class Reranker:
         self.fp16 = fp16 and self.device.type == "cuda"
         self.bf16 = bf16 and self.device.type == "cuda"
         self.max_length = max_length
+        self.query_max_length, self.passage_max_length = query_max_length, passage_max_length
         self.batch_size = batch_size
 
     def compute_score(
@@ -269,6 +272,8 @@ class Reranker:
             device=self.device,
             fp16=self.fp16,
             bf16=self.bf16,
+            query_max_len=self.query_max_length,
+            passage_max_len=self.passage_max_length,
         )
         if normalize:
             scores = torch.sigmoid(torch.tensor(scores)).tolist()

@@ -257,8 +257,9 @@ class RerankerModel:
             if over is not None:
                 return (f"texts[{over}]: {lengths[over]} tokens with the query > max_len "
                         f"{self.cfg.max_len}; send truncate: true to cut it")  # fmt: skip
+        limits = [n for n in (self.cfg.passage_max_len, max_tokens_per_doc) if n]
         return tokenize_pairs(self.tokenizer, queries, texts, self.cfg.max_len,
-                              passage_max_len=max_tokens_per_doc)  # fmt: skip
+                              self.cfg.query_max_len, min(limits, default=None))  # fmt: skip
 
     async def score(
         self, query: str, texts: list[str], max_tokens_per_doc: int | None = None,

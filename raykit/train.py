@@ -105,32 +105,46 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.cpu().tolist()
 
 
-def _evaluate(
-    encoder: CrossEncoder,
-    tokenizer: Any,
-    groups: list[dict],
-    cfg: FinetuneConfig,
-    device: torch.device,
-) -> dict[str, float]:
-    """Each worker ranks its share of the groups; the metric sums are all-reduced."""
-    ctx = ray.train.get_context()
-    mine = groups[ctx.get_world_rank() :: ctx.get_world_size()]
-    encoder.eval()
+@dataclass
+class ThroughputWindow:
+    """What one worker did since the last log line; `all_reduce` sums it over the workers."""
 
-    def score(pairs: list[list[str]]) -> list[float]:
-        return predict_logits(
-            encoder.hf_model, tokenizer, pairs, max_len=cfg.max_len,
-            batch_size=cfg.eval_batch_size, device=device,
-            fp16=cfg.fp16 and device.type == "cuda", bf16=cfg.bf16 and device.type == "cuda",
-            query_max_len=cfg.effective_query_max_len,
-            passage_max_len=cfg.effective_passage_max_len,
-        )  # fmt: skip
+    loss_sum: float = 0.0
+    micro_batches: int = 0
+    groups: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    seconds: float = 0.0
 
-    sums = metric_sums(mine, score)
-    names = sorted(sums)
-    reduced = dict(zip(names, _all_reduce_sum([sums[n] for n in names], device), strict=True))
-    encoder.train()
-    return mean_metrics(reduced)
+    def add(self, loss: float, groups: int, real_tokens: int, padded_tokens: int) -> None:
+        self.loss_sum += loss
+        self.micro_batches += 1
+        self.groups += groups
+        self.real_tokens += real_tokens
+        self.padded_tokens += padded_tokens
+
+    def all_reduce(self, device: torch.device, world_size: int) -> ThroughputWindow:
+        """The sums over every worker; `seconds` is the workers' mean, as they run side by side."""
+        names = [f.name for f in dataclasses.fields(self)]
+        total = ThroughputWindow(
+            **dict(
+                zip(names, _all_reduce_sum([getattr(self, n) for n in names], device), strict=True)
+            )
+        )
+        total.seconds /= world_size
+        return total
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / max(1, self.micro_batches)
+
+    def rates(self, group_size: int) -> str:
+        seconds = max(self.seconds, 1e-9)
+        return (
+            f"groups/s {self.groups / seconds:.2f} pairs/s {self.groups * group_size / seconds:.1f}"
+            f" tokens/s {self.real_tokens / seconds:.0f}"
+            f" padding {1 - self.real_tokens / max(1, self.padded_tokens):.1%}"
+        )
 
 
 def _save_checkpoint(
@@ -184,237 +198,321 @@ def _micro_batches(
 
 
 WORKER_GROUP_KEY = "worker_placement_group"
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
-    """One Ray Train worker: DDP model, AMP, accumulation, eval, checkpoints, resume."""
-    cfg = FinetuneConfig(**loop_config["cfg"])
-    plan = TrainPlan(**loop_config["plan"])
-    launched_at = loop_config["launched_at"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
+class FinetuneRecipe:
+    """The loop of one Ray Train worker, in the manner of a torchtune recipe: `setup` builds
+    the model, optimizer and data (from the latest checkpoint when resuming); `train` runs
+    `train_step` per micro-batch and `optimizer_step` per step, with `evaluate`, `log_progress`
+    and `report` (which saves checkpoints) between steps."""
 
-    checkpoint = ray.train.get_checkpoint()
-    state: dict[str, Any] = {}
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            hf_model, tokenizer = load_model_and_tokenizer(ckpt_dir, cfg.trust_remote_code)
-            state = torch.load(os.path.join(ckpt_dir, TRAINER_STATE_FILE), weights_only=False)
-    else:
-        hf_model, tokenizer = load_model_and_tokenizer(
-            loop_config["model_path"], cfg.trust_remote_code
+    def __init__(self, loop_config: dict[str, Any]):
+        self.cfg = FinetuneConfig(**loop_config["cfg"])
+        self.plan = TrainPlan(**loop_config["plan"])
+        self.launched_at: float = loop_config["launched_at"]
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.step = 0
+        self.resumed_from_step = 0
+        self.history: dict[str, Any] = {"eval": [], "loss": []}
+        self.window = ThroughputWindow()
+        self.pairs_trained = 0
+        self.train_seconds = 0.0
+        self.first_step_at: float | None = None
+        self.last_saved = self.last_evaluated = 0
+
+    # ------------------------------------------------------------------ set-up
+
+    def setup(self, model_path: str, datasets: list[str]) -> None:
+        cfg = self.cfg
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        hf_model, self.tokenizer, state = self._load_model(model_path)
+        if cfg.gradient_checkpointing:
+            hf_model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        encoder = CrossEncoder(hf_model)
+        params = [(n, p) for n, p in encoder.named_parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": [p for n, p in params if not n.endswith(NO_DECAY)],
+                 "weight_decay": cfg.weight_decay},
+                {"params": [p for n, p in params if n.endswith(NO_DECAY)], "weight_decay": 0.0},
+            ],
+            lr=cfg.learning_rate,
+        )  # fmt: skip
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, self.plan.warmup_steps, self.plan.total_steps
         )
-    if cfg.gradient_checkpointing:
-        hf_model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
-    encoder = CrossEncoder(hf_model)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.fp16)
+        if state:
+            self._restore(state)
+        # Moves the model to the device and wraps it in DDP when there is more than one worker.
+        self.model = ray.train.torch.prepare_model(encoder)
+        self.encoder: CrossEncoder = getattr(self.model, "module", self.model)
+        self.worker_nodes = self._gather_node_ids()
+        self.eval_groups = self._read_eval_groups() if "eval" in datasets else []
+        self.train_shard = ray.train.get_dataset_shard("train")
+        group = ray.util.get_current_placement_group()
+        self.group_hex = group.id.hex() if group is not None else None
 
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
-    params = [(n, p) for n, p in encoder.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for n, p in params if not n.endswith(no_decay)],
-             "weight_decay": cfg.weight_decay},
-            {"params": [p for n, p in params if n.endswith(no_decay)], "weight_decay": 0.0},
-        ],
-        lr=cfg.learning_rate,
-    )  # fmt: skip
-    scheduler = get_linear_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.fp16)
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+    def _load_model(self, model_path: str) -> tuple[Any, Any, dict[str, Any]]:
+        """The model to train and the trainer state: from the latest checkpoint if there is one."""
+        checkpoint = ray.train.get_checkpoint()
+        if not checkpoint:
+            return (*load_model_and_tokenizer(model_path, self.cfg.trust_remote_code), {})
+        with checkpoint.as_directory() as folder:
+            hf_model, tokenizer = load_model_and_tokenizer(folder, self.cfg.trust_remote_code)
+            state = torch.load(os.path.join(folder, TRAINER_STATE_FILE), weights_only=False)
+        return hf_model, tokenizer, state
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
-    step = state.get("step", 0)
-    history: dict[str, Any] = state.get("history", {"eval": [], "loss": []})
-    resumed_from_step = step
+        self.step = self.resumed_from_step = self.last_saved = self.last_evaluated = state["step"]
+        self.history = state["history"]
 
-    model = ray.train.torch.prepare_model(encoder)  # moves to device, wraps in DDP if world > 1
-    encoder = model.module if hasattr(model, "module") else model
-    is_ddp = model is not encoder
-    worker_nodes = [ray.get_runtime_context().get_node_id()]
-    if torch.distributed.is_initialized():
-        worker_nodes = [None] * world
-        torch.distributed.all_gather_object(worker_nodes, ray.get_runtime_context().get_node_id())
+    def _gather_node_ids(self) -> list[str | None]:
+        """The Ray node id of every rank (rank 0 logs where the workers landed)."""
+        node = ray.get_runtime_context().get_node_id()
+        if not torch.distributed.is_initialized():
+            return [node]
+        nodes: list[str | None] = [None] * self.world_size
+        torch.distributed.all_gather_object(nodes, node)
+        return nodes
 
-    eval_groups = []
-    if "eval" in loop_config["datasets"]:
-        eval_shard = ray.train.get_dataset_shard("eval")
-        for batch in eval_shard.iter_batches(batch_size=256, batch_format="numpy"):
-            eval_groups += rows_from_batch(batch)
-    train_shard = ray.train.get_dataset_shard("train")
+    def _read_eval_groups(self) -> list[dict]:
+        groups: list[dict] = []
+        shard = ray.train.get_dataset_shard("eval")
+        for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
+            groups += rows_from_batch(batch)
+        return groups
 
-    def log(message: str) -> None:
-        if rank == 0:
+    # ------------------------------------------------------------------ one step
+
+    def train_step(self, records: list[dict], epoch: int, micro: int, sync: bool) -> None:
+        """Forward and backward of one micro-batch; DDP all-reduces gradients only when `sync`
+        (the last micro-batch before an optimizer step)."""
+        cfg, group_size = self.cfg, self.cfg.train_group_size
+        rng = np.random.default_rng([cfg.seed, epoch, self.rank, micro])
+        groups = [sample_group(r, group_size, rng) for r in records]
+        encodings = tokenize_pairs(
+            self.tokenizer,
+            [g.query for g in groups for _ in g.passages],
+            [p for g in groups for p in g.passages],
+            cfg.max_len,
+            cfg.effective_query_max_len,
+            cfg.effective_passage_max_len,
+        )
+        chunks, order, pad_tokens = make_chunks(
+            encodings, cfg.forward_token_budget, self.tokenizer.pad_token_id, self.device
+        )
+        no_sync = self.model is not self.encoder and not sync
+        with self.model.no_sync() if no_sync else nullcontext():
+            with autocast_context(self.device, cfg.fp16, cfg.bf16):
+                logits = self.model(chunks, order)
+            loss = group_softmax_loss(logits, group_size)
+            teacher_rows = [i for i, g in enumerate(groups) if g.teacher_scores is not None]
+            if teacher_rows and cfg.distill_weight > 0:
+                teacher = torch.tensor(
+                    [groups[i].teacher_scores for i in teacher_rows], device=self.device
+                )
+                student = logits.view(-1, group_size)[teacher_rows]
+                loss = loss + cfg.distill_weight * distillation_loss(
+                    student, teacher, group_size, cfg.distill_temperature
+                )
+            self.scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+        tokens = sum(len(e["input_ids"]) for e in encodings)
+        self.window.add(loss.item(), len(groups), tokens, tokens + pad_tokens)
+        self.pairs_trained += len(encodings)
+
+    def optimizer_step(self) -> None:
+        if self.cfg.max_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+    # ------------------------------------------------------------------ eval, logs, checkpoints
+
+    def log(self, message: str) -> None:
+        if self.rank == 0:
             print(f"[raykit] {message}", flush=True)
 
-    def evaluate(label: str) -> dict[str, float]:
-        metrics = _evaluate(encoder, tokenizer, eval_groups, cfg, device)
-        history["eval"].append({"step": step, **metrics})
-        log(f"eval {label} step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    def evaluate(self, label: str) -> dict[str, float]:
+        """Each worker ranks its share of the eval groups; the metric sums are all-reduced."""
+        cfg, device = self.cfg, self.device
+        mine = self.eval_groups[self.rank :: self.world_size]
+        self.encoder.eval()
+
+        def score(pairs: list[list[str]]) -> list[float]:
+            return predict_logits(
+                self.encoder.hf_model, self.tokenizer, pairs, max_len=cfg.max_len,
+                batch_size=cfg.eval_batch_size, device=device,
+                fp16=cfg.fp16 and device.type == "cuda", bf16=cfg.bf16 and device.type == "cuda",
+                query_max_len=cfg.effective_query_max_len,
+                passage_max_len=cfg.effective_passage_max_len,
+            )  # fmt: skip
+
+        sums = metric_sums(mine, score)
+        names = sorted(sums)
+        reduced = dict(zip(names, _all_reduce_sum([sums[n] for n in names], device), strict=True))
+        self.encoder.train()
+        metrics = mean_metrics(reduced)
+        self.history["eval"].append({"step": self.step, **metrics})
+        self.last_evaluated = self.step
+        self.log(
+            f"eval {label} step {self.step}: "
+            + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        )
         return metrics
 
-    group = ray.util.get_current_placement_group()
-    group_hex = group.id.hex() if group is not None else None
+    def log_progress(self) -> dict[str, float]:
+        """One log line for the steps since the last one (loss, lr, throughput over all
+        workers); the same loss and lr go into the next report."""
+        window = self.window.all_reduce(self.device, self.world_size)
+        self.window = ThroughputWindow()
+        lr = self.scheduler.get_last_lr()[0]
+        self.log(
+            f"step {self.step}/{self.plan.total_steps} "
+            f"epoch {self.step / self.plan.steps_per_epoch:.2f} loss {window.mean_loss:.4f} "
+            f"lr {lr:.2e} {window.rates(self.cfg.train_group_size)}"
+        )
+        self.history["loss"].append({"step": self.step, "loss": window.mean_loss})
+        return {"loss": window.mean_loss, "lr": lr}
 
-    def report(metrics: dict[str, Any], save: bool) -> None:
-        metrics = {"step": step, "epoch": step / plan.steps_per_epoch, **metrics}
-        metrics[WORKER_GROUP_KEY] = group_hex
-        if history["eval"]:
-            metrics.update({k: v for k, v in history["eval"][-1].items() if k != "step"})
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything besides the model that a resumed run needs to continue bit for bit."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "history": self.history,
+            "rng": _rng_state(),
+        }
+
+    def report(self, metrics: dict[str, Any], save: bool) -> None:
+        """One `ray.train.report` with the latest eval metrics, and a checkpoint when `save`."""
+        metrics = {"step": self.step, "epoch": self.step / self.plan.steps_per_epoch, **metrics}
+        metrics[WORKER_GROUP_KEY] = self.group_hex
+        if self.history["eval"]:
+            metrics.update({k: v for k, v in self.history["eval"][-1].items() if k != "step"})
         if not save:
             ray.train.report(metrics)
             return
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                _save_checkpoint(tmp, encoder, tokenizer, cfg, {
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "step": step, "history": history,
-                    "rng": _rng_state(),
-                })  # fmt: skip
-            ray.train.report(
-                metrics, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None
-            )
+        with tempfile.TemporaryDirectory() as folder:
+            if self.rank == 0:
+                _save_checkpoint(
+                    folder, self.encoder, self.tokenizer, self.cfg, self.checkpoint_state()
+                )
+            checkpoint = Checkpoint.from_directory(folder) if self.rank == 0 else None
+            ray.train.report(metrics, checkpoint=checkpoint)
+        self.last_saved = self.step
 
-    if eval_groups and step == 0 and cfg.eval_on_start:
-        history["eval_before"] = evaluate("before training")
-    if step:
-        log(f"resumed from checkpoint at step {step}/{plan.total_steps}")
-    log(f"workers on {len(set(worker_nodes))} node(s): {worker_nodes}")
-    log(
-        f"training {plan.total_steps} steps ({plan.steps_per_epoch}/epoch, {plan.epochs} epoch(s)),"
-        f" {world} worker(s) on {device.type}, {plan.groups_per_worker} groups per worker per epoch"
-        + (
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> dict[str, Any]:
+        cfg, plan = self.cfg, self.plan
+        if self.eval_groups and self.step == 0 and cfg.eval_on_start:
+            self.history["eval_before"] = self.evaluate("before training")
+        self._log_start()
+        accumulation = cfg.gradient_accumulation_steps
+        self.model.train()
+        while self.step < plan.total_steps:
+            epoch = self.step // plan.steps_per_epoch
+            epoch_started_at_step = self.step
+            skip = (self.step - epoch * plan.steps_per_epoch) * accumulation
+            started = time.perf_counter()
+            for micro, records in _micro_batches(
+                self.train_shard, cfg, epoch, skip, plan.micro_batches_per_epoch
+            ):
+                last = (micro + 1) % accumulation == 0 or micro == plan.micro_batches_per_epoch - 1
+                self.train_step(records, epoch, micro, sync=last)
+                if not last:
+                    continue
+                self.optimizer_step()
+                self._timed(time.perf_counter() - started)
+                self._between_steps()
+                if self.step >= plan.total_steps:
+                    break
+                started = time.perf_counter()
+            if self.step == epoch_started_at_step:
+                raise RuntimeError(f"worker {self.rank}: epoch {epoch} yielded no training batches")
+        if self.eval_groups and self.last_evaluated != self.step:
+            self.evaluate("final")
+        if self.last_saved != self.step:
+            self.report({}, save=True)
+        return self.summary()
+
+    def _timed(self, seconds: float) -> None:
+        self.window.seconds += seconds
+        self.train_seconds += seconds
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
+            self.log(f"first step done {self.first_step_at - self.launched_at:.1f}s after launch")
+
+    def _between_steps(self) -> None:
+        """Evaluate, log and report as the schedule says. Evaluation comes first so that every
+        report carries the freshest metrics, and there is one report per step at most: a
+        scheduler such as ASHA may stop the trial on any report, so a checkpoint due at this
+        step travels with that step's metrics."""
+        cfg, step, final = self.cfg, self.step, self.step == self.plan.total_steps
+        if self.eval_groups and (final or (cfg.eval_steps and step % cfg.eval_steps == 0)):
+            self.evaluate("final" if final else "")
+        save_every = cfg.save_steps or cfg.eval_steps
+        save = final or bool(save_every and step % save_every == 0)
+        metrics = self.log_progress() if final or step % cfg.logging_steps == 0 else {}
+        if metrics or save:
+            self.report(metrics, save=save)
+
+    def _log_start(self) -> None:
+        plan = self.plan
+        if self.step:
+            self.log(f"resumed from checkpoint at step {self.step}/{plan.total_steps}")
+        self.log(f"workers on {len(set(self.worker_nodes))} node(s): {self.worker_nodes}")
+        backend = (
             f", {torch.distributed.get_backend()} backend"
             if torch.distributed.is_initialized()
             else ""
         )
-    )
+        self.log(
+            f"training {plan.total_steps} steps ({plan.steps_per_epoch}/epoch, {plan.epochs} "
+            f"epoch(s)), {self.world_size} worker(s) on {self.device.type}, "
+            f"{plan.groups_per_worker} groups per worker per epoch{backend}"
+        )
 
-    save_every = cfg.save_steps or cfg.eval_steps
-    window = np.zeros(6)  # loss sum, micro-batches, groups, real tokens, padded tokens, seconds
-    totals = {"pairs": 0, "seconds": 0.0}
-    first_step_at = None
-    last_saved = last_evaluated = step
-    group_size = cfg.train_group_size
-    accum = cfg.gradient_accumulation_steps
-    model.train()
+    def summary(self) -> dict[str, Any]:
+        """What the worker returns to the driver (rank 0's goes into train_summary.json)."""
+        return {
+            "steps": self.step,
+            "resumed_from_step": self.resumed_from_step,
+            "loss": self.history["loss"],
+            "eval_before": self.history.get("eval_before"),
+            "eval": self.history["eval"],
+            "pairs_trained": self.pairs_trained * self.world_size,
+            "train_seconds": self.train_seconds,
+            "time_to_first_step_s": (
+                self.first_step_at - self.launched_at if self.first_step_at else None
+            ),
+            "worker_nodes": self.worker_nodes,  # Ray node id of each rank
+        }
 
-    while step < plan.total_steps:
-        epoch = step // plan.steps_per_epoch
-        done_in_epoch = step - epoch * plan.steps_per_epoch
-        last_micro = plan.micro_batches_per_epoch - 1
-        started = time.perf_counter()
-        for micro, records in _micro_batches(
-            train_shard, cfg, epoch, done_in_epoch * accum, plan.micro_batches_per_epoch
-        ):
-            rng = np.random.default_rng([cfg.seed, epoch, rank, micro])
-            groups = [sample_group(r, group_size, rng) for r in records]
-            encodings = tokenize_pairs(
-                tokenizer,
-                [g.query for g in groups for _ in g.passages],
-                [p for g in groups for p in g.passages],
-                cfg.max_len,
-                cfg.effective_query_max_len,
-                cfg.effective_passage_max_len,
-            )
-            chunks, order, pad_tokens = make_chunks(
-                encodings, cfg.forward_token_budget, tokenizer.pad_token_id, device
-            )
-            boundary = (micro + 1) % accum == 0 or micro == last_micro
-            with model.no_sync() if is_ddp and not boundary else nullcontext():
-                with autocast_context(device, cfg.fp16, cfg.bf16):
-                    logits = model(chunks, order)
-                loss = group_softmax_loss(logits, group_size)
-                teacher_rows = [i for i, g in enumerate(groups) if g.teacher_scores is not None]
-                if teacher_rows and cfg.distill_weight > 0:
-                    teacher = torch.tensor(
-                        [groups[i].teacher_scores for i in teacher_rows], device=device
-                    )
-                    student = logits.view(-1, group_size)[teacher_rows]
-                    loss = loss + cfg.distill_weight * distillation_loss(
-                        student, teacher, group_size, cfg.distill_temperature
-                    )
-                scaler.scale(loss / accum).backward()
 
-            tokens = sum(len(e["input_ids"]) for e in encodings)
-            window += [loss.item(), 1, len(groups), tokens, tokens + pad_tokens, 0]
-            totals["pairs"] += len(encodings)
-            if not boundary:
-                continue
-
-            if cfg.max_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            elapsed = time.perf_counter() - started
-            window[5] += elapsed
-            totals["seconds"] += elapsed
-            if first_step_at is None:
-                first_step_at = time.time()
-                log(f"first step done {first_step_at - launched_at:.1f}s after launch")
-
-            # Evaluate before the log report, so every report carries the freshest metrics.
-            evaluate_now = bool(eval_groups) and (
-                step == plan.total_steps or (cfg.eval_steps and step % cfg.eval_steps == 0)
-            )
-            if evaluate_now:
-                evaluate("final" if step == plan.total_steps else "")
-                last_evaluated = step
-            # One report per step: a scheduler such as ASHA may stop the trial on any report,
-            # so a checkpoint due at this step travels with that step's metrics.
-            save_now = step == plan.total_steps or bool(save_every and step % save_every == 0)
-            log_metrics: dict[str, Any] = {}
-            if step % cfg.logging_steps == 0 or step == plan.total_steps:
-                loss_sum, n_micro, n_groups, real, padded, seconds = _all_reduce_sum(
-                    list(window), device
-                )
-                seconds /= world
-                log(
-                    f"step {step}/{plan.total_steps} epoch {step / plan.steps_per_epoch:.2f} "
-                    f"loss {loss_sum / n_micro:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
-                    f"groups/s {n_groups / seconds:.2f} "
-                    f"pairs/s {n_groups * group_size / seconds:.1f} tokens/s {real / seconds:.0f} "
-                    f"padding {1 - real / padded:.1%}"
-                )
-                window[:] = 0
-                history["loss"].append({"step": step, "loss": loss_sum / n_micro})
-                log_metrics = {"loss": loss_sum / n_micro, "lr": scheduler.get_last_lr()[0]}
-            if log_metrics or save_now:
-                report(log_metrics, save=save_now)
-            if save_now:
-                last_saved = step
-            if step >= plan.total_steps:
-                break
-            started = time.perf_counter()
-        if step == epoch * plan.steps_per_epoch + done_in_epoch:
-            raise RuntimeError(f"worker {rank}: epoch {epoch} yielded no training batches")
-
-    if eval_groups and last_evaluated != step:
-        evaluate("final")
-    if last_saved != step:
-        report({}, save=True)
-    return {
-        "steps": step,
-        "resumed_from_step": resumed_from_step,
-        "loss": history["loss"],
-        "eval_before": history.get("eval_before"),
-        "eval": history["eval"],
-        "pairs_trained": totals["pairs"] * world,
-        "train_seconds": totals["seconds"],
-        "time_to_first_step_s": (first_step_at - launched_at) if first_step_at else None,
-        "worker_nodes": worker_nodes,  # Ray node id of each rank
-    }
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """What each Ray Train worker runs: set up the recipe, then train."""
+    recipe = FinetuneRecipe(loop_config)
+    recipe.setup(loop_config["model_path"], loop_config["datasets"])
+    return recipe.train()
 
 
 def release_placement_group(group_hex: str | None) -> None:

@@ -23,66 +23,27 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from raykit.cluster import init_ray
-from raykit.config import ConfigError, FinetuneConfig, TuneConfig, field_type
+from raykit.config import FinetuneConfig, TuneConfig, parse_search
 from raykit.model import check_model
 from raykit.storage import absolute, filesystem, join, prepare_output_dir
 from raykit.train import WORKER_GROUP_KEY, export_model, finetune, release_placement_group
 
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # set by TuneReportCallback on checkpoint reports
-DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
 TRIAL_DRIVER_CPU = 0.01  # a trial only waits on its TorchTrainer
-FINETUNE_KEYS = {f.name for f in dataclasses.fields(FinetuneConfig)}
 
 
-def parse_search(specs: list[str]) -> dict[str, Any]:
-    """Turn `KEY=DIST:ARGS` strings into a Tune param space; ConfigError names the bad spec.
-
-    loguniform:LO:HI and uniform:LO:HI sample floats (LO < HI); choice:A,B,C samples one value;
-    grid:A,B,C runs every value. Values are converted to the key's type in FinetuneConfig.
-    """
+def search_space(specs: list[str]) -> dict[str, Any]:
+    """Tune's param space for `--search KEY=DIST:ARGS` specs (parsed and checked by config)."""
     space: dict[str, Any] = {}
-    for spec in specs:
-        key, sep, rest = spec.partition("=")
-        dist, _, args = rest.partition(":")
-        key, dist = key.strip(), dist.strip()
-        where = f"--search {spec!r}"
-        if not sep or not args:
-            raise ConfigError(
-                f"{where}: expected KEY=DIST:ARGS, e.g. learning_rate=loguniform:1e-6:1e-4"
-            )
-        if key not in FINETUNE_KEYS or key in ("train_data", "eval_data", "output_dir", "run_name"):
-            raise ConfigError(f"{where}: unknown or unsearchable key {key!r}")
-        if dist not in DISTRIBUTIONS:
-            raise ConfigError(
-                f"{where}: unknown distribution {dist!r} (use {', '.join(DISTRIBUTIONS)})"
-            )
-        kind = field_type(FinetuneConfig, key)
-        if dist in ("loguniform", "uniform"):
-            try:
-                low, high = (float(x) for x in args.split(":"))
-            except ValueError:
-                raise ConfigError(f"{where}: {dist} needs two numbers LO:HI") from None
-            if not low < high:
-                raise ConfigError(f"{where}: {dist} needs LO < HI, got {low} >= {high}")
-            if dist == "loguniform" and low <= 0:
-                raise ConfigError(f"{where}: loguniform needs LO > 0")
-            if kind is not float:
-                raise ConfigError(f"{where}: {key} is {kind.__name__}; use choice or grid")
-            space[key] = (
-                tune.loguniform(low, high) if dist == "loguniform" else tune.uniform(low, high)
-            )
-            continue
-        values = [v.strip() for v in args.split(",") if v.strip()]
-        if not values:
-            raise ConfigError(f"{where}: {dist} needs at least one value")
-        try:
-            if kind is bool:
-                typed = [v.lower() in ("true", "1", "yes") for v in values]
-            else:
-                typed = [kind(float(v)) if kind is int else kind(v) for v in values]
-        except ValueError:
-            raise ConfigError(f"{where}: values must be {kind.__name__}") from None
-        space[key] = tune.choice(typed) if dist == "choice" else tune.grid_search(typed)
+    for key, dimension in parse_search(specs).items():
+        if dimension.distribution == "loguniform":
+            space[key] = tune.loguniform(*dimension.values)
+        elif dimension.distribution == "uniform":
+            space[key] = tune.uniform(*dimension.values)
+        elif dimension.distribution == "choice":
+            space[key] = tune.choice(list(dimension.values))
+        else:
+            space[key] = tune.grid_search(list(dimension.values))
     return space
 
 
@@ -177,7 +138,7 @@ def _best_checkpoint(results: tune.ResultGrid, metric: str) -> tuple[Checkpoint,
 def run_sweep(cfg: TuneConfig) -> dict[str, Any]:
     """Run (or resume) the sweep; write trials.csv/json and the best model to output_dir/best."""
     cfg.validate()
-    space = parse_search(cfg.search)
+    space = search_space(cfg.search)
     # Log reports before a trial's first evaluation carry no eval metric; ASHA skips them.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     output_dir = absolute(cfg.output_dir)
@@ -273,4 +234,4 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["parse_search", "run_sweep", "default_max_concurrent_trials"]
+__all__ = ["search_space", "run_sweep", "default_max_concurrent_trials"]

@@ -1,10 +1,21 @@
-"""Shared fixtures: one small Ray cluster per test session and a tiny random BERT reranker."""
+"""Shared fixtures and helpers: one small Ray cluster per test session, a tiny random BERT
+reranker, Serve apps, and the waiting, port and process helpers the Ray tests use.
+
+Markers (see pyproject.toml): `slow` (tens of seconds or more), `cluster` (starts its own Ray
+cluster with `ray start`), `fault` (kills a process on purpose). `pytest -m "not slow"` is the
+inner loop."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,7 +59,7 @@ def served(ray_cluster, tiny_model_dir):
 
     from raykit.serve import app_builder
 
-    port = free_port()
+    (port,) = free_ports(1)
     args = serve_args(tiny_model_dir)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app_builder(args), name="main", route_prefix="/")
@@ -71,14 +82,6 @@ def serve_args(model: str, **extra) -> dict:
     return {**args, **extra}
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A 2-layer random BERT with one output logit and a WordPiece tokenizer trained here."""
@@ -91,3 +94,67 @@ def write_jsonl(path: Path, rows: list) -> Path:
         for row in rows:
             f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
     return path
+
+
+def marked_train_file(tmp_path: Path, source: Path = SAMPLE_TRAIN) -> Path:
+    """The sample groups with a marker on every positive: a signal a random 2-layer BERT can
+    learn in a few dozen steps, so a falling loss shows that the loop really optimises."""
+    rows = [json.loads(line) for line in source.read_text().splitlines()]
+    for row in rows:
+        row["pos"] = [f"yes, this answers it: {p}" for p in row["pos"]]
+        row["neg"] = [f"no: {n}" for n in row["neg"]]
+    return write_jsonl(tmp_path / f"marked-{source.name}", rows)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    """Poll `predicate` until it returns something truthy (returned), or fail naming `what`."""
+    deadline = time.time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free TCP ports on 127.0.0.1 (held open together, so never the same one)."""
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids (not this process) whose command line contains `text`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if text in (entry / "cmdline").read_bytes().decode(errors="ignore"):
+                    pids.append(int(entry.name))
+    return pids
+
+
+def stop_processes_mentioning(text: str) -> None:
+    """Stop one Ray cluster's processes (`ray stop` would also stop the tests' own cluster)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in processes_mentioning(text):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: not processes_mentioning(text), 10, "processes to exit", 0.5)
+
+
+def actor_pids(class_name: str) -> list[int]:
+    """Pids of the live actors of one class in the tests' Ray cluster, from Ray's own actor
+    table (no process-name matching: every Ray worker process looks alike to `ps`)."""
+    import ray
+
+    table = ray._private.state.actors()  # GCS actor table; the state API needs a dashboard
+    alive = [a for a in table.values() if a["State"] == "ALIVE" and a.get("Pid")]
+    return [int(a["Pid"]) for a in alive if class_name in a["ActorClassName"]]

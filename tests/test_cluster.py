@@ -22,8 +22,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import ROOT, SAMPLE_DEV, SAMPLE_TRAIN
-from tests.test_train import free_ports, stop_processes_mentioning
+from tests.conftest import (
+    ROOT,
+    SAMPLE_DEV,
+    SAMPLE_TRAIN,
+    free_ports,
+    stop_processes_mentioning,
+    wait_for,
+)
 
 VENV_BIN = Path(sys.executable).parent
 BUCKET = "raykit-test"
@@ -31,17 +37,6 @@ pytestmark = pytest.mark.skipif(
     not (VENV_BIN / "ray").exists() or not (VENV_BIN / "moto_server").exists(),
     reason="needs the ray CLI and moto[server]",
 )
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
-    deadline = time.time() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(interval)
 
 
 class Cluster:

@@ -1,7 +1,27 @@
+import os
+import subprocess
+import sys
+
 import pytest
 
 from raykit.cli import normalize_argv
-from raykit.config import ConfigError, FinetuneConfig, load_config, resolve_model_path
+from raykit.config import (
+    ConfigError,
+    EvaluateConfig,
+    FinetuneConfig,
+    MineConfig,
+    MixConfig,
+    ModelLoading,
+    Precision,
+    ScoreConfig,
+    SearchDimension,
+    ServeConfig,
+    TokenLimits,
+    TuneConfig,
+    load_config,
+    parse_search,
+    resolve_model_path,
+)
 
 
 def test_yaml_then_flags_override(tmp_path):
@@ -69,3 +89,60 @@ def test_example_configs_load():
     assert mine.sample_range == (2, 30) and mine.input == ["examples/data/train.jsonl"]
     mix = load_config(MixConfig, ROOT / "examples" / "mix.yaml")
     assert mix.weight_values == [0.3, 0.7] and mix.models[0] == "minilm-l6"
+
+
+COMMANDS = {
+    FinetuneConfig: {"train_data": ["a.jsonl"]},
+    TuneConfig: {"train_data": ["a.jsonl"], "eval_data": ["b.jsonl"],
+                 "search": ["learning_rate=loguniform:1e-6:1e-4"]},  # fmt: skip
+    EvaluateConfig: {"eval_data": ["b.jsonl"]},
+    ScoreConfig: {"input": ["pairs.jsonl"]},
+    ServeConfig: {},
+    MineConfig: {"input": ["groups.jsonl"]},
+    MixConfig: {"models": ["a", "b"], "weights": ["0.5", "0.5"]},
+}
+
+
+@pytest.mark.parametrize("cls", list(COMMANDS), ids=lambda c: c.__name__)
+def test_shared_options_are_declared_once_and_checked_for_every_command(cls):
+    for group in (ModelLoading, Precision, TokenLimits):
+        own = group.__dict__["__annotations__"]
+        # Declared by the group alone: no command config redeclares one of its fields.
+        for klass in cls.__mro__:
+            if klass is not group:
+                assert not set(own) & set(klass.__dict__.get("__annotations__", {})), klass
+    assert issubclass(cls, ModelLoading) and issubclass(cls, TokenLimits)
+    required = COMMANDS[cls]
+    load_config(cls, **required)  # the minimal config is valid
+    with pytest.raises(ConfigError, match="query_max_len: must be > 0"):
+        load_config(cls, **required, query_max_len=0)
+    with pytest.raises(ConfigError, match="max_len: must be > 0"):
+        load_config(cls, **required, max_len=-1)
+    if cls is not MixConfig:  # mixing runs no forward pass in half precision
+        with pytest.raises(ConfigError, match="fp16/bf16: choose one"):
+            load_config(cls, **required, fp16=True, bf16=True)
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    """`raykit --help` and a command's --help start fast: the CLI imports no model code."""
+    code = (
+        "import sys\nfrom raykit.cli import main\n"
+        "for argv in (['--help'], ['finetune', '--help']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "print('heavy:', sorted({'torch', 'transformers', 'ray'} & set(sys.modules)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "COLUMNS": "200"}, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("heavy: []"), result.stdout[-500:]
+    # Shared options get their own --help sections.
+    assert "Precision" in result.stdout and "Token limits" in result.stdout
+    assert "--fp16" in result.stdout and "--query_max_len" in result.stdout
+
+
+def test_search_specs_are_checked_by_the_config_without_ray():
+    dims = parse_search(["learning_rate=loguniform:1e-6:1e-4", "train_group_size=grid:4,8"])
+    assert dims["learning_rate"] == SearchDimension("loguniform", (1e-6, 1e-4))
+    assert dims["train_group_size"] == SearchDimension("grid", (4, 8))
+    with pytest.raises(ConfigError, match="unknown or unsearchable key 'output_dir'"):
+        parse_search(["output_dir=choice:a,b"])

@@ -40,8 +40,14 @@ def test_mix_is_exactly_the_weighted_average(two_models, tmp_path):
         torch.testing.assert_close(tensor, 0.3 * sa[key] + 0.7 * sb[key], rtol=0, atol=1e-6)
     assert json.loads((tmp_path / "m" / "mix.json").read_text())["weights"] == [0.3, 0.7]
     assert f"{a}=0.3000, {b}=0.7000" in result.output
-    scores = Reranker(str(tmp_path / "m"), device="cpu").compute_score([["q", "p"], ["q", "r"]])
-    assert len(scores) == 2
+    # The folder is a complete model: its scores are those of the averaged weights.
+    pairs = [["what is ray", "a distributed compute engine"], ["what is ray", "a fish"]]
+    scores = Reranker(str(tmp_path / "m"), device="cpu", max_length=64).compute_score(pairs)
+    by_hand = AutoModelForSequenceClassification.from_pretrained(a, num_labels=1).eval()
+    by_hand.load_state_dict({k: 0.3 * sa[k] + 0.7 * sb[k] for k in sa})
+    expected = predict_logits(by_hand, AutoTokenizer.from_pretrained(a), pairs, max_len=64)
+    assert scores == pytest.approx(expected, abs=1e-5)
+    assert scores != pytest.approx(Reranker(a, max_length=64).compute_score(pairs), abs=1e-3)
 
 
 def test_base_without_head_takes_the_head_of_the_others(two_models, tmp_path, capsys):

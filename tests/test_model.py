@@ -21,15 +21,27 @@ def test_group_softmax_loss_matches_hand_computation():
     assert group_softmax_loss(logits, 3).item() == pytest.approx((first + second) / 2, rel=1e-6)
 
 
-def test_distillation_loss():
-    student = torch.tensor([1.0, 0.0, -1.0])
+def test_distillation_loss_is_kl_at_temperature_times_t_squared():
+    student = torch.tensor([1.0, 0.0, -1.0, 0.5, 0.5, -2.0])
+    teacher = torch.tensor([3.0, 1.0, -1.0, -1.0, 2.0, 0.0])
     assert distillation_loss(student, student.clone(), 3, 1.0).item() == pytest.approx(0, abs=1e-7)
-    teacher = torch.tensor([0.0, 0.0, 0.0])
-    p = torch.softmax(student, 0)
-    expected = sum((1 / 3) * math.log((1 / 3) / p[i].item()) for i in range(3))
-    assert distillation_loss(student, teacher, 3, 1.0).item() == pytest.approx(expected, rel=1e-5)
-    # Temperature softens both sides and rescales by T^2.
-    assert distillation_loss(student, teacher, 3, 2.0).item() < 4 * expected
+
+    def by_hand(temperature: float) -> float:
+        """KL(teacher || student) of each group's softmax at `temperature`, x T^2, averaged."""
+        total = 0.0
+        for g in range(2):
+            s = [x / temperature for x in student[3 * g : 3 * g + 3].tolist()]
+            t = [x / temperature for x in teacher[3 * g : 3 * g + 3].tolist()]
+            p = [math.exp(x) / sum(math.exp(y) for y in t) for x in t]
+            log_q = [x - math.log(sum(math.exp(y) for y in s)) for x in s]
+            total += sum(pi * (math.log(pi) - qi) for pi, qi in zip(p, log_q, strict=True))
+        return total / 2 * temperature**2
+
+    for temperature in (1.0, 2.0, 0.5):
+        loss = distillation_loss(student, teacher, 3, temperature).item()
+        assert loss == pytest.approx(by_hand(temperature), rel=1e-5)
+    # The temperature matters, and without the T^2 factor the value would be 4x smaller.
+    assert by_hand(2.0) != pytest.approx(by_hand(1.0), rel=0.05)
 
 
 def test_chunked_forward_equals_one_padded_batch(tiny_model_dir):

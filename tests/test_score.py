@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -19,8 +18,9 @@ from typer.testing import CliRunner
 from raykit.cli import app, normalize_argv
 from raykit.config import ConfigError, ScoreConfig
 from raykit.model import Reranker
-from raykit.score import output_names, rank_within_queries, run_score
-from tests.conftest import SAMPLE_DEV, SAMPLE_TRAIN, write_jsonl
+from raykit.score import run_score
+from raykit.score_output import output_names, rank_within_queries
+from tests.conftest import SAMPLE_DEV, SAMPLE_TRAIN, actor_pids, write_jsonl
 
 
 def dev_groups(source: Path = SAMPLE_DEV) -> list[dict]:
@@ -251,11 +251,6 @@ def test_resume_skips_finished_files_without_duplicates(ray_cluster, tiny_model_
     assert not (out / ".b.parquet.inprogress").exists()
 
 
-def _scorer_pids() -> list[int]:
-    listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in listing.splitlines() if "PairScorer" in line]
-
-
 def test_killed_scoring_actor_loses_and_duplicates_nothing(ray_cluster, tiny_model_dir, tmp_path):
     # 3,600 pairs scored one at a time: the run outlasts the first delivered window by far.
     pairs = [{**row, "doc_id": i} for i, row in enumerate(pair_rows(dev_groups()) * 60)]
@@ -268,8 +263,11 @@ def test_killed_scoring_actor_loses_and_duplicates_nothing(ray_cluster, tiny_mod
     killed = None
     deadline = time.time() + 300
     while killed is None and worker.is_alive() and time.time() < deadline:
-        if (out / ".big.parquet.inprogress").exists() and _scorer_pids():
-            killed = _scorer_pids()[0]
+        # The scoring stage is the pipeline's only actor pool: its actors are Ray Data's
+        # map workers, found in Ray's actor table.
+        victims = actor_pids("MapWorker") if (out / ".big.parquet.inprogress").exists() else []
+        if victims:
+            killed = victims[0]
             os.kill(killed, signal.SIGKILL)
         time.sleep(0.05)
     worker.join(timeout=600)

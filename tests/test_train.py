@@ -1,26 +1,29 @@
-"""End-to-end fine-tunes on the tiny model: CLI, loss, export, resume, `ray job submit`."""
+"""End-to-end fine-tunes on the tiny model: CLI, loss, export, resume (`ray job submit` of
+jobs/finetune.py runs in test_cluster.py)."""
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from raykit.cli import app, normalize_argv
-from raykit.config import FinetuneConfig
+from raykit.config import FinetuneConfig, load_config
 from raykit.train import plan_steps
-from tests.conftest import ROOT, SAMPLE_DEV, SAMPLE_TRAIN, write_jsonl
+from tests.conftest import (
+    SAMPLE_DEV,
+    SAMPLE_TRAIN,
+    marked_train_file,
+    wait_for,
+)
 
 
 def run_cli(args: list[str]):
@@ -29,8 +32,9 @@ def run_cli(args: list[str]):
     return result
 
 
-def tiny_args(model: str, tmp_path: Path, **extra) -> list[str]:
-    args = {
+def tiny_options(model: str, tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A short fine-tune of the tiny model on the sample data, as option -> value."""
+    return {
         "model_name_or_path": model,
         "train_data": str(SAMPLE_TRAIN),
         "output_dir": str(tmp_path / "out"),
@@ -43,7 +47,11 @@ def tiny_args(model: str, tmp_path: Path, **extra) -> list[str]:
         "warmup_ratio": "0.1",
         **extra,
     }
-    return ["finetune"] + [x for k, v in args.items() for x in (f"--{k}", v)]
+
+
+def tiny_args(model: str, tmp_path: Path, **extra: str) -> list[str]:
+    options = tiny_options(model, tmp_path, **extra)
+    return ["finetune"] + [x for k, v in options.items() for x in (f"--{k}", v)]
 
 
 def test_plan_gives_every_worker_the_same_steps():
@@ -58,16 +66,7 @@ def test_plan_gives_every_worker_the_same_steps():
     assert plan_steps(cfg, 100).total_steps == 7
 
 
-def marked_train_file(tmp_path: Path, source: Path = SAMPLE_TRAIN) -> Path:
-    """The sample groups with a marker on every positive: a signal a random 2-layer BERT can
-    learn in a few dozen steps, so a falling loss shows that the loop really optimises."""
-    rows = [json.loads(line) for line in source.read_text().splitlines()]
-    for row in rows:
-        row["pos"] = [f"yes, this answers it: {p}" for p in row["pos"]]
-        row["neg"] = [f"no: {n}" for n in row["neg"]]
-    return write_jsonl(tmp_path / f"marked-{source.name}", rows)
-
-
+@pytest.mark.slow
 def test_two_worker_cli_finetune_lowers_loss_and_writes_hf_model(
     ray_cluster, tiny_model_dir, tmp_path
 ):
@@ -105,114 +104,78 @@ def test_bad_training_data_stops_the_cli_with_file_and_line(ray_cluster, tiny_mo
     assert not (tmp_path / "out").exists()
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+PAUSED_DRIVER = """
+import json, sys, time
+from pathlib import Path
+
+from ray.train import UserCallback
+
+from raykit.config import FinetuneConfig, load_config
+from raykit.train import finetune
 
 
-def test_rerun_with_same_run_name_resumes_an_interrupted_run(ray_cluster, tiny_model_dir, tmp_path):
-    args = tiny_args(tiny_model_dir, tmp_path, max_steps="60", save_steps="3", run_name="resume")
-    snapshot = tmp_path / "ray" / "resume" / "checkpoint_manager_snapshot.json"
+class PauseAfterCheckpoint(UserCallback):
+    \"\"\"Runs in the Ray Train controller: after the first checkpoint at or past `step`, say so
+    in `marker` and hold the controller there, so that the test kills this driver mid-run.\"\"\"
+
+    def __init__(self, step, marker):
+        self.step, self.marker = step, marker
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if checkpoint is not None and metrics[0]["step"] >= self.step:
+            Path(self.marker).write_text(str(metrics[0]["step"]))
+            time.sleep(3600)
+
+
+config, step, marker = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+finetune(FinetuneConfig(**config), callbacks=[PauseAfterCheckpoint(step, marker)])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.fault
+def test_killed_driver_resumes_and_reproduces_the_uninterrupted_losses(
+    ray_cluster, tiny_model_dir, tmp_path
+):
+    """A run whose driver is killed after its step-6 checkpoint, run again under the same name,
+    goes on from its last checkpoint (optimizer, scheduler, RNG, data position) and its losses
+    equal an uninterrupted run's, step for step."""
+    extra = {"max_steps": "12", "save_steps": "3", "train_data": str(marked_train_file(tmp_path))}
+    run_cli(tiny_args(tiny_model_dir, tmp_path / "reference", run_name="reference", **extra))
+    reference = json.loads((tmp_path / "reference" / "out" / "train_summary.json").read_text())
+
+    args = tiny_args(tiny_model_dir, tmp_path, run_name="resume", **extra)
+    options = tiny_options(tiny_model_dir, tmp_path, run_name="resume", **extra)
+    config = dataclasses.asdict(load_config(FinetuneConfig, **options))
+    marker = tmp_path / "paused"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     with open(tmp_path / "first_run.log", "w") as log:
         first = subprocess.Popen(
-            [sys.executable, "-m", "raykit.cli", *normalize_argv(args)],
+            [sys.executable, "-c", PAUSED_DRIVER, json.dumps(config), "6", str(marker)],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         try:
-            _wait_for(snapshot.exists, 180, "the first checkpoint")
+            wait_for(lambda: marker.exists() or first.poll() is not None, 300, "the checkpoint")
+            assert marker.exists(), (tmp_path / "first_run.log").read_text()[-3000:]
             # A second driver of the same run is refused while the first one lives.
             second = CliRunner().invoke(app, normalize_argv(args))
             assert second.exit_code == 1 and "'resume' is already running" in second.output
             os.killpg(first.pid, signal.SIGKILL)  # a crashed or killed driver
         finally:
             first.wait(timeout=60)
-    assert first.returncode != 0, "the first run was meant to be interrupted"
     # Re-run at once: the killed driver's controller and workers may still be alive.
-
     run_cli(args)
-    summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
-    assert 3 <= summary["resumed_from_step"] < 60
-    assert summary["resumed_from_step"] % 3 == 0
-    assert summary["steps"] == 60
-    # One loss entry per step: nothing repeated, nothing lost around the resume point.
-    assert [entry["step"] for entry in summary["loss"]] == list(range(1, 61))
+    resumed = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert resumed["resumed_from_step"] in (3, 6)  # the last checkpoint the controller took in
+    assert resumed["steps"] == reference["steps"] == 12
+    # One loss per step, nothing repeated or lost around the resume point, and the same losses.
+    assert [e["step"] for e in resumed["loss"]] == list(range(1, 13))
+    expected = [e["loss"] for e in reference["loss"]]
+    assert [e["loss"] for e in resumed["loss"]] == pytest.approx(expected, abs=1e-5)
+    assert expected[-1] < expected[0]  # and the run really trained
 
 
-@pytest.mark.skipif(not (Path(sys.executable).parent / "ray").exists(), reason="no ray CLI")
-def test_ray_job_submit_runs_jobs_finetune(tiny_model_dir, tmp_path):
-    """`ray job submit` of jobs/finetune.py against a separately started `ray start --head`."""
-    venv_bin = str(Path(sys.executable).parent)
-    # The head runs job entrypoints with its own PATH: start it from the venv that has raykit.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{venv_bin}:{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
-    ray_bin = os.path.join(venv_bin, "ray")
-    temp_dir = Path(tempfile.mkdtemp(prefix="rk-head-", dir="/tmp"))  # short: AF_UNIX paths
-    # Free ports, so this head does not collide with the tests' own Ray instance.
-    gcs, dashboard, agent = free_ports(3)
-    start = subprocess.run(
-        [ray_bin, "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
-         f"--dashboard-agent-listen-port={agent}", "--num-cpus=3", "--include-dashboard=true",
-         "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-        env=env, capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
-    assert start.returncode == 0, start.stdout + start.stderr
-    try:
-        args = tiny_args(tiny_model_dir, tmp_path, max_steps="4", num_workers="2")[1:]
-        deadline = time.time() + 120
-        while True:  # the job agent comes up a little after `ray start` returns
-            submit = subprocess.run(
-                [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dashboard}",
-                 f"--working-dir={ROOT}", "--", "python", "jobs/finetune.py", *args],
-                env=env, capture_output=True, text=True, timeout=600,
-            )  # fmt: skip
-            if "No available agent" not in submit.stderr or time.time() > deadline:
-                break
-            time.sleep(3)
-        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-        assert "succeeded" in (submit.stdout + submit.stderr).lower()
-        assert (tmp_path / "out" / "model.safetensors").exists()
-    finally:
-        stop_processes_mentioning(str(temp_dir))
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def stop_processes_mentioning(text: str) -> None:
-    """Stop one Ray cluster's processes (`ray stop` would also stop the tests' own cluster)."""
-
-    def matching() -> list[int]:
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and int(entry.name) != os.getpid():
-                try:
-                    if text in (entry / "cmdline").read_bytes().decode(errors="ignore"):
-                        pids.append(int(entry.name))
-                except OSError:
-                    pass
-        return pids
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in matching():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.time() + 10
-        while matching() and time.time() < deadline:
-            time.sleep(0.5)
-
-
+@pytest.mark.slow
 def test_output_dir_is_refused_when_not_empty_and_replaced_whole_when_asked(
     ray_cluster, tiny_model_dir, tmp_path
 ):

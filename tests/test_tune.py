@@ -10,15 +10,14 @@ from ray import tune
 from typer.testing import CliRunner
 
 from raykit.cli import app, normalize_argv
-from raykit.config import ConfigError
-from raykit.model import Reranker
-from raykit.tune import parse_search
-from tests.conftest import SAMPLE_DEV
-from tests.test_train import marked_train_file
+from raykit.config import ConfigError, EvaluateConfig, parse_search
+from raykit.evaluate import evaluate_model
+from raykit.tune import search_space
+from tests.conftest import SAMPLE_DEV, marked_train_file, wait_for
 
 
 def test_search_specs_become_tune_domains():
-    space = parse_search([
+    space = search_space([
         "learning_rate=loguniform:1e-6:1e-4", "train_group_size=choice:4,8,16",
         "warmup_ratio=uniform:0:0.2", "max_len=grid:64,128", "fp16=choice:true,false",
     ])  # fmt: skip
@@ -96,8 +95,12 @@ def test_sweep_picks_the_better_trial_survives_a_failing_one_and_exports_best(
     # max_t on that very report.
     assert best["best_metrics"]["ndcg@10"] == pytest.approx(ok[5e-3]["best_ndcg@10"], abs=1e-4)
     assert best["best_metrics"]["config/learning_rate"] == 5e-3
-    scores = Reranker(str(out / "best"), max_length=64).compute_score([["q", "p"], ["a", "b"]])
-    assert len(scores) == 2
+    # ... and the exported weights are that checkpoint's: evaluating them gives its metric.
+    marked_dev = str(marked_train_file(tmp_path, SAMPLE_DEV))
+    again = evaluate_model(
+        EvaluateConfig(model_name_or_path=str(out / "best"), max_len=64, eval_data=[marked_dev])
+    )
+    assert again["ndcg@10"] == pytest.approx(best["best_metrics"]["ndcg@10"], abs=1e-4)
 
 
 def test_rerunning_an_interrupted_sweep_resumes_it(ray_cluster, tiny_model_dir, tmp_path):
@@ -105,8 +108,6 @@ def test_rerunning_an_interrupted_sweep_resumes_it(ray_cluster, tiny_model_dir, 
     import signal
     import subprocess
     import sys
-
-    from tests.test_train import _wait_for
 
     out = tmp_path / "sweep"
     args = normalize_argv([
@@ -129,7 +130,7 @@ def test_rerunning_an_interrupted_sweep_resumes_it(ray_cluster, tiny_model_dir, 
             start_new_session=True,
         )
         try:
-            _wait_for(lambda: list(trials_dir.glob("*/checkpoint_manager_snapshot.json")), 600,
+            wait_for(lambda: list(trials_dir.glob("*/checkpoint_manager_snapshot.json")), 600,
                       "a trial checkpoint")  # fmt: skip
             os.killpg(first.pid, signal.SIGKILL)
         finally:
