@@ -33,10 +33,15 @@ from tests.conftest import (
 
 VENV_BIN = Path(sys.executable).parent
 BUCKET = "raykit-test"
-pytestmark = pytest.mark.skipif(
-    not (VENV_BIN / "ray").exists() or not (VENV_BIN / "moto_server").exists(),
-    reason="needs the ray CLI and moto[server]",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not (VENV_BIN / "ray").exists() or not (VENV_BIN / "moto_server").exists(),
+        reason="needs the ray CLI and moto[server]",
+    ),
+    pytest.mark.slow,
+    pytest.mark.cluster,
+    pytest.mark.timeout(900),
+]
 
 
 class Cluster:
@@ -210,9 +215,32 @@ def test_jobs_run_on_two_nodes_with_s3_storage(cluster, tiny_model_dir, tmp_path
     assert [r["score"] for r in scored] == pytest.approx(expected, abs=1e-4)
 
 
+def test_sweep_with_s3_storage_and_output(cluster, tiny_model_dir):
+    """`jobs/tune.py` with --storage_path and --output_dir on S3: trial checkpoints, the trial
+    table and the best model all land in the bucket (none in a local folder named `s3:`)."""
+    sweep = f"s3://{BUCKET}/sweep-out"
+    args = finetune_args(tiny_model_dir, max_steps="4", eval_steps="2", num_workers="1",
+                         storage_path=f"s3://{BUCKET}/sweeps", output_dir=sweep,
+                         run_name="s3-sweep", scheduler="fifo",
+                         search="learning_rate=grid:1e-3,3e-3")  # fmt: skip
+    _, result = cluster.submit("jobs/tune.py", *args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = read_s3_json(f"{sweep}/trials.json")
+    assert sorted(r["learning_rate"] for r in rows) == [1e-3, 3e-3]
+    assert [r["status"] for r in rows] == ["OK", "OK"]
+    best = read_s3_json(f"{sweep}/best/train_summary.json")
+    best_row = max(r["best_ndcg@10"] for r in rows)
+    assert best["best_metrics"]["ndcg@10"] == pytest.approx(best_row, abs=1e-4)
+    fs, path = pafs.FileSystem.from_uri(f"s3://{BUCKET}/sweeps/s3-sweep")
+    trials = fs.get_file_info(pafs.FileSelector(f"{path}/trials", recursive=False))
+    assert len([t for t in trials if t.type == pafs.FileType.Directory]) == 2
+    assert fs.get_file_info(f"{BUCKET}/sweep-out/best/model.safetensors").type == pafs.FileType.File
+
+
+@pytest.mark.fault
 def test_killed_training_worker_resumes_from_the_s3_checkpoint(cluster, tiny_model_dir):
     model_uri = f"s3://{BUCKET}/models/fault"
-    args = finetune_args(tiny_model_dir, max_steps="150", save_steps="10", logging_steps="1",
+    args = finetune_args(tiny_model_dir, max_steps="40", save_steps="5", logging_steps="1",
                          eval_steps="1000", storage_path=f"s3://{BUCKET}/checkpoints",
                          run_name="fault", output_dir=model_uri, max_failures="1")  # fmt: skip
     job_id, result = cluster.submit("jobs/finetune.py", *args, wait=False)
@@ -220,7 +248,7 @@ def test_killed_training_worker_resumes_from_the_s3_checkpoint(cluster, tiny_mod
 
     def past_a_checkpoint() -> bool:
         logs = cluster.logs(job_id)
-        return any(f"step {s}/150 " in logs for s in range(12, 120))
+        return any(f"step {s}/40 " in logs for s in range(7, 40))
 
     wait_for(past_a_checkpoint, 600, "training past its first checkpoint", interval=0.5)
     listed = cluster.ray(
@@ -242,9 +270,9 @@ def test_killed_training_worker_resumes_from_the_s3_checkpoint(cluster, tiny_mod
     logs = cluster.logs(job_id)
     assert "SUCCEEDED" in cluster.status(job_id), logs[-4000:]
     summary = read_s3_json(f"{model_uri}/train_summary.json")
-    assert summary["steps"] == 150
+    assert summary["steps"] == 40
     resumed = summary["resumed_from_step"]
-    assert 10 <= resumed < 150 and resumed % 10 == 0
-    assert f"resumed from checkpoint at step {resumed}/150" in logs
+    assert 5 <= resumed < 40 and resumed % 5 == 0, "the run was meant to be interrupted"
+    assert f"resumed from checkpoint at step {resumed}/40" in logs
     # One loss entry per step: nothing repeated or lost around the restart.
-    assert [entry["step"] for entry in summary["loss"]] == list(range(1, 151))
+    assert [entry["step"] for entry in summary["loss"]] == list(range(1, 41))

@@ -251,6 +251,8 @@ def test_resume_skips_finished_files_without_duplicates(ray_cluster, tiny_model_
     assert not (out / ".b.parquet.inprogress").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.fault
 def test_killed_scoring_actor_loses_and_duplicates_nothing(ray_cluster, tiny_model_dir, tmp_path):
     # 3,600 pairs scored one at a time: the run outlasts the first delivered window by far.
     pairs = [{**row, "doc_id": i} for i, row in enumerate(pair_rows(dev_groups()) * 60)]

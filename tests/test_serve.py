@@ -27,7 +27,7 @@ HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
-def slow(served, tmp_path_factory):
+def slow_app(served, tmp_path_factory):
     """A third app with a wider model, so that a big request takes seconds: its URL."""
     from ray import serve
 
@@ -208,13 +208,14 @@ def test_max_tokens_per_doc_and_tei_truncate_are_honoured(served, tiny_model_dir
     assert post(served, "/rerank", {"query": QUERY, "texts": DOCS, "truncate": False}).is_success
 
 
-def test_cancelled_request_is_dropped_and_does_not_delay_the_next(slow):
+@pytest.mark.slow
+def test_cancelled_request_is_dropped_and_does_not_delay_the_next(slow_app):
     """A 1,500-document request to the slow app, abandoned by its client: its unscored pairs are
     dropped and a 1-document request right after is answered long before it would have been."""
     headers = {"Authorization": f"Bearer {API_KEY}"}
 
     def replica_stats() -> dict:
-        return httpx.get(slow + "/info", headers=headers, timeout=60).json()[
+        return httpx.get(slow_app + "/info", headers=headers, timeout=60).json()[
             "replica_stats"
         ]
 
@@ -222,8 +223,8 @@ def test_cancelled_request_is_dropped_and_does_not_delay_the_next(slow):
     big = {"query": QUERY, "documents": [f"{d} {i}" for i in range(500) for d in DOCS]}
     started = time.perf_counter()
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(slow + "/v1/rerank", json=big, headers=headers, timeout=1.5)
-    small = httpx.post(slow + "/v1/rerank", json={"query": QUERY, "documents": DOCS[:1]},
+        httpx.post(slow_app + "/v1/rerank", json=big, headers=headers, timeout=1.5)
+    small = httpx.post(slow_app + "/v1/rerank", json={"query": QUERY, "documents": DOCS[:1]},
                        headers=headers, timeout=60)  # fmt: skip
     waited = time.perf_counter() - started
     assert small.status_code == 200
@@ -234,7 +235,9 @@ def test_cancelled_request_is_dropped_and_does_not_delay_the_next(slow):
     assert dropped + scored == 1501 - after["queued_requests"]
 
 
-def test_request_lost_with_a_killed_replica_is_retried_or_a_json_503(slow):
+@pytest.mark.slow
+@pytest.mark.fault
+def test_request_lost_with_a_killed_replica_is_retried_or_a_json_503(slow_app):
     import ray
 
     headers = {"Authorization": f"Bearer {API_KEY}"}
@@ -244,7 +247,7 @@ def test_request_lost_with_a_killed_replica_is_retried_or_a_json_503(slow):
     reply: dict = {}
 
     def send() -> None:
-        reply["r"] = httpx.post(slow + "/v1/rerank", json=big, headers=headers, timeout=300)
+        reply["r"] = httpx.post(slow_app + "/v1/rerank", json=big, headers=headers, timeout=300)
 
     sender = threading.Thread(target=send)
     sender.start()

@@ -62,6 +62,7 @@ def test_cli_rejects_a_bad_spec_before_starting(tmp_path):
     assert own_lines[0].startswith("error: --search")
 
 
+@pytest.mark.slow
 def test_sweep_picks_the_better_trial_survives_a_failing_one_and_exports_best(
     ray_cluster, tiny_model_dir, tmp_path
 ):
@@ -103,6 +104,8 @@ def test_sweep_picks_the_better_trial_survives_a_failing_one_and_exports_best(
     assert again["ndcg@10"] == pytest.approx(best["best_metrics"]["ndcg@10"], abs=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.fault
 def test_rerunning_an_interrupted_sweep_resumes_it(ray_cluster, tiny_model_dir, tmp_path):
     import os
     import signal
@@ -113,7 +116,7 @@ def test_rerunning_an_interrupted_sweep_resumes_it(ray_cluster, tiny_model_dir, 
     args = normalize_argv([
         "tune", "--model_name_or_path", tiny_model_dir,
         "--train_data", str(marked_train_file(tmp_path)), "--eval_data", str(SAMPLE_DEV),
-        "--output_dir", str(out), "--run_name", "resumable", "--max_steps", "40",
+        "--output_dir", str(out), "--run_name", "resumable", "--max_steps", "24",
         "--eval_steps", "4", "--per_device_train_batch_size", "4", "--train_group_size", "4",
         "--max_len", "64", "--logging_steps", "4", "--num_samples", "1", "--scheduler", "fifo",
         "--max_concurrent_trials", "1", "--eval_on_start", "false",
@@ -141,7 +144,7 @@ def test_rerunning_an_interrupted_sweep_resumes_it(ray_cluster, tiny_model_dir, 
     assert "resuming sweep" in result.output
     rows = json.loads((out / "trials.json").read_text())
     assert [r["status"] for r in rows] == ["OK", "OK"]
-    assert all(r["steps"] == 40 for r in rows)
+    assert all(r["steps"] == 24 for r in rows)
     resumed = [json.loads(p.read_text())["resumed_from_step"]
                for p in trials_dir.glob("*/model/train_summary.json")]  # fmt: skip
     assert len(resumed) == 2 and max(resumed) > 0  # the interrupted trial went on from its step
