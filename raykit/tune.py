@@ -113,12 +113,16 @@ def _trials(results: tune.ResultGrid) -> list:
     return list(getattr(analysis, "trials", None) or [])
 
 
-def _best_checkpoint(results: tune.ResultGrid, metric: str) -> tuple[Checkpoint, dict] | None:
+def _best_checkpoint(
+    results: tune.ResultGrid, metric: str, storage: str
+) -> tuple[Checkpoint, dict] | None:
     """The kept checkpoint with the highest `metric` across all trials and reports.
 
     Each trial keeps only its best and latest checkpoints (`save_total_limit`), so reports whose
-    checkpoint was since deleted are passed over.
+    checkpoint was since deleted are passed over. The reported paths are paths on the sweep's
+    storage filesystem (no `s3://`), so they are opened there.
     """
+    fs, _ = filesystem(storage)
     best = None
     for result in results:
         frame = result.metrics_dataframe
@@ -128,7 +132,7 @@ def _best_checkpoint(results: tune.ResultGrid, metric: str) -> tuple[Checkpoint,
         for _, row in rows.iterrows():
             if best is not None and row[metric] <= best[1][metric]:
                 continue
-            checkpoint = Checkpoint(row[CHECKPOINT_PATH_KEY])
+            checkpoint = Checkpoint(row[CHECKPOINT_PATH_KEY], filesystem=fs)
             info = checkpoint.filesystem.get_file_info(checkpoint.path)
             if info.type != pafs.FileType.NotFound:
                 best = (checkpoint, row.to_dict())
@@ -209,7 +213,7 @@ def run_sweep(cfg: TuneConfig) -> dict[str, Any]:
             f.write(text.encode())
     print(format_table(rows), flush=True)
 
-    best = _best_checkpoint(results, cfg.metric)
+    best = _best_checkpoint(results, cfg.metric, storage)
     if best is None:
         raise RuntimeError("no trial produced a checkpoint with the metric; see trials.csv")
     checkpoint, metrics = best

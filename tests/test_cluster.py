@@ -125,6 +125,10 @@ def cluster(s3_env):
            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}  # fmt: skip
     env.pop("RAY_ADDRESS", None)
     temp_dir = Path(tempfile.mkdtemp(prefix="rk-2n-", dir="/tmp"))  # short: AF_UNIX paths
+    # The second node gets its own temp dir: two nodes on one machine sharing one would share
+    # the runtime-env folder, and the second node unpacking a job's working_dir there deletes
+    # the folder the job's driver runs in (its cwd).
+    worker_temp_dir = Path(tempfile.mkdtemp(prefix="rk-2w-", dir="/tmp"))
     gcs, dashboard, *agent_ports = free_ports(10)
     handle = Cluster(env, f"http://127.0.0.1:{dashboard}", temp_dir)
     try:
@@ -143,15 +147,17 @@ def cluster(s3_env):
             f"--dashboard-agent-grpc-port={agent_ports[5]}",
             f"--metrics-export-port={agent_ports[6]}", f"--runtime-env-agent-port={agent_ports[7]}",
             "--num-cpus=2", '--resources={"trainer_node": 1}', "--disable-usage-stats",
-            timeout=180,
+            f"--temp-dir={worker_temp_dir}", timeout=180,
         )  # fmt: skip
         assert worker.returncode == 0, worker.stdout + worker.stderr
         wait_for(lambda: len(handle.nodes()) == 2, 120, "two alive nodes", interval=2)
         yield handle
     finally:
         stop_processes_mentioning(str(temp_dir))
+        stop_processes_mentioning(str(worker_temp_dir))
         stop_marked_processes(marker)  # agents and workers whose command line shows neither
         shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(worker_temp_dir, ignore_errors=True)
 
 
 def stop_marked_processes(marker: str) -> None:
@@ -221,7 +227,7 @@ def test_sweep_with_s3_storage_and_output(cluster, tiny_model_dir):
     sweep = f"s3://{BUCKET}/sweep-out"
     args = finetune_args(tiny_model_dir, max_steps="4", eval_steps="2", num_workers="1",
                          storage_path=f"s3://{BUCKET}/sweeps", output_dir=sweep,
-                         run_name="s3-sweep", scheduler="fifo",
+                         run_name="s3-sweep", scheduler="fifo", num_samples="1",
                          search="learning_rate=grid:1e-3,3e-3")  # fmt: skip
     _, result = cluster.submit("jobs/tune.py", *args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
