@@ -150,6 +150,27 @@ def stop_processes_mentioning(text: str) -> None:
             wait_for(lambda: not processes_mentioning(text), 10, "processes to exit", 0.5)
 
 
+def orphaned_ray_processes(existing: set[int]) -> list[int]:
+    """Ray processes (not in `existing`) whose parent is gone: agents of a node started with
+    `ray start` outlive its raylet, and rewrite their command line and environment, so neither
+    names their cluster."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in existing:
+            continue
+        with contextlib.suppress(OSError):
+            status = (entry / "status").read_text()
+            command = (entry / "cmdline").read_bytes().decode(errors="ignore")
+            ray_process = command.startswith("ray::") or "/ray/" in command
+            if ray_process and "\nPPid:\t1\n" in status:
+                pids.append(int(entry.name))
+    return pids
+
+
+def running_pids() -> set[int]:
+    return {int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()}
+
+
 def actor_pids(class_name: str) -> list[int]:
     """Pids of the live actors of one class in the tests' Ray cluster, from Ray's own actor
     table (no process-name matching: every Ray worker process looks alike to `ps`)."""

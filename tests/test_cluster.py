@@ -8,6 +8,7 @@ every Ray process, which is how pyarrow (and so Ray Train and raykit) finds it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,6 +28,8 @@ from tests.conftest import (
     SAMPLE_DEV,
     SAMPLE_TRAIN,
     free_ports,
+    orphaned_ray_processes,
+    running_pids,
     stop_processes_mentioning,
     wait_for,
 )
@@ -120,6 +123,7 @@ def _try(call) -> bool:
 def cluster(s3_env):
     """`ray start --head` plus a second node, each offering one `trainer_node` resource."""
     marker = uuid.uuid4().hex
+    existing = running_pids()
     env = {**os.environ, **s3_env, "RAY_AUTH_MODE": "disabled", "RAYKIT_TEST_CLUSTER": marker,
            "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_DEDUP_LOGS": "0",
            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}  # fmt: skip
@@ -156,6 +160,9 @@ def cluster(s3_env):
         stop_processes_mentioning(str(temp_dir))
         stop_processes_mentioning(str(worker_temp_dir))
         stop_marked_processes(marker)  # agents and workers whose command line shows neither
+        for pid in orphaned_ray_processes(existing):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
         shutil.rmtree(temp_dir, ignore_errors=True)
         shutil.rmtree(worker_temp_dir, ignore_errors=True)
 
