@@ -69,7 +69,7 @@ def hold_run_lock(run_key: str, what: str, wait_s: float = 300.0) -> ray.actor.A
         except (ValueError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             other = None  # gone meanwhile, or its driver died: Ray is cleaning it up
         if other is not None:
-            from raykit.config import ConfigError
+            from raykit.errors import ConfigError
 
             raise ConfigError(
                 f"run_name: {what} is already running on this cluster (driver {other}); "

@@ -28,7 +28,7 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raykit.errors import DataError
-from raykit.storage import filesystem
+from raykit.storage import filesystem, is_uri
 
 GROUP_SCHEMA = pa.schema(
     [
@@ -88,7 +88,7 @@ def expand_paths(
     for path in paths:
         fs, fs_path = filesystem(path)
         info = fs.get_file_info(fs_path)
-        prefix = path.split("://", 1)[0] + "://" if "://" in path else ""
+        prefix = path.split("://", 1)[0] + "://" if is_uri(path) else ""
         if info.type == pafs.FileType.File:
             files.append(prefix + fs_path)
         elif info.type == pafs.FileType.Directory:

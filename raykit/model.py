@@ -16,12 +16,13 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from raykit.config import ConfigError, resolve_model_path
 from raykit.data import chunk_by_length, pad_encodings, tokenize_pairs
+from raykit.storage import is_uri
 
 
 def local_model_path(model: str) -> str:
     """A local directory or hub id for `model`: URIs (s3://, gs://, ...) are copied to a local
     cache once per machine (atomically, so concurrent actors never read a partial copy)."""
-    if "://" not in model:
+    if not is_uri(model):
         return resolve_model_path(model)
     import hashlib
     import tempfile
@@ -50,7 +51,7 @@ def local_model_path(model: str) -> str:
 
 def check_model(name_or_path: str, field: str = "model") -> None:
     """Fail fast, in one line, when a model can be found neither locally nor on the hub."""
-    if "://" in name_or_path:
+    if is_uri(name_or_path):
         import pyarrow.fs as pafs
 
         fs, path = pafs.FileSystem.from_uri(name_or_path)

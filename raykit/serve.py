@@ -44,6 +44,7 @@ from ray.serve.metrics import Counter
 from raykit.config import ConfigError, ServeConfig, load_config
 from raykit.data import lone_surrogate
 from raykit.model import sigmoid
+from raykit.storage import is_uri
 
 HEALTH_PATH = "/health"
 ROUTES = ("/v1/rerank", "/v2/rerank", "/rerank", "/info", "/metrics", HEALTH_PATH)
@@ -103,7 +104,7 @@ def public_model_name(model: str) -> str:
     """What clients see as the model: a hub id as it is, the last part of a path or URI (never
     a server's local path)."""
     if (
-        "://" in model
+        is_uri(model)
         or os.path.isabs(model)
         or model.startswith((".", "~"))
         or os.path.isdir(model)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Collection
 
 import pyarrow.fs as pafs
 
-from raykit.config import ConfigError
+from raykit.errors import ConfigError
 
 
 def is_uri(path: str) -> bool:
