@@ -27,6 +27,17 @@ SAMPLE_DEV = ROOT / "examples" / "data" / "dev.jsonl"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")  # slow starts under load
+# Ray Train's controller acts on reports, finished and dead workers at each poll (every 2 s by
+# default); a tiny run is mostly such waits. Nodes and workers started by the tests inherit this.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # one actor less per run
+SERVE_MODULES = ("test_abuse.py", "test_serve.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the Serve modules last: they share one session-wide Serve app (`served`), whose
+    replicas keep CPUs of the test cluster that the other modules' Ray Data and Train work needs."""
+    items.sort(key=lambda item: item.path.name in SERVE_MODULES)  # stable: order kept otherwise
 
 
 @pytest.fixture(scope="session")
@@ -50,11 +61,11 @@ def ray_cluster():
 SERVE_API_KEY = "test-secret"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def served(ray_cluster, tiny_model_dir):
     """Two apps from examples/serve.yaml's args on one Serve instance: `main` and `tight` (a
-    1-request queue). Yields the base URL. Module-scoped: the replicas hold CPUs of the shared
-    test cluster that later modules (scoring actors, Ray Data tasks) need."""
+    1-request queue). Yields the base URL. Started once, by the Serve modules, which run last
+    (see `pytest_collection_modifyitems`)."""
     from ray import serve
 
     from raykit.serve import app_builder
@@ -142,12 +153,11 @@ def processes_mentioning(text: str) -> list[int]:
 
 def stop_processes_mentioning(text: str) -> None:
     """Stop one Ray cluster's processes (`ray stop` would also stop the tests' own cluster)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in processes_mentioning(text):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        with contextlib.suppress(AssertionError):
-            wait_for(lambda: not processes_mentioning(text), 10, "processes to exit", 0.5)
+    for pid in processes_mentioning(text):  # a test cluster keeps nothing worth a clean stop
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: not processes_mentioning(text), 10, "processes to exit", 0.2)
 
 
 def orphaned_ray_processes(existing: set[int]) -> list[int]:

@@ -119,7 +119,7 @@ def test_rerunning_an_interrupted_sweep_resumes_it(ray_cluster, tiny_model_dir, 
         "--output_dir", str(out), "--run_name", "resumable", "--max_steps", "24",
         "--eval_steps", "4", "--per_device_train_batch_size", "4", "--train_group_size", "4",
         "--max_len", "64", "--logging_steps", "4", "--num_samples", "1", "--scheduler", "fifo",
-        "--max_concurrent_trials", "1", "--eval_on_start", "false",
+        "--max_concurrent_trials", "2", "--eval_on_start", "false",
         "--search", "learning_rate=grid:3e-3,1e-3",
     ])  # fmt: skip
     trials_dir = out / "ray" / "resumable" / "trials"
