@@ -126,11 +126,8 @@ class ThroughputWindow:
     def all_reduce(self, device: torch.device, world_size: int) -> ThroughputWindow:
         """The sums over every worker; `seconds` is the workers' mean, as they run side by side."""
         names = [f.name for f in dataclasses.fields(self)]
-        total = ThroughputWindow(
-            **dict(
-                zip(names, _all_reduce_sum([getattr(self, n) for n in names], device), strict=True)
-            )
-        )
+        sums = _all_reduce_sum([getattr(self, n) for n in names], device)
+        total = ThroughputWindow(**dict(zip(names, sums, strict=True)))
         total.seconds /= world_size
         return total
 
@@ -441,7 +438,7 @@ class FinetuneRecipe:
                 if not last:
                     continue
                 self.optimizer_step()
-                self._timed(time.perf_counter() - started)
+                self._record_step_time(time.perf_counter() - started)
                 self._between_steps()
                 if self.step >= plan.total_steps:
                     break
@@ -454,7 +451,7 @@ class FinetuneRecipe:
             self.report({}, save=True)
         return self.summary()
 
-    def _timed(self, seconds: float) -> None:
+    def _record_step_time(self, seconds: float) -> None:
         self.window.seconds += seconds
         self.train_seconds += seconds
         if self.first_step_at is None:

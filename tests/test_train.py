@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from raykit.cli import app, normalize_argv
 from raykit.config import FinetuneConfig, load_config
-from raykit.train import plan_steps
+from raykit.train import ThroughputWindow, plan_steps
 from tests.conftest import (
     SAMPLE_DEV,
     SAMPLE_TRAIN,
@@ -66,6 +66,17 @@ def test_plan_gives_every_worker_the_same_steps():
     assert plan_steps(cfg, 100).micro_batches_per_epoch == 8
     cfg.max_steps = 7
     assert plan_steps(cfg, 100).total_steps == 7
+
+
+def test_throughput_window_sums_and_reports_rates():
+    window = ThroughputWindow()
+    window.add(loss=2.0, groups=4, real_tokens=300, padded_tokens=400)
+    window.add(loss=1.0, groups=4, real_tokens=100, padded_tokens=100)
+    window.seconds = 2.0
+    total = window.all_reduce(torch.device("cpu"), world_size=1)  # no process group: itself
+    assert total == window and total.mean_loss == 1.5
+    assert total.rates(group_size=4) == "groups/s 4.00 pairs/s 16.0 tokens/s 200 padding 20.0%"
+    assert ThroughputWindow().mean_loss == 0.0  # an empty window logs 0, never divides by 0
 
 
 @pytest.mark.slow
