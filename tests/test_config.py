@@ -1,3 +1,4 @@
+import inspect
 import os
 import subprocess
 import sys
@@ -106,11 +107,11 @@ COMMANDS = {
 @pytest.mark.parametrize("cls", list(COMMANDS), ids=lambda c: c.__name__)
 def test_shared_options_are_declared_once_and_checked_for_every_command(cls):
     for group in (ModelLoading, Precision, TokenLimits):
-        own = group.__dict__["__annotations__"]
+        own = inspect.get_annotations(group)
         # Declared by the group alone: no command config redeclares one of its fields.
         for klass in cls.__mro__:
             if klass is not group:
-                assert not set(own) & set(klass.__dict__.get("__annotations__", {})), klass
+                assert not set(own) & set(inspect.get_annotations(klass)), klass
     assert issubclass(cls, ModelLoading) and issubclass(cls, TokenLimits)
     required = COMMANDS[cls]
     load_config(cls, **required)  # the minimal config is valid
