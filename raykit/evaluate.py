@@ -98,20 +98,16 @@ def evaluate_groups(
 def evaluate_model(cfg: EvaluateConfig) -> dict[str, float]:
     """Load a model in this process and evaluate it on `cfg.eval_data`."""
     from raykit.data import load_groups
-    from raykit.model import Reranker, check_model, predict_logits
+    from raykit.model import Reranker, check_model
 
     check_model(cfg.model_name_or_path, "model_name_or_path")
     reranker = Reranker(
         cfg.model_name_or_path, fp16=cfg.fp16, bf16=cfg.bf16, max_length=cfg.max_len,
-        trust_remote_code=cfg.trust_remote_code,
+        batch_size=cfg.eval_batch_size, trust_remote_code=cfg.trust_remote_code,
+        query_max_length=cfg.query_max_len, passage_max_length=cfg.passage_max_len,
     )  # fmt: skip
 
     def score(pairs: list[list[str]]) -> list[float]:
-        return predict_logits(
-            reranker.model, reranker.tokenizer, pairs, max_len=cfg.max_len,
-            batch_size=cfg.eval_batch_size, device=reranker.device, fp16=reranker.fp16,
-            bf16=reranker.bf16, query_max_len=cfg.query_max_len,
-            passage_max_len=cfg.passage_max_len,
-        )  # fmt: skip
+        return reranker.compute_score(pairs)
 
     return evaluate_groups(load_groups(cfg.eval_data), score)

@@ -113,6 +113,9 @@ class TextEmbedder:
         self.model = AutoModel.from_pretrained(path, trust_remote_code=remote)
         self.model.to(self.device).eval()
         self.cfg = cfg
+        # Autocast on GPU only (on CPU fp16 is emulated and slow).
+        self.autocast_dtype = torch.float16 if cfg.fp16 else torch.bfloat16
+        self.autocast = self.device.type == "cuda" and (cfg.fp16 or cfg.bf16)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -126,9 +129,8 @@ class TextEmbedder:
             inputs = self.tokenizer([texts[i] for i in index], padding=True, truncation=True,
                                     max_length=self.cfg.max_len, return_tensors="pt")  # fmt: skip
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
-            dtype = torch.float16 if self.cfg.fp16 else torch.bfloat16
-            on_gpu = self.device.type == "cuda" and (self.cfg.fp16 or self.cfg.bf16)
-            with torch.inference_mode(), torch.autocast(self.device.type, dtype, enabled=on_gpu):
+            autocast = torch.autocast(self.device.type, self.autocast_dtype, enabled=self.autocast)
+            with torch.inference_mode(), autocast:
                 hidden = self.model(**inputs).last_hidden_state.float()
             mask = inputs["attention_mask"].unsqueeze(-1).float()
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
