@@ -28,7 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from raykit.config import FinetuneConfig, resolve_model_path  # noqa: E402
-from raykit.data import load_groups, pad_encodings, sample_group, tokenize_pairs  # noqa: E402
+from raykit.data import load_groups, sample_group  # noqa: E402
+from raykit.engine import pad_encodings, tokenize_pairs  # noqa: E402
 from raykit.model import group_softmax_loss, load_model_and_tokenizer  # noqa: E402
 
 

@@ -20,11 +20,10 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from raykit.data import load_groups, sample_group, tokenize_pairs  # noqa: E402
+from raykit.data import load_groups, sample_group  # noqa: E402
+from raykit.engine import Reranker, tokenize_pairs  # noqa: E402
 from raykit.model import (  # noqa: E402
     CrossEncoder,
-    Reranker,
-    autocast_context,
     group_softmax_loss,
     load_model_and_tokenizer,
     make_chunks,
@@ -54,7 +53,8 @@ def amp_training(model_dir: str, fp16: bool, bf16: bool) -> None:
     losses, logits_dtype = [], None
     for _ in range(30):
         chunks, order, _ = make_chunks(encodings, 512, tokenizer.pad_token_id, device)
-        with autocast_context(device, fp16, bf16):
+        dtype = torch.float16 if fp16 else torch.bfloat16
+        with torch.autocast("cuda", dtype, enabled=fp16 or bf16):
             logits = encoder(chunks, order)
         logits_dtype = str(logits.dtype)
         loss = group_softmax_loss(logits, 4)
@@ -86,20 +86,36 @@ def inference(model_dir: str) -> None:
     )
 
 
+H100_H200_BF16_DENSE_TFLOPS = 989.0  # SXM datasheet, dense (no sparsity)
+
+
 def base_sized_throughput(tmp: str) -> None:
-    """Scoring pairs/s of a random BERT-base-sized cross-encoder, fp32 vs fp16 vs bf16."""
+    """The inference engine on a random BERT-base-sized cross-encoder (110M parameters) at
+    fp32 / fp16 / bf16: pairs/s, tokens/s, padding and the fraction of the GPU's bf16 peak."""
+    from raykit.engine import InferenceEngine
+
     model_dir = build_tiny_reranker(f"{tmp}/base", hidden_size=768, layers=12)
-    pairs = [["how long should I boil an egg for a soft yolk " * 2, "passage text " * 60]] * 4096
-    for kind in ("fp32", "fp16", "bf16"):
-        reranker = Reranker(model_dir, device="cuda", fp16=kind == "fp16", bf16=kind == "bf16",
-                            batch_size=256)  # fmt: skip
-        reranker.compute_score(pairs[:512])
+    rng = np.random.default_rng(0)
+    words = ["passage", "text", "about", "eggs", "rays", "and", "the", "sky"]
+    pairs = [["how long should I boil an egg for a soft yolk",
+              " ".join(rng.choice(words, int(rng.integers(20, 200))))] for _ in range(8192)]
+    for dtype in ("float32", "float16", "bfloat16"):
+        engine = InferenceEngine.load(model_dir, device="cuda", dtype=dtype, max_len=256,
+                                      token_budget=65536, max_batch_size=512)  # fmt: skip
+        encodings = engine.tokenize([q for q, _ in pairs], [p for _, p in pairs])
+        engine.score_encodings(encodings[:1024])
         torch.cuda.synchronize()
+        engine.stats = type(engine.stats)()
         started = time.perf_counter()
-        reranker.compute_score(pairs)
+        engine.score_encodings(encodings)
         torch.cuda.synchronize()
-        emit("throughput_base_sized", precision=kind,
-             pairs_per_s=round(len(pairs) / (time.perf_counter() - started), 1))  # fmt: skip
+        wall = time.perf_counter() - started
+        tokens = engine.stats.tokens
+        flops = 2 * 85e6 * engine.stats.padded_tokens  # 2 x encoder weights per padded token
+        emit("engine_base_sized", dtype=dtype, pairs_per_s=round(len(pairs) / wall, 1),
+             tokens_per_s=round(tokens / wall), padding_ratio=round(engine.stats.padding_ratio, 3),
+             forward_passes=engine.stats.forward_passes,
+             fraction_of_bf16_peak=round(flops / wall / (H100_H200_BF16_DENSE_TFLOPS * 1e12), 3))
 
 
 def ray_finetune(model_dir: str, tmp: str, precision: str) -> None:

@@ -291,7 +291,7 @@ def main() -> None:
 def model_flops_of(model_dir: str, rows: list[dict], max_len: int) -> float:
     from transformers import AutoTokenizer
 
-    from raykit.data import tokenize_pairs
+    from raykit.engine import tokenize_pairs
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     encodings = tokenize_pairs(tokenizer, [r["query"] for r in rows],

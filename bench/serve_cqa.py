@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -80,7 +81,8 @@ def requests_from(dev: Path) -> list[dict]:
 
 
 async def run_load(
-    url: str, bodies: list[dict], clients: int, seconds: float, warmup: float = 0
+    url: str, bodies: list[dict], clients: int, seconds: float, warmup: float = 0,
+    route: str = "/v1/rerank",
 ) -> dict:
     """`clients` closed-loop clients for `warmup` + `seconds`. Figures cover the requests that
     finished inside the measured window: the warm-up (queues filling) and the drain afterwards
@@ -94,7 +96,7 @@ async def run_load(
             i += clients
             started = time.perf_counter()
             try:
-                reply = await session.post(url + "/v1/rerank", json=body)
+                reply = await session.post(url + route, json=body)
                 code = reply.status_code
             except httpx.HTTPError:
                 code = -1
@@ -136,96 +138,110 @@ def wait_healthy(url: str, timeout: float = 300) -> None:
 
 
 def bench(
-    name: str, url: str, bodies: list[dict], levels: list[int], seconds: float, warmup: float
+    name: str, url: str, bodies: list[dict], levels: list[int], seconds: float, warmup: float,
+    route: str,
 ) -> list:
-    asyncio.run(run_load(url, bodies, 2, 5))  # first requests: lazy imports, allocator
+    asyncio.run(run_load(url, bodies, 2, 5, route=route))  # first requests: lazy imports
     rows = []
     for clients in levels:
-        row = {"server": name, **asyncio.run(run_load(url, bodies, clients, seconds, warmup))}
+        figures = asyncio.run(run_load(url, bodies, clients, seconds, warmup, route))
+        row = {"server": name, **figures}
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
 
 
+def start_server(command: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(command, env={**os.environ, **(env or {})}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """SIGTERM (raykit serve shuts Serve and its Ray instance down), then SIGKILL the group."""
+    import signal
+
+    server.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        server.wait(60)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/cqa"))
-    parser.add_argument("--model", default="minilm-l6")
-    parser.add_argument("--max_len", type=int, default=512)
-    parser.add_argument("--seconds", type=float, default=90, help="measured window per level")
-    parser.add_argument("--warmup", type=float, default=20, help="unmeasured ramp-up per level")
-    parser.add_argument("--replicas", type=int, default=2, help="CPU replicas, 2/N threads each")
-    parser.add_argument("--max_batch_size", type=int, default=160, help="pairs per batch")
-    parser.add_argument("--chunk_tokens", type=int, default=1024)
-    parser.add_argument("--skip_naive", action="store_true")
+    parser.add_argument("--model", default=str(ROOT / "output/minilm-sample"),
+                        help="a one-logit cross-encoder (default: the quickstart's output)")
+    parser.add_argument("--seconds", type=float, default=60, help="measured window per level")
+    parser.add_argument("--warmup", type=float, default=15, help="unmeasured ramp-up per level")
+    parser.add_argument("--infinity", default=str(ROOT.parent / "peers/bin/infinity_emb"),
+                        help="infinity_emb of the peers' venv (skipped when missing)")
+    parser.add_argument("--servers", default="infinity,raykit,raykit-bf16",
+                        help="comma-separated: infinity, raykit, raykit-bf16 (the defaults), "
+                        "raykit-1x2[-bf16], raykit-2x1[-bf16] (replicas x threads), naive")
     args = parser.parse_args()
-    from raykit.config import ServeConfig, resolve_model_path
+    from raykit.config import resolve_model_path
 
     model = resolve_model_path(args.model)
     bodies = requests_from(Path(args.data) / "dev.jsonl")
     levels = [1, 8, 32]
-    results: dict = {"args": vars(args), "requests": len(bodies), "documents_per_request": 20}
+    results: dict = {"args": vars(args), "requests": len(bodies), "documents_per_request": 20,
+                     "cpus": os.cpu_count()}  # fmt: skip
+    raykit_cli = [sys.executable, "-m", "raykit.cli", "serve", "--model", model]
+    one_by_two = ["--min_replicas", "1", "--max_replicas", "1", "--cpus_per_replica", "2"]
+    two_by_one = ["--min_replicas", "2", "--max_replicas", "2", "--cpus_per_replica", "1"]
+    commands = {
+        "raykit": (raykit_cli, "/v1/rerank"),
+        "raykit-bf16": ([*raykit_cli, "--dtype", "bfloat16"], "/v1/rerank"),
+        "raykit-1x2": ([*raykit_cli, *one_by_two], "/v1/rerank"),
+        "raykit-1x2-bf16": ([*raykit_cli, *one_by_two, "--dtype", "bfloat16"], "/v1/rerank"),
+        "raykit-2x1": ([*raykit_cli, *two_by_one], "/v1/rerank"),
+        "raykit-2x1-bf16": ([*raykit_cli, *two_by_one, "--dtype", "bfloat16"], "/v1/rerank"),
+        "infinity": ([args.infinity, "v2", "--model-id", model, "--engine", "torch",
+                      "--device", "cpu"], "/rerank"),  # fmt: skip
+    }
     rows = []
-    if not args.skip_naive:
+    for name in args.servers.split(","):
         port = free_port()
-        script = Path("/tmp") / f"raykit_naive_server_{port}.py"
-        script.write_text(NAIVE_SERVER)
-        env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
-        server = subprocess.Popen([sys.executable, str(script), model, str(args.max_len),
-                                   str(port)], env=env)  # fmt: skip
+        if name == "naive":
+            script = Path("/tmp") / f"raykit_naive_server_{port}.py"
+            script.write_text(NAIVE_SERVER)
+            command, route = [sys.executable, str(script), model, "512", str(port)], "/v1/rerank"
+        elif name == "infinity" and not os.path.exists(args.infinity):
+            print(f"skipping infinity: {args.infinity} not found", flush=True)
+            continue
+        else:
+            command, route = commands[name]
+            command = [*command, "--port", str(port)]
+        started = time.perf_counter()
+        server = start_server(command, {"TOKENIZERS_PARALLELISM": "false"})
         try:
-            wait_healthy(f"http://127.0.0.1:{port}")
-            rows += bench(
-                "naive", f"http://127.0.0.1:{port}", bodies, levels, args.seconds, args.warmup
-            )
+            url = f"http://127.0.0.1:{port}"
+            wait_healthy(url)
+            ready = time.perf_counter() - started
+            print(json.dumps({"server": name, "ready_s": round(ready, 1)}), flush=True)
+            rows += bench(name, url, bodies, levels, args.seconds, args.warmup, route)
+            if name.startswith("raykit"):
+                results[f"{name}_info"] = httpx.get(url + "/info").json()
         finally:
-            server.terminate()
-            server.wait()
-            script.unlink()
-
-    import ray
-    from ray import serve
-
-    from raykit.serve import build_app
-
-    # A Ray instance of its own: never join another cluster running on this machine.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    cfg = ServeConfig(model=model, max_len=args.max_len, port=port, min_replicas=args.replicas,
-                      max_replicas=args.replicas, cpus_per_replica=2 / args.replicas,
-                      max_batch_size=args.max_batch_size, max_batch_tokens=65536,
-                      chunk_tokens=args.chunk_tokens, batch_wait_timeout_s=0.02,
-                      max_ongoing_requests=32, max_queued_requests=64,
-                      access_log=False)  # fmt: skip
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(cfg), name="bench", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(url)
-    rows += bench("raykit", url, bodies, levels, args.seconds, args.warmup)
-    overload = asyncio.run(run_load(url, bodies, 64, args.seconds, args.warmup))
-    overload = {"server": "raykit", **overload}
-    overload["non_429_errors"] = sum(
-        v for k, v in overload["status_counts"].items() if k not in ("200", "429")
-    )
-    print(json.dumps({"overload_2x": overload}), flush=True)
-    info = httpx.get(url + "/info").json()["replica_stats"]
-    serve.shutdown()
-    ray.shutdown()
+            stop_server(server)
 
     results["rows"] = rows
-    results["overload_2x_saturating"] = overload
-    results["raykit_replica_stats"] = info
     by = {(r["server"], r["clients"]): r for r in rows}
-    if ("naive", 32) in by:
-        results["docs_per_s_ratio_at_32"] = round(
-            by[("raykit", 32)]["documents_per_s"] / by[("naive", 32)]["documents_per_s"], 2
-        )
-    r32 = by[("raykit", 32)]
-    results["raykit_p99_over_p50_at_32"] = round(r32["p99_ms"] / r32["p50_ms"], 2)
+    summary = {}
+    for name in sorted({r["server"] for r in rows} - {"infinity"}):
+        for clients in levels:
+            if ("infinity", clients) in by:
+                summary[f"{name}_over_infinity_at_{clients}"] = round(
+                    by[(name, clients)]["documents_per_s"]
+                    / by[("infinity", clients)]["documents_per_s"], 2)  # fmt: skip
+        r32 = by[(name, 32)]
+        summary[f"{name}_p99_over_p50_at_32"] = round(r32["p99_ms"] / r32["p50_ms"], 2)
+    results["summary"] = summary
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "serve_cqa.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps({k: v for k, v in results.items() if k != "rows"}, indent=2))
+    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

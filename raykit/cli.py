@@ -20,6 +20,7 @@ from raykit.config import (
     ConfigError,
     EvaluateConfig,
     FinetuneConfig,
+    ForwardBudget,
     MineConfig,
     MixConfig,
     ModelLoading,
@@ -40,7 +41,7 @@ app = typer.Typer(
     help="Fine-tune, sweep, score and serve cross-encoder rerankers on Ray; mine; mix.",
 )
 COMMAND_CONFIGS: dict[str, type] = {}
-SHARED_GROUPS = (ModelLoading, Precision, TokenLimits)
+SHARED_GROUPS = (ModelLoading, Precision, TokenLimits, ForwardBudget)
 _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
 
 

@@ -58,19 +58,50 @@ class ModelLoading(_OptionGroup):
     trust_remote_code: bool = _opt(False, "Allow custom model code from the hub.")
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
+
+
 @dataclass
 class Precision(_OptionGroup):
     panel = "Precision"
 
-    fp16: bool = _opt(
-        False, "float16 autocast (training: with a GradScaler; inference: on GPU only)."
+    dtype: str = _opt(
+        "auto",
+        "auto|float32|bfloat16|float16|int8. auto: fp32 on CPU (scores equal a plain fp32 "
+        "forward), bf16 (or fp16) on GPU. int8 (inference only) needs torchao.",
     )
-    bf16: bool = _opt(False, "bfloat16 autocast (inference: on GPU only).")
+    fp16: bool = _opt(False, "Alias of --dtype float16 (training: autocast + GradScaler).")
+    bf16: bool = _opt(False, "Alias of --dtype bfloat16.")
 
     def validate(self) -> None:
         super().validate()
         if self.fp16 and self.bf16:
             raise ConfigError("fp16/bf16: choose one")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        flag = "--fp16" if self.fp16 else "--bf16" if self.bf16 else None
+        if flag and self.dtype not in ("auto", self.precision):
+            raise ConfigError(f"dtype: {self.dtype} conflicts with {flag}")
+
+    @property
+    def precision(self) -> str:
+        """The requested precision, aliases applied (`auto` is resolved per device later)."""
+        return "float16" if self.fp16 else "bfloat16" if self.bf16 else self.dtype
+
+
+@dataclass
+class ForwardBudget(_OptionGroup):
+    panel = "Batching"
+
+    forward_token_budget: int = _opt(
+        4096,
+        "Most padded tokens per forward pass: pairs are sorted by length and cut into chunks "
+        "so that padding stays small (CPU: 2048-4096; GPU: 32768 or more).",
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        _require_positive(self, ["forward_token_budget"])
 
 
 @dataclass
@@ -96,7 +127,7 @@ class TokenLimits(_OptionGroup):
 
 
 @dataclass
-class FinetuneConfig(TokenLimits, Precision, ModelLoading):
+class FinetuneConfig(ForwardBudget, TokenLimits, Precision, ModelLoading):
     """Everything `raykit finetune` and `jobs/finetune.py` accept (FlagEmbedding flag names)."""
 
     # Model and data
@@ -123,11 +154,6 @@ class FinetuneConfig(TokenLimits, Precision, ModelLoading):
     dataloader_drop_last: bool = _opt(False, "Drop each worker's last incomplete micro-batch.")
     train_group_size: int = _opt(8, "1 positive + (train_group_size-1) negatives per group.")
     seed: int = _opt(42, "Seed for model init, group sampling and shuffling.")
-    forward_token_budget: int = _opt(
-        4096,
-        "Padded tokens per forward chunk: pairs are sorted by length and cut into chunks "
-        "so that padding stays small. Larger suits GPUs.",
-    )
     # Loss
     distill_temperature: float = _opt(1.0, "Temperature of the teacher-score KL term.")
     distill_weight: float = _opt(1.0, "Weight of the KL term when the data has teacher scores.")
@@ -168,12 +194,13 @@ class FinetuneConfig(TokenLimits, Precision, ModelLoading):
             "logging_steps",
             "eval_batch_size",
             "save_total_limit",
-            "forward_token_budget",
             "distill_temperature",
             "cpus_per_worker",
         ]
         _require_positive(self, positive)
         _require_positive(self, ["eval_steps", "save_steps"], optional=True)
+        if self.precision == "int8":
+            raise ConfigError("dtype: int8 is for inference only (score, serve, evaluate, mine)")
         if self.train_group_size < 2:
             raise ConfigError("train_group_size: needs at least 2 (1 positive + 1 negative)")
         if self.num_train_epochs <= 0 and self.max_steps <= 0:
@@ -207,7 +234,7 @@ class FinetuneConfig(TokenLimits, Precision, ModelLoading):
 
 
 @dataclass
-class EvaluateConfig(TokenLimits, Precision, ModelLoading):
+class EvaluateConfig(ForwardBudget, TokenLimits, Precision, ModelLoading):
     """`raykit evaluate`: rank each group's pos + neg passages with a model."""
 
     model_name_or_path: str = _opt("BAAI/bge-reranker-base", "Model to evaluate.")
@@ -222,7 +249,7 @@ class EvaluateConfig(TokenLimits, Precision, ModelLoading):
 
 
 @dataclass
-class ScoreConfig(TokenLimits, Precision, ModelLoading):
+class ScoreConfig(ForwardBudget, TokenLimits, Precision, ModelLoading):
     """`raykit score`: rescore (query, passage) pairs or query groups with Ray Data."""
 
     model: str = _opt("BAAI/bge-reranker-base", "Model dir, HF hub id or embedded name.")
@@ -240,15 +267,18 @@ class ScoreConfig(TokenLimits, Precision, ModelLoading):
     )
     top_k: int | None = _opt(None, "Keep the best N rows per query (needs groups or group_by).")
     normalize: bool = _opt(False, "Add normalized_score = sigmoid(score).")
-    num_actors: int = _opt(1, "Scoring actors (fixed pool size).")
+    num_actors: int | None = _opt(
+        None, "Scoring actors, a fixed pool (default: one per GPU with --use_gpu; on CPU "
+        "actors x cpus_per_actor = the cluster's cores, less one for reading and tokenising)."
+    )
     min_actors: int | None = _opt(None, "Autoscaling pool: at least this many actors.")
     max_actors: int | None = _opt(None, "Autoscaling pool: at most this many actors.")
     use_gpu: bool = _opt(False, "One GPU per scoring actor.")
-    cpus_per_actor: float = _opt(1.0, "CPUs per scoring actor (its torch threads on CPU).")
-    batch_size: int = _opt(64, "Most pairs per forward pass.")
-    forward_token_budget: int = _opt(
-        4096, "Most padded tokens per forward pass (CPU: 2048-4096; GPU: 32768 or more)."
+    cpus_per_actor: float | None = _opt(
+        None, "CPUs per scoring actor, its torch threads on CPU (default: 1 on machines of up "
+        "to 4 cores, else 4; 1 with --use_gpu)."
     )
+    batch_size: int = _opt(64, "Most pairs per forward pass.")
     sort_window: int = _opt(
         1024, "Pairs sorted by length together; also the unit of work of an actor."
     )
@@ -275,10 +305,9 @@ class ScoreConfig(TokenLimits, Precision, ModelLoading):
             raise ConfigError("input: at least one file, directory or URI is required")
         if self.format not in ("parquet", "jsonl"):
             raise ConfigError(f"format: expected parquet or jsonl, got {self.format!r}")
-        positive = ["num_actors", "cpus_per_actor", "batch_size", "forward_token_budget",
-                    "sort_window", "object_store_limit_mib"]  # fmt: skip
-        _require_positive(self, positive)
-        optional = ["top_k", "min_actors", "max_actors", "tokenize_tasks"]
+        _require_positive(self, ["batch_size", "sort_window", "object_store_limit_mib"])
+        optional = ["top_k", "num_actors", "cpus_per_actor", "min_actors", "max_actors",
+                    "tokenize_tasks"]  # fmt: skip
         _require_positive(self, optional, optional=True)
         low, high = self.actor_pool_size
         if low > high:
@@ -291,12 +320,31 @@ class ScoreConfig(TokenLimits, Precision, ModelLoading):
     @property
     def actor_pool_size(self) -> tuple[int, int]:
         """(min, max) actors: a fixed pool of num_actors unless min/max_actors are given."""
-        low = self.min_actors or (1 if self.max_actors else self.num_actors)
-        return low, self.max_actors or max(low, self.num_actors)
+        fixed = self.num_actors or 1
+        low = self.min_actors or (1 if self.max_actors else fixed)
+        return low, self.max_actors or max(low, fixed)
+
+    def sized_for(self, total_cpus: int, gpus: int, local: bool) -> ScoreConfig:
+        """A copy with unset actor counts and CPU shares filled in: one actor per GPU with
+        `use_gpu`; on CPU `split_cpus` of the cores, less one core on a cluster for the read and
+        tokenise tasks (a local instance has spare logical CPUs for them; tokenising costs ~1%
+        of a forward pass, so a core of its own would idle)."""
+        from raykit.cluster import split_cpus
+
+        if self.num_actors or self.min_actors or self.max_actors:
+            return dataclasses.replace(self, cpus_per_actor=self.cpus_per_actor or 1.0)
+        if self.use_gpu:
+            return dataclasses.replace(self, num_actors=max(1, gpus),
+                                       cpus_per_actor=self.cpus_per_actor or 1.0)  # fmt: skip
+        cores = total_cpus if local else max(1, total_cpus - 1)
+        actors, threads = split_cpus(cores)
+        if self.cpus_per_actor:
+            actors, threads = max(1, int(cores // self.cpus_per_actor)), self.cpus_per_actor
+        return dataclasses.replace(self, num_actors=actors, cpus_per_actor=float(threads))
 
 
 @dataclass
-class ServeConfig(TokenLimits, Precision, ModelLoading):
+class ServeConfig(ForwardBudget, TokenLimits, Precision, ModelLoading):
     """`raykit serve` and `serve run examples/serve.yaml`: a reranking endpoint on Ray Serve."""
 
     model: str = _opt("BAAI/bge-reranker-base", "Model dir, HF hub id or embedded name.")
@@ -307,18 +355,21 @@ class ServeConfig(TokenLimits, Precision, ModelLoading):
     port: int = _opt(8000, "Port of Serve's HTTP proxy.")
     route_prefix: str = _opt("/", "URL prefix of the app.")
     app_name: str = _opt("raykit", "Serve application name.")
-    min_replicas: int = _opt(1, "Autoscaling: fewest replicas.")
-    max_replicas: int = _opt(1, "Autoscaling: most replicas.")
+    min_replicas: int | None = _opt(
+        None, "Autoscaling: fewest replicas (default: enough to fill the node, see below)."
+    )
+    max_replicas: int | None = _opt(
+        None, "Autoscaling: most replicas (default: one per GPU with --use_gpu; on CPU "
+        "replicas x cpus_per_replica = the node's cores)."
+    )
     target_ongoing_requests: float = _opt(4.0, "Autoscaling: ongoing requests per replica.")
     use_gpu: bool = _opt(False, "One GPU per replica.")
-    cpus_per_replica: float = _opt(1.0, "CPUs per replica (its torch threads on CPU).")
+    cpus_per_replica: float | None = _opt(
+        None, "CPUs per replica, its torch threads on CPU (default: 1 on nodes of up to 4 "
+        "cores, else 4; 1 with --use_gpu)."
+    )
     max_batch_size: int = _opt(64, "Most (query, document) pairs per batch, from any requests.")
     max_batch_tokens: int = _opt(16384, "Most tokens (unpadded) per batch of pairs.")
-    chunk_tokens: int = _opt(
-        1024,
-        "Padded tokens per forward pass: a batch is sorted by length and cut into chunks "
-        "(CPU: 1024; GPU: 32768 or more).",
-    )
     batch_wait_timeout_s: float = _opt(
         0.01, "When the model was idle, how long the next batch waits for more pairs."
     )
@@ -341,11 +392,12 @@ class ServeConfig(TokenLimits, Precision, ModelLoading):
 
     def validate(self) -> None:
         super().validate()
-        _require_positive(self, ["port", "min_replicas", "max_replicas", "target_ongoing_requests",
-                                 "cpus_per_replica", "max_batch_size",
-                                 "max_batch_tokens", "chunk_tokens", "max_queued_requests",
+        _require_positive(self, ["port", "target_ongoing_requests", "max_batch_size",
+                                 "max_batch_tokens", "max_queued_requests",
                                  "max_documents", "max_request_bytes"])  # fmt: skip
-        if self.min_replicas > self.max_replicas:
+        _require_positive(self, ["min_replicas", "max_replicas", "cpus_per_replica"],
+                          optional=True)  # fmt: skip
+        if self.min_replicas and self.max_replicas and self.min_replicas > self.max_replicas:
             raise ConfigError(
                 f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})"
             )
@@ -355,6 +407,25 @@ class ServeConfig(TokenLimits, Precision, ModelLoading):
             raise ConfigError("max_ongoing_requests: must be > 0")
         if not self.route_prefix.startswith("/"):
             raise ConfigError("route_prefix: must start with '/'")
+
+    def sized_for(self, node_cpus: int, gpus: int) -> ServeConfig:
+        """A copy with every unset replica count and CPU share filled in so that the replicas
+        use the whole node: one per GPU with `use_gpu`, else `split_cpus(node_cpus)`."""
+        from raykit.cluster import split_cpus
+
+        if self.use_gpu:
+            copies, threads = max(1, gpus), 1
+        else:
+            copies, threads = split_cpus(node_cpus)
+            if self.cpus_per_replica:
+                copies = max(1, int(node_cpus // self.cpus_per_replica))
+        high = self.max_replicas or max(self.min_replicas or 1, copies)
+        return dataclasses.replace(
+            self,
+            cpus_per_replica=self.cpus_per_replica or float(threads),
+            max_replicas=high,
+            min_replicas=self.min_replicas or min(copies, high),
+        )
 
 
 @dataclass
@@ -392,7 +463,7 @@ class TuneConfig(FinetuneConfig):
 
 
 @dataclass
-class MineConfig(TokenLimits, Precision, ModelLoading):
+class MineConfig(ForwardBudget, TokenLimits, Precision, ModelLoading):
     """`raykit mine`: add retrieved hard negatives to training groups."""
 
     input: list[str] = _list_opt("JSONL groups {query, pos, neg?} (files, directories, URIs).")
@@ -448,7 +519,7 @@ class MineConfig(TokenLimits, Precision, ModelLoading):
 
 
 @dataclass
-class MixConfig(TokenLimits, ModelLoading):
+class MixConfig(ForwardBudget, TokenLimits, ModelLoading):
     """`raykit mix`: a weighted average of models of one architecture (LM-Cocktail)."""
 
     models: list[str] = _list_opt("Two or more models (dirs, HF ids or embedded names).")
@@ -594,6 +665,20 @@ def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: {name}: expected {kind.__name__}, got {value!r}") from None
 
 
+# Keys that were renamed: old YAML files and flags keep working, with a warning.
+RENAMED_KEYS = {"chunk_tokens": "forward_token_budget"}
+
+
+def _renamed(key: str, source: str) -> str:
+    if key in RENAMED_KEYS:
+        import sys
+
+        new = RENAMED_KEYS[key]
+        print(f"[raykit] warning: {source}: {key!r} is now {new!r}", file=sys.stderr, flush=True)
+        return new
+    return key
+
+
 def load_config(cls: type[C], path: str | Path | None = None, **overrides: Any) -> C:
     """Build a config from defaults, an optional YAML file and overrides (None = not given)."""
     values: dict[str, Any] = {}
@@ -609,10 +694,12 @@ def load_config(cls: type[C], path: str | Path | None = None, **overrides: Any) 
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of keys to values")
         for key, value in data.items():
+            key = _renamed(key, str(path))
             if key not in names:
                 raise ConfigError(f"{path}: unknown key {key!r}")
             values[key] = _coerce(cls, key, value, str(path))
     for key, value in overrides.items():
+        key = _renamed(key, "option")
         if key not in names:
             raise ConfigError(f"unknown option {key!r}")
         if value is None or (isinstance(value, (list, tuple)) and not value):

@@ -17,7 +17,7 @@ import io
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -386,84 +386,3 @@ def rows_from_batch(batch: dict[str, Any]) -> list[dict]:
         {name: value(name, i) for name in ("query", "pos", "neg", "pos_scores", "neg_scores")}
         for i in range(n)
     ]
-
-
-# ---------------------------------------------------------------------------- tokenisation
-
-
-def _cut_to_tokens(tokenizer: Any, texts: Sequence[str], limit: int) -> list[str]:
-    """Cut each text after its first `limit` tokens (using the fast tokenizer's offsets)."""
-    offsets = tokenizer(
-        list(texts), add_special_tokens=False, truncation=True, max_length=limit,
-        return_offsets_mapping=True,
-    )["offset_mapping"]  # fmt: skip
-    return [
-        text[: spans[-1][1]] if spans else text for text, spans in zip(texts, offsets, strict=True)
-    ]
-
-
-def tokenize_pairs(
-    tokenizer: Any,
-    queries: Sequence[str],
-    passages: Sequence[str],
-    max_len: int,
-    query_max_len: int | None = None,
-    passage_max_len: int | None = None,
-) -> list[dict[str, list[int]]]:
-    """Encode (query, passage) pairs without padding; the passage is truncated first.
-
-    The query is cut to `query_max_len` tokens (default max_len // 2) so that a long query never
-    pushes the passage out entirely, the passage to `passage_max_len`, and then the pair to
-    `max_len` on the passage side.
-    """
-    room = max_len - tokenizer.num_special_tokens_to_add(pair=True) - 1
-    query_max_len = min(query_max_len or max_len // 2, room)
-    unique = list(dict.fromkeys(queries))
-    cut = dict(zip(unique, _cut_to_tokens(tokenizer, unique, query_max_len), strict=True))
-    queries = [cut[q] for q in queries]
-    if passage_max_len and passage_max_len < max_len:
-        passages = _cut_to_tokens(tokenizer, passages, passage_max_len)
-    batch = tokenizer(list(queries), list(passages), truncation="only_second", max_length=max_len)
-    keys = [k for k in ("input_ids", "token_type_ids") if k in batch]
-    return [{k: batch[k][i] for k in keys} for i in range(len(queries))]
-
-
-def chunk_by_length(
-    lengths: Sequence[int], token_budget: int, max_items: int | None = None
-) -> list[list[int]]:
-    """Split indices into chunks of similar length whose padded size fits `token_budget`.
-
-    Indices are sorted longest first and greedily grouped, so each chunk pads only to its own
-    longest pair; `max_items` also caps the pairs per chunk. A single pair longer than the budget
-    still gets its own chunk.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    chunks: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        full = max_items is not None and len(current) >= max_items
-        if current and (full or lengths[current[0]] * (len(current) + 1) > token_budget):
-            chunks.append(current)
-            current = []
-        current.append(i)
-    if current:
-        chunks.append(current)
-    return chunks
-
-
-def pad_encodings(encodings: Iterable[dict[str, Sequence[int]]], pad_id: int) -> dict[str, Any]:
-    """Right-pad token ids into int64 tensors with an attention mask."""
-    import torch
-
-    encodings = list(encodings)
-    width = max(len(e["input_ids"]) for e in encodings)
-    keys = ["input_ids"] + (["token_type_ids"] if "token_type_ids" in encodings[0] else [])
-    arrays = {k: np.full((len(encodings), width), pad_id if k == "input_ids" else 0, np.int64)
-              for k in keys}  # fmt: skip
-    arrays["attention_mask"] = np.zeros((len(encodings), width), np.int64)
-    for row, enc in enumerate(encodings):
-        n = len(enc["input_ids"])
-        for k in keys:
-            arrays[k][row, :n] = enc[k]
-        arrays["attention_mask"][row, :n] = 1
-    return {k: torch.from_numpy(v) for k, v in arrays.items()}

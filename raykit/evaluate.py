@@ -97,17 +97,19 @@ def evaluate_groups(
 
 def evaluate_model(cfg: EvaluateConfig) -> dict[str, float]:
     """Load a model in this process and evaluate it on `cfg.eval_data`."""
+    import torch
+
     from raykit.data import load_groups
-    from raykit.model import Reranker, check_model
+    from raykit.engine import InferenceEngine
+    from raykit.model import check_model
 
     check_model(cfg.model_name_or_path, "model_name_or_path")
-    reranker = Reranker(
-        cfg.model_name_or_path, fp16=cfg.fp16, bf16=cfg.bf16, max_length=cfg.max_len,
-        batch_size=cfg.eval_batch_size, trust_remote_code=cfg.trust_remote_code,
-        query_max_length=cfg.query_max_len, passage_max_length=cfg.passage_max_len,
+    engine = InferenceEngine.from_config(
+        cfg, cfg.model_name_or_path, use_gpu=torch.cuda.is_available(),
+        threads=torch.get_num_threads(), max_batch_size=cfg.eval_batch_size,
     )  # fmt: skip
 
     def score(pairs: list[list[str]]) -> list[float]:
-        return reranker.compute_score(pairs)
+        return engine.score_pairs(pairs).tolist()
 
     return evaluate_groups(load_groups(cfg.eval_data), score)

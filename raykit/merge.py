@@ -120,19 +120,21 @@ def example_loss(
     max_len: int,
     query_max_len: int | None = None,
     passage_max_len: int | None = None,
+    token_budget: int = 4096,
 ) -> float:
     """Mean group-softmax loss: each group is its first positive + up to group_size-1 negatives."""
-    from raykit.model import predict_logits
+    from raykit.engine import InferenceEngine
 
     pairs, sizes = [], []
     for group in groups:
         passages = [group["pos"][0], *group["neg"][: group_size - 1]]
         pairs += [[group["query"], p] for p in passages]
         sizes.append(len(passages))
-    logits = torch.tensor(predict_logits(
-        model, tokenizer, pairs, max_len=max_len, query_max_len=query_max_len,
-        passage_max_len=passage_max_len,
-    ))  # fmt: skip
+    engine = InferenceEngine(model, tokenizer, device=next(model.parameters()).device,
+                             max_len=max_len, query_max_len=query_max_len,
+                             passage_max_len=passage_max_len,
+                             token_budget=token_budget)  # fmt: skip
+    logits = torch.from_numpy(engine.score_pairs(pairs))
     losses, start = [], 0
     for n in sizes:
         group_logits = logits[start : start + n].unsqueeze(0)
@@ -153,7 +155,8 @@ def auto_weights(cfg: MixConfig) -> tuple[list[float], list[float]]:
             resolve_model_path(name), trust_remote_code=cfg.trust_remote_code
         )
         loss = example_loss(model, tokenizer, groups, cfg.train_group_size, cfg.max_len,
-                            cfg.query_max_len, cfg.passage_max_len)  # fmt: skip
+                            cfg.query_max_len, cfg.passage_max_len,
+                            cfg.forward_token_budget)  # fmt: skip
         losses.append(loss)
         del model
     weights = torch.softmax(-torch.tensor(losses) / cfg.temperature, dim=0).tolist()

@@ -104,6 +104,8 @@ class TextEmbedder:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
+        from raykit.engine import quantize_int8, resolve_dtype, torch_dtype
+
         if not cfg.use_gpu:
             torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
         path = resolve_model_path(cfg.embedder)
@@ -113,9 +115,10 @@ class TextEmbedder:
         self.model = AutoModel.from_pretrained(path, trust_remote_code=remote)
         self.model.to(self.device).eval()
         self.cfg = cfg
-        # Autocast on GPU only (on CPU fp16 is emulated and slow).
-        self.autocast_dtype = torch.float16 if cfg.fp16 else torch.bfloat16
-        self.autocast = self.device.type == "cuda" and (cfg.fp16 or cfg.bf16)
+        precision = resolve_dtype(cfg.precision, self.device.type)
+        if precision == "int8":
+            self.model = quantize_int8(self.model)
+        self.autocast_dtype = torch_dtype(precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -129,7 +132,8 @@ class TextEmbedder:
             inputs = self.tokenizer([texts[i] for i in index], padding=True, truncation=True,
                                     max_length=self.cfg.max_len, return_tensors="pt")  # fmt: skip
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
-            autocast = torch.autocast(self.device.type, self.autocast_dtype, enabled=self.autocast)
+            enabled = self.autocast_dtype is not None
+            autocast = torch.autocast(self.device.type, self.autocast_dtype, enabled=enabled)
             with torch.inference_mode(), autocast:
                 hidden = self.model(**inputs).last_hidden_state.float()
             mask = inputs["attention_mask"].unsqueeze(-1).float()
@@ -142,23 +146,19 @@ class PairFilterScorer:
     """Ray Data actor: sigmoid cross-encoder scores of (`query`, `passage`) rows."""
 
     def __init__(self, cfg: MineConfig):
-        import torch
+        from raykit.engine import InferenceEngine
 
-        from raykit.model import Reranker
-
-        if not cfg.use_gpu:
-            torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
-        self.reranker = Reranker(
-            cfg.filter_model, device="cuda" if cfg.use_gpu else "cpu", fp16=cfg.fp16,
-            bf16=cfg.bf16, max_length=cfg.max_len, query_max_length=cfg.query_max_len,
-            passage_max_length=cfg.passage_max_len, batch_size=cfg.batch_size,
-            trust_remote_code=cfg.trust_remote_code,
+        assert cfg.filter_model is not None
+        self.engine = InferenceEngine.from_config(
+            cfg, cfg.filter_model, use_gpu=cfg.use_gpu, threads=cfg.cpus_per_actor,
+            max_batch_size=cfg.batch_size,
         )  # fmt: skip
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pairs = [[str(q), str(p)] for q, p in zip(batch["query"], batch["passage"], strict=True)]
-        scores = self.reranker.compute_score(pairs, normalize=True)
-        return {"row": batch["row"], "score": np.asarray(scores, np.float32)}
+        logits = self.engine.score_pairs(pairs).astype(np.float64)
+        scores = 0.5 * (1.0 + np.tanh(0.5 * logits))  # sigmoid without overflow
+        return {"row": batch["row"], "score": scores.astype(np.float32)}
 
 
 def map_on_actors(columns: dict[str, list], actor: type, cfg: MineConfig, output: str) -> list:

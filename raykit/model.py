@@ -1,12 +1,11 @@
-"""The cross-encoder: loading, padding-aware forward passes, losses, and the `Reranker` API."""
+"""The cross-encoder for training: loading, the chunked forward module DDP wraps, and the losses.
+
+Inference (every scoring path, `Reranker` included) lives in `raykit.engine`."""
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
 import shutil
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -15,7 +14,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from raykit.config import ConfigError, resolve_model_path
-from raykit.data import chunk_by_length, pad_encodings, tokenize_pairs
+from raykit.engine import CHUNK_COST_TOKENS, chunk_by_length, pad_encodings
 from raykit.storage import is_uri
 
 
@@ -118,7 +117,8 @@ def make_chunks(
 ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor, int]:
     """Sort pairs by length into padded chunks; returns chunks, the restoring order, pad tokens."""
     lengths = [len(e["input_ids"]) for e in encodings]
-    chunks_index = chunk_by_length(lengths, token_budget)
+    cost = CHUNK_COST_TOKENS.get(torch.device(device).type, CHUNK_COST_TOKENS["cuda"])
+    chunks_index = chunk_by_length(lengths, token_budget, chunk_cost=cost)
     chunks, flat, padded = [], [], 0
     for index in chunks_index:
         batch = pad_encodings([encodings[i] for i in index], pad_id)
@@ -128,13 +128,6 @@ def make_chunks(
     order = torch.empty(len(flat), dtype=torch.long)
     order[torch.tensor(flat)] = torch.arange(len(flat))
     return chunks, order.to(device), padded - sum(lengths)
-
-
-def autocast_context(device: torch.device, fp16: bool = False, bf16: bool = False):
-    """torch.autocast for fp16/bf16, or a no-op."""
-    if not (fp16 or bf16):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.float16 if fp16 else torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------- losses
@@ -154,136 +147,3 @@ def distillation_loss(
     student = F.log_softmax(logits.float().view(-1, group_size) / temperature, dim=-1)
     teacher = F.softmax(teacher_scores.float().view(-1, group_size) / temperature, dim=-1)
     return F.kl_div(student, teacher, reduction="batchmean") * temperature**2
-
-
-# ---------------------------------------------------------------------------- inference
-
-
-@torch.inference_mode()
-def predict_logits(
-    model: nn.Module,
-    tokenizer: Any,
-    pairs: Sequence[Sequence[str]],
-    max_len: int = 512,
-    batch_size: int = 64,
-    device: torch.device | None = None,
-    fp16: bool = False,
-    bf16: bool = False,
-    query_max_len: int | None = None,
-    passage_max_len: int | None = None,
-) -> list[float]:
-    """Raw logits for (query, passage) pairs, in input order.
-
-    Pairs are sorted by length so each batch pads little; the model is expected in eval mode.
-    """
-    if not pairs:
-        return []
-    device = device or next(model.parameters()).device
-    encodings = tokenize_pairs(
-        tokenizer,
-        [q for q, _ in pairs],
-        [p for _, p in pairs],
-        max_len,
-        query_max_len,
-        passage_max_len,
-    )
-    order = sorted(range(len(encodings)), key=lambda i: len(encodings[i]["input_ids"]))
-    scores = [0.0] * len(encodings)
-    for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
-        batch = pad_encodings([encodings[i] for i in index], tokenizer.pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast_context(device, fp16, bf16):
-            logits = model(**batch).logits.view(-1).float().cpu().tolist()
-        for i, value in zip(index, logits, strict=True):
-            scores[i] = value
-    return scores
-
-
-@torch.inference_mode()
-def batch_logits(
-    model: nn.Module, batch: dict[str, torch.Tensor], autocast_dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """Float32 logits (on CPU) of one padded batch; autocast to fp16/bf16 when a dtype is given."""
-    device = next(model.parameters()).device
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    enabled = autocast_dtype is not None
-    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=enabled):
-        return model(**batch).logits.view(-1).float().cpu()
-
-
-def sigmoid(x: float) -> float:
-    """Numerically stable logistic function of one logit."""
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
-
-
-def _default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-class Reranker:
-    """Score (query, passage) pairs with a cross-encoder checkpoint.
-
-    >>> reranker = Reranker("out/")
-    >>> reranker.compute_score(["what is ray?", "Ray is a distributed compute engine."])
-    >>> reranker.rerank("what is ray?", ["a fruit", "a compute engine"], top_n=1)
-    """
-
-    def __init__(
-        self,
-        model_name_or_path: str,
-        device: str | torch.device | None = None,
-        fp16: bool = False,
-        bf16: bool = False,
-        max_length: int = 512,
-        batch_size: int = 64,
-        trust_remote_code: bool = False,
-        query_max_length: int | None = None,
-        passage_max_length: int | None = None,
-    ):
-        self.device = torch.device(device) if device else _default_device()
-        self.model, self.tokenizer = load_model_and_tokenizer(
-            model_name_or_path, trust_remote_code=trust_remote_code
-        )
-        self.model.to(self.device).eval()
-        # Autocast only where it pays off; on CPU fp16 is emulated and slow.
-        self.fp16 = fp16 and self.device.type == "cuda"
-        self.bf16 = bf16 and self.device.type == "cuda"
-        self.max_length = max_length
-        self.query_max_length, self.passage_max_length = query_max_length, passage_max_length
-        self.batch_size = batch_size
-
-    def compute_score(
-        self,
-        pairs: Sequence[str] | Sequence[Sequence[str]],
-        batch_size: int | None = None,
-        normalize: bool = False,
-    ) -> float | list[float]:
-        """A float for one `[query, passage]`, a list of floats for a list of pairs."""
-        single = len(pairs) == 2 and all(isinstance(x, str) for x in pairs)
-        pair_list = [pairs] if single else list(pairs)
-        scores = predict_logits(
-            self.model,
-            self.tokenizer,
-            pair_list,
-            max_len=self.max_length,
-            batch_size=batch_size or self.batch_size,
-            device=self.device,
-            fp16=self.fp16,
-            bf16=self.bf16,
-            query_max_len=self.query_max_length,
-            passage_max_len=self.passage_max_length,
-        )
-        if normalize:
-            scores = torch.sigmoid(torch.tensor(scores)).tolist()
-        return scores[0] if single else scores
-
-    def rerank(
-        self, query: str, documents: Sequence[str], top_n: int | None = None
-    ) -> list[tuple[int, float]]:
-        """(index, score) of the documents, best first."""
-        scores = self.compute_score([[query, d] for d in documents]) if documents else []
-        ranked = sorted(enumerate(scores), key=lambda x: -x[1])
-        return ranked[:top_n] if top_n is not None else ranked

@@ -25,11 +25,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
-from raykit.cluster import init_ray
+from raykit.cluster import capacity, init_ray
 from raykit.config import ConfigError, ScoreConfig
-from raykit.data import chunk_by_length, expand_paths, pad_encodings
+from raykit.data import expand_paths
 from raykit.errors import DataError
-from raykit.model import batch_logits, check_model, local_model_path
+from raykit.model import check_model, local_model_path
 from raykit.score_input import (
     INPUT_SUFFIXES,
     READ_ROWS_PER_BLOCK,
@@ -63,25 +63,17 @@ def release_freed_memory() -> None:
 
 
 class PairScorer:
-    """A scoring actor: holds the model and scores a window of tokenised pairs in chunks of
-    similar length (at most `batch_size` pairs and `forward_token_budget` padded tokens)."""
+    """A scoring actor: one `InferenceEngine`, fed windows of tokenised pairs (the engine sorts
+    each window by length and cuts it into chunks of at most `batch_size` pairs and
+    `forward_token_budget` padded tokens)."""
 
     def __init__(self, cfg: ScoreConfig, model: str):
-        import torch
+        from raykit.engine import InferenceEngine
 
-        from raykit.model import load_model_and_tokenizer
-
-        if not cfg.use_gpu:
-            torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
-        self.device = torch.device("cuda" if cfg.use_gpu else "cpu")
-        hf_model, tokenizer = load_model_and_tokenizer(model, cfg.trust_remote_code)
-        self.model = hf_model.to(self.device).eval()
-        self.pad_id = tokenizer.pad_token_id or 0
-        self.cfg = cfg
-        on_gpu = self.device.type == "cuda"
-        self.dtype = None  # autocast only on GPU; on CPU fp16 is emulated and slow
-        if on_gpu and (cfg.fp16 or cfg.bf16):
-            self.dtype = torch.float16 if cfg.fp16 else torch.bfloat16
+        self.engine = InferenceEngine.from_config(
+            cfg, model, use_gpu=cfg.use_gpu, threads=cfg.cpus_per_actor,
+            max_batch_size=cfg.batch_size,
+        )  # fmt: skip
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         columns = [c for c in ("input_ids", "token_type_ids") if c in batch.column_names]
@@ -89,12 +81,9 @@ class PairScorer:
         lengths = [len(ids) for ids in tokens["input_ids"]]
         scores = np.full(len(lengths), np.nan, dtype=np.float32)
         scored = [i for i, n in enumerate(lengths) if n]  # rejected rows carry no tokens
-        budget, most = self.cfg.forward_token_budget, self.cfg.batch_size
-        for chunk in chunk_by_length([lengths[i] for i in scored], budget, max_items=most):
-            index = [scored[j] for j in chunk]
-            inputs = pad_encodings([{c: tokens[c][i] for c in columns} for i in index],
-                                   self.pad_id)  # fmt: skip
-            scores[index] = batch_logits(self.model, inputs, self.dtype).numpy()
+        if scored:
+            encodings = [{c: tokens[c][i] for c in columns} for i in scored]
+            scores[scored] = self.engine.score_encodings(encodings)
         release_freed_memory()
         return (
             batch.drop_columns(columns)
@@ -186,7 +175,16 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     started = time.time()
     first_output: float | None = None
     if todo:
-        init_ray(cfg.actor_pool_size[1] * cfg.cpus_per_actor + 1)
+        explicit = cfg.actor_pool_size[1] * (cfg.cpus_per_actor or 1.0)
+        wanted = explicit if cfg.num_actors or cfg.max_actors else (os.cpu_count() or 1)
+        local = init_ray(wanted + 1)
+        cap = capacity(local)
+        cfg = cfg.sized_for(cap.total_cpus, cap.gpus, local)
+        low, high = cfg.actor_pool_size
+        device = "GPU" if cfg.use_gpu else f"{cfg.cpus_per_actor:g} CPU"
+        actors = f"{low}-{high}" if low != high else str(high)
+        print(f"[raykit] scoring with {actors} actor(s) x {device}, dtype {cfg.precision}",
+              flush=True)  # fmt: skip
         # Rows must reach the driver in input order: that is how a file is known to be complete.
         context = ray.data.DataContext.get_current()
         options = context.execution_options
@@ -205,6 +203,8 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 if first_output is None:  # startup: Ray Data, actors, model load, first window
                     first_output = time.time()
+                    print(f"[raykit] first scores after {first_output - started:.1f} s",
+                          flush=True)  # fmt: skip
                 for file_index in pa.compute.unique(batch["_file"]).to_pylist():
                     part = batch.filter(pa.compute.equal(batch["_file"], file_index))
                     sinks.get(file_index).add(part)

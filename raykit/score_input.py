@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raykit.config import ScoreConfig
-from raykit.data import lone_surrogate, read_lines, tokenize_pairs
+from raykit.data import lone_surrogate, read_lines
+from raykit.engine import tokenize_pairs
 from raykit.errors import DataError
 from raykit.storage import filesystem
 

@@ -19,8 +19,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raykit.config import ScoreConfig
+from raykit.engine import sigmoid
 from raykit.errors import DataError
-from raykit.model import sigmoid
 from raykit.score_input import INPUT_SUFFIXES
 from raykit.storage import filesystem
 

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -43,7 +44,7 @@ from ray.serve.metrics import Counter
 
 from raykit.config import ConfigError, ServeConfig, load_config
 from raykit.data import lone_surrogate
-from raykit.model import sigmoid
+from raykit.engine import sigmoid
 from raykit.storage import is_uri
 
 HEALTH_PATH = "/health"
@@ -212,34 +213,33 @@ class RequestGuard:
 # ---------------------------------------------------------------------------- the model replica
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+
 @serve.deployment
 class RerankerModel:
     """Holds the model; scores (query, documents) requests through one `BatchQueue`."""
 
     def __init__(self, cfg: ServeConfig):
-        import torch
-
-        from raykit.model import load_model_and_tokenizer
+        from raykit.engine import InferenceEngine
         from raykit.serve_queue import BatchQueue
 
         self.cfg = cfg
-        self.device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
-        threads = max(1, int(cfg.cpus_per_replica))
-        model, self.tokenizer = load_model_and_tokenizer(cfg.model, cfg.trust_remote_code)
-        self.model = model.to(self.device).eval()
-        self.pad_id = self.tokenizer.pad_token_id or 0
-        self.dtype = None
-        if self.device.type == "cuda" and (cfg.fp16 or cfg.bf16):
-            self.dtype = torch.float16 if cfg.fp16 else torch.bfloat16
-        # One thread runs the model (torch threads set in it), one tokenises: the event loop
-        # only moves requests in and out of the queue.
-        on_cpu = self.device.type == "cpu"
-        initializer = (lambda: torch.set_num_threads(threads)) if on_cpu else None
-        self.model_thread = ThreadPoolExecutor(1, "raykit-model", initializer=initializer)
+        use_gpu = cfg.use_gpu and _cuda_available()
+        self.engine = InferenceEngine.from_config(
+            cfg, cfg.model, use_gpu=use_gpu, threads=cfg.cpus_per_replica,
+            max_batch_size=cfg.max_batch_size,
+        )  # fmt: skip
+        # One thread runs the model, one tokenises: the event loop only moves requests in and
+        # out of the queue.
+        self.model_thread = ThreadPoolExecutor(1, "raykit-model")
         self.tokenizer_thread = ThreadPoolExecutor(1, "raykit-tokenizer")
         self.queue = BatchQueue(self._forward, cfg.max_batch_size, cfg.max_batch_tokens,
                                 self.model_thread, cfg.batch_wait_timeout_s)  # fmt: skip
-        self.forward_passes = 0
         self.metric_documents = Counter("raykit_documents", "Documents scored.")
         self.metric_tokens = Counter("raykit_tokens", "Tokens scored.")
         self.metric_forwards = Counter("raykit_forward_passes", "Model forward passes.")
@@ -249,18 +249,15 @@ class RerankerModel:
     ) -> list[dict[str, list[int]]] | str:
         """Encodings of every pair, or (with `truncate` False) a message naming a pair over
         `max_len`."""
-        from raykit.data import tokenize_pairs
-
         queries = [query] * len(texts)
         if not truncate:
-            lengths = [len(ids) for ids in self.tokenizer(queries, texts)["input_ids"]]
+            tokenizer = self.engine.tokenizer
+            lengths = [len(ids) for ids in tokenizer(queries, texts)["input_ids"]]
             over = next((i for i, n in enumerate(lengths) if n > self.cfg.max_len), None)
             if over is not None:
                 return (f"texts[{over}]: {lengths[over]} tokens with the query > max_len "
                         f"{self.cfg.max_len}; send truncate: true to cut it")  # fmt: skip
-        limits = [n for n in (self.cfg.passage_max_len, max_tokens_per_doc) if n]
-        return tokenize_pairs(self.tokenizer, queries, texts, self.cfg.max_len,
-                              self.cfg.query_max_len, min(limits, default=None))  # fmt: skip
+        return self.engine.tokenize(queries, texts, passage_max_len=max_tokens_per_doc)
 
     async def score(
         self, query: str, texts: list[str], max_tokens_per_doc: int | None = None,
@@ -279,27 +276,19 @@ class RerankerModel:
         self.metric_tokens.inc(tokens)
         return {"logits": logits.tolist(), "tokens": tokens}
 
-    def _forward(self, pairs: list[dict[str, list[int]]]) -> list[float]:
-        """Score a batch: pairs of similar length are padded together, chunk by chunk."""
-        from raykit.data import chunk_by_length, pad_encodings
-        from raykit.model import batch_logits
-
-        scores = [0.0] * len(pairs)
-        lengths = [len(p["input_ids"]) for p in pairs]
-        for chunk in chunk_by_length(lengths, self.cfg.chunk_tokens):
-            batch = pad_encodings([pairs[i] for i in chunk], self.pad_id)
-            logits = batch_logits(self.model, batch, self.dtype).tolist()
-            for i, value in zip(chunk, logits, strict=True):
-                scores[i] = value
-            self.forward_passes += 1
-            self.metric_forwards.inc()
+    def _forward(self, pairs: list[dict[str, list[int]]]) -> np.ndarray:
+        """Score one batch from the queue (the engine chunks it by length and token budget)."""
+        before = self.engine.stats.forward_passes
+        scores = self.engine.score_encodings(pairs)
+        self.metric_forwards.inc(self.engine.stats.forward_passes - before)
         return scores
 
     async def info(self) -> dict[str, Any]:
-        stats = asdict(self.queue.stats)
-        return {"device": str(self.device), "dtype": str(self.dtype or "float32"),
-                "forward_passes": self.forward_passes, "queued_requests": len(self.queue.waiting),
-                **stats}  # fmt: skip
+        engine = self.engine
+        return {"device": str(engine.device), "dtype": engine.precision,
+                "forward_passes": engine.stats.forward_passes,
+                "padding_ratio": round(engine.stats.padding_ratio, 4),
+                "queued_requests": len(self.queue.waiting), **asdict(self.queue.stats)}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- the ingress
@@ -368,6 +357,7 @@ class RerankerAPI:
         for private in ("api_key", "model"):  # never a server's path or secret
             fields.pop(private)
         replica = await self._call("info")
+        fields["dtype_requested"] = fields.pop("dtype")
         return {"model_name": self.model_name, "device": replica.pop("device"),
                 "dtype": replica.pop("dtype"), "auth": bool(self.api_key), **fields,
                 "replica_stats": replica}  # fmt: skip
@@ -450,9 +440,25 @@ class RerankerAPI:
 # ---------------------------------------------------------------------------- building and running
 
 
+def fill_node(cfg: ServeConfig, local: bool = False) -> ServeConfig:
+    """`cfg` with unset replica counts and CPU shares sized to the node (see `sized_for`)."""
+    if cfg.min_replicas and cfg.max_replicas and cfg.cpus_per_replica:
+        return cfg
+    import ray
+
+    from raykit.cluster import Capacity, capacity
+
+    if ray.is_initialized():
+        cap = capacity(local)
+    else:
+        cap = Capacity(os.cpu_count() or 1, os.cpu_count() or 1, 0)
+    return cfg.sized_for(cap.node_cpus, cap.gpus)
+
+
 def build_app(cfg: ServeConfig) -> serve.Application:
     """The Serve application for `cfg`: autoscaling, placement and queue limits from the config."""
     cfg.validate()
+    cfg = fill_node(cfg)
     ongoing = cfg.max_ongoing_requests or cfg.max_batch_size
     model = RerankerModel.options(
         name="reranker_model",
@@ -493,17 +499,25 @@ def run_serve(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
     from raykit.cluster import init_ray
     from raykit.model import check_model
 
+    started = time.perf_counter()
     cfg.validate()
-    if not cfg.use_gpu and cfg.cpus_per_replica * cfg.max_replicas < 1:
+    if cfg.cpus_per_replica and cfg.max_replicas and cfg.cpus_per_replica * cfg.max_replicas < 1:
         raise ConfigError("cpus_per_replica x max_replicas must be >= 1")
     check_model(cfg.model)
     started_ray = not ray.is_initialized()
-    init_ray(cfg.cpus_per_replica * cfg.max_replicas)
+    explicit = cfg.max_replicas and cfg.cpus_per_replica and cfg.max_replicas * cfg.cpus_per_replica
+    local = init_ray(explicit or (os.cpu_count() or 1))
+    cfg = fill_node(cfg, local)
     stop = stop or threading.Event()
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     try:
         serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
         prefix = cfg.route_prefix.rstrip("/")
+        each = "1 GPU" if cfg.use_gpu else f"{cfg.cpus_per_replica:g} CPU"
+        replicas = (f"{cfg.min_replicas}-{cfg.max_replicas}" if cfg.min_replicas != cfg.max_replicas
+                    else str(cfg.max_replicas))  # fmt: skip
+        print(f"[raykit] ready in {time.perf_counter() - started:.1f} s: {replicas} replica(s) x "
+              f"{each}, dtype {cfg.precision}", flush=True)  # fmt: skip
         print(f"[raykit] serving {cfg.model} at http://{cfg.host}:{cfg.port}{prefix}/v1/rerank "
               "(Ctrl-C to stop)", flush=True)  # fmt: skip
         if cfg.detach:

@@ -38,17 +38,16 @@ from transformers import get_linear_schedule_with_warmup
 
 from raykit.cluster import hold_run_lock, init_ray
 from raykit.config import ConfigError, FinetuneConfig, resolve_model_path
-from raykit.data import DataError, read_groups, rows_from_batch, sample_group, tokenize_pairs
+from raykit.data import DataError, read_groups, rows_from_batch, sample_group
+from raykit.engine import InferenceEngine, resolve_dtype, tokenize_pairs, torch_dtype
 from raykit.evaluate import mean_metrics, metric_sums
 from raykit.model import (
     CrossEncoder,
-    autocast_context,
     check_model,
     distillation_loss,
     group_softmax_loss,
     load_model_and_tokenizer,
     make_chunks,
-    predict_logits,
 )
 from raykit.storage import absolute, is_uri, prepare_output_dir, publish_dir
 
@@ -211,6 +210,9 @@ class FinetuneRecipe:
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
+        # auto: fp32 on CPU, bf16 (fp16 where unsupported) autocast on GPU.
+        self.precision = resolve_dtype(self.cfg.precision, self.device.type)
+        self.autocast_dtype = torch_dtype(self.precision)
         self.step = 0
         self.resumed_from_step = 0
         self.history: dict[str, Any] = {"eval": [], "loss": []}
@@ -245,12 +247,19 @@ class FinetuneRecipe:
         self.scheduler = get_linear_schedule_with_warmup(
             self.optimizer, self.plan.warmup_steps, self.plan.total_steps
         )
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.fp16)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "float16")
         if state:
             self._restore(state)
         # Moves the model to the device and wraps it in DDP when there is more than one worker.
         self.model = ray.train.torch.prepare_model(encoder)
         self.encoder: CrossEncoder = getattr(self.model, "module", self.model)
+        # Evaluation scores through the inference engine, under the training precision.
+        self.eval_engine = InferenceEngine(
+            self.encoder.hf_model, self.tokenizer, device=self.device, precision=self.precision,
+            autocast_dtype=self.autocast_dtype, max_len=cfg.max_len,
+            query_max_len=cfg.query_max_len, passage_max_len=cfg.passage_max_len,
+            token_budget=cfg.forward_token_budget, max_batch_size=cfg.eval_batch_size,
+        )  # fmt: skip
         self.worker_nodes = self._gather_node_ids()
         self.eval_groups = self._read_eval_groups() if "eval" in datasets else []
         self.train_shard = ray.train.get_dataset_shard("train")
@@ -312,7 +321,8 @@ class FinetuneRecipe:
         )
         no_sync = self.model is not self.encoder and not sync
         with self.model.no_sync() if no_sync else nullcontext():
-            with autocast_context(self.device, cfg.fp16, cfg.bf16):
+            enabled = self.autocast_dtype is not None
+            with torch.autocast(self.device.type, self.autocast_dtype, enabled=enabled):
                 logits = self.model(chunks, order)
             loss = group_softmax_loss(logits, group_size)
             teacher_rows = [i for i, g in enumerate(groups) if g.teacher_scores is not None]
@@ -347,18 +357,12 @@ class FinetuneRecipe:
 
     def evaluate(self, label: str) -> dict[str, float]:
         """Each worker ranks its share of the eval groups; the metric sums are all-reduced."""
-        cfg, device = self.cfg, self.device
+        device = self.device
         mine = self.eval_groups[self.rank :: self.world_size]
         self.encoder.eval()
 
         def score(pairs: list[list[str]]) -> list[float]:
-            return predict_logits(
-                self.encoder.hf_model, self.tokenizer, pairs, max_len=cfg.max_len,
-                batch_size=cfg.eval_batch_size, device=device,
-                fp16=cfg.fp16 and device.type == "cuda", bf16=cfg.bf16 and device.type == "cuda",
-                query_max_len=cfg.effective_query_max_len,
-                passage_max_len=cfg.effective_passage_max_len,
-            )  # fmt: skip
+            return self.eval_engine.score_pairs(pairs).tolist()
 
         sums = metric_sums(mine, score)
         names = sorted(sums)

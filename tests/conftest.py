@@ -189,3 +189,19 @@ def actor_pids(class_name: str) -> list[int]:
     table = ray._private.state.actors()  # GCS actor table; the state API needs a dashboard
     alive = [a for a in table.values() if a["State"] == "ALIVE" and a.get("Pid")]
     return [int(a["Pid"]) for a in alive if class_name in a["ActorClassName"]]
+
+
+def plain_hf_logits(model: Any, pairs: list[list[str]], max_len: int = 64) -> list[float]:
+    """The reference every scoring path must equal at fp32: one padded batch through a plain
+    Hugging Face forward pass (`model` is a folder or a loaded model with `name_or_path`)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if isinstance(model, str):
+        model = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1)
+    tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+    queries, passages = [q for q, _ in pairs], [p for _, p in pairs]
+    batch = tokenizer(queries, passages, padding=True, truncation="only_second",
+                      max_length=max_len, return_tensors="pt")  # fmt: skip
+    with torch.inference_mode():
+        return model.eval()(**batch).logits.view(-1).tolist()

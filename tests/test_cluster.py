@@ -195,7 +195,7 @@ def read_s3_json(uri: str) -> dict:
 
 
 def test_jobs_run_on_two_nodes_with_s3_storage(cluster, tiny_model_dir, tmp_path):
-    from raykit.model import Reranker
+    from raykit.engine import Reranker
 
     model_uri = f"s3://{BUCKET}/models/two-node"
     args = finetune_args(tiny_model_dir, max_steps="6", storage_path=f"s3://{BUCKET}/checkpoints",

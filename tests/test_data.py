@@ -4,15 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from raykit.data import (
-    DataError,
-    check_file,
-    chunk_by_length,
-    expand_paths,
-    read_groups,
-    sample_group,
-    tokenize_pairs,
-)
+from raykit.data import DataError, check_file, expand_paths, read_groups, sample_group
+from raykit.engine import chunk_by_length, tokenize_pairs
 from tests.conftest import write_jsonl
 
 GOOD = {"query": "what is ray", "pos": ["ray is a framework"], "neg": ["a ray of light"]}
@@ -124,7 +117,9 @@ def test_chunk_by_length_bounds_padding():
     for chunk in chunks:
         assert max(lengths[i] for i in chunk) * len(chunk) <= 200 or len(chunk) == 1
     assert chunk_by_length([500], 100) == [[0]]
-    assert chunk_by_length([5] * 7, 1000, max_items=3) == [[0, 1, 2], [3, 4, 5], [6]]
+    same = chunk_by_length([5] * 7, 1000, max_items=3)
+    assert len(same) == 3 and max(len(c) for c in same) == 3
+    assert sorted(i for c in same for i in c) == list(range(7))
 
 
 def test_tokenize_pairs_truncates_passage_first(tiny_model_dir):

@@ -11,9 +11,10 @@ from typer.testing import CliRunner
 
 from raykit.cli import app, normalize_argv
 from raykit.config import ConfigError, MixConfig
+from raykit.engine import Reranker
 from raykit.merge import example_loss, run_mix
-from raykit.model import Reranker, group_softmax_loss, predict_logits
-from tests.conftest import SAMPLE_DEV, write_jsonl
+from raykit.model import group_softmax_loss
+from tests.conftest import SAMPLE_DEV, plain_hf_logits, write_jsonl
 from tests.tiny_model import build_tiny_reranker, train_tiny
 
 
@@ -45,7 +46,7 @@ def test_mix_is_exactly_the_weighted_average(two_models, tmp_path):
     scores = Reranker(str(tmp_path / "m"), device="cpu", max_length=64).compute_score(pairs)
     by_hand = AutoModelForSequenceClassification.from_pretrained(a, num_labels=1).eval()
     by_hand.load_state_dict({k: 0.3 * sa[k] + 0.7 * sb[k] for k in sa})
-    expected = predict_logits(by_hand, AutoTokenizer.from_pretrained(a), pairs, max_len=64)
+    expected = plain_hf_logits(by_hand, pairs, max_len=64)
     assert scores == pytest.approx(expected, abs=1e-5)
     assert scores != pytest.approx(Reranker(a, max_length=64).compute_score(pairs), abs=1e-3)
 
@@ -107,12 +108,7 @@ def test_auto_weights_favour_the_model_with_lower_loss(two_models, tmp_path, cap
     assert "example losses" in capsys.readouterr().out
     # example_loss is the group-softmax loss of the first positive + up to 3 negatives.
     g = examples[0]
-    logits = predict_logits(
-        m,
-        AutoTokenizer.from_pretrained(trained),
-        [[g["query"], p] for p in [g["pos"][0], *g["neg"][:3]]],
-        max_len=64,
-    )
+    logits = plain_hf_logits(m, [[g["query"], p] for p in [g["pos"][0], *g["neg"][:3]]], 64)
     single = example_loss(m, AutoTokenizer.from_pretrained(trained), [g], 4, 64)
     assert single == pytest.approx(group_softmax_loss(torch.tensor(logits), 4).item(), abs=1e-5)
 

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from raykit.cli import app, normalize_argv
 from raykit.config import ConfigError, MineConfig
 from raykit.data import check_file
+from raykit.engine import Reranker
 from raykit.mine import TextEmbedder, retrieve_dense, run_mine
-from raykit.model import Reranker
 from tests.conftest import write_jsonl
 from tests.tiny_model import ROOT, train_tiny
 

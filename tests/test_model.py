@@ -3,10 +3,9 @@ import math
 import pytest
 import torch
 
-from raykit.data import pad_encodings, tokenize_pairs
+from raykit.engine import Reranker, pad_encodings, tokenize_pairs
 from raykit.model import (
     CrossEncoder,
-    Reranker,
     distillation_loss,
     group_softmax_loss,
     load_model_and_tokenizer,

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from raykit.cli import app, normalize_argv
 from raykit.config import ConfigError, ScoreConfig
-from raykit.model import Reranker
+from raykit.engine import Reranker
 from raykit.score import run_score
 from raykit.score_output import output_names, rank_within_queries
 from tests.conftest import SAMPLE_DEV, SAMPLE_TRAIN, actor_pids, write_jsonl
@@ -36,7 +36,7 @@ def pair_rows(groups: list[dict]) -> list[dict]:
 
 
 def score_config(model: str, inputs: list[Path], output: Path, **extra) -> ScoreConfig:
-    values = {"max_len": 64, "batch_size": 16, "sort_window": 64, **extra}
+    values = {"max_len": 64, "batch_size": 16, "sort_window": 64, "num_actors": 1, **extra}
     return ScoreConfig(model=model, input=[str(p) for p in inputs], output=str(output), **values)
 
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from raykit.config import ConfigError, ServeConfig
-from raykit.model import Reranker
+from raykit.engine import Reranker
 from raykit.serve_queue import BatchQueue
 from tests.conftest import SERVE_API_KEY, serve_args
 
@@ -112,6 +112,9 @@ def test_api_key_is_required_except_on_health(served):
     assert httpx.get(served + "/info").status_code == 401
     info = httpx.get(served + "/info", headers=HEADERS).json()
     assert info["max_len"] == 64 and info["auth"] is True and "api_key" not in info
+    # auto on CPU is fp32; the replica reports how much of its forward passes was padding.
+    assert info["dtype"] == "float32" and info["dtype_requested"] == "auto"
+    assert 0 <= info["replica_stats"]["padding_ratio"] < 1
     metrics = httpx.get(served + "/metrics", headers=HEADERS)
     assert 'raykit_requests_total{route="/info",status="401"}' in metrics.text
     assert 'raykit_requests_total{route="/v1/rerank",status="401"}' in metrics.text

@@ -1,0 +1,185 @@
+"""The inference engine: scores equal a plain Hugging Face forward pass at fp32, bf16 and int8
+stay within stated tolerances, precision and machine-filling defaults resolve as documented."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from raykit.config import ConfigError, FinetuneConfig, ScoreConfig, ServeConfig, load_config
+from raykit.engine import InferenceEngine, Reranker, resolve_dtype
+from raykit.model import load_model_and_tokenizer
+from tests.conftest import SAMPLE_DEV, plain_hf_logits
+
+QUERIES = ["how long to boil an egg", "why is the sky blue", "what is ray"]
+PASSAGES = [
+    "six minutes for a soft yolk",
+    "eggs keep for weeks in the fridge " * 6,
+    "rayleigh scattering of sunlight",
+    "a",
+    "ray is a framework for distributed python " * 3,
+    "the sky is blue because of the ocean",
+]
+PAIRS = [[q, p] for q in QUERIES for p in PASSAGES]
+
+
+def sample_pairs() -> list[list[str]]:
+    import json
+
+    pairs = []
+    for line in SAMPLE_DEV.read_text().splitlines():
+        group = json.loads(line)
+        pairs += [[group["query"], p] for p in group["pos"] + group["neg"]]
+    return pairs
+
+
+def test_fp32_scores_equal_a_plain_forward_pass_whatever_the_chunking(tiny_model_dir):
+    expected = plain_hf_logits(tiny_model_dir, PAIRS, max_len=64)
+    for budget, most in ((64, 2), (256, 5), (100_000, 1000)):
+        engine = InferenceEngine.load(tiny_model_dir, device="cpu", dtype="float32", max_len=64,
+                                      token_budget=budget, max_batch_size=most)  # fmt: skip
+        scores = engine.score_pairs(PAIRS)
+        np.testing.assert_allclose(scores, expected, atol=1e-4, rtol=0)
+        assert engine.stats.pairs == len(PAIRS)
+    # Pairs of similar length share a chunk: far less padding than one padded batch.
+    lengths = [len(e["input_ids"]) for e in engine.tokenize(*zip(*PAIRS, strict=True))]
+    one_batch = 1 - sum(lengths) / (max(lengths) * len(lengths))
+    assert 1 < engine.stats.forward_passes < len(PAIRS)
+    assert engine.stats.padding_ratio < one_batch / 2
+    # auto on CPU is fp32: the same scores.
+    assert InferenceEngine.load(tiny_model_dir, device="cpu").precision == "float32"
+
+
+def close_in_rank(reference: np.ndarray, scores: np.ndarray, tolerance: float) -> None:
+    """Within `tolerance` of the reference, and in the same order wherever the reference's
+    scores are further apart than twice the tolerance."""
+    np.testing.assert_allclose(scores, reference, atol=tolerance, rtol=0)
+    for i in range(len(reference)):
+        for j in range(len(reference)):
+            if reference[i] - reference[j] > 2 * tolerance:
+                assert scores[i] > scores[j], (i, j)
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [("bfloat16", 0.05), ("int8", 0.1)])
+def test_bf16_and_int8_stay_close_and_rank_alike(tiny_model_dir, dtype, tolerance):
+    pairs = sample_pairs()
+    reference = InferenceEngine.load(tiny_model_dir, device="cpu", max_len=64).score_pairs(pairs)
+    engine = InferenceEngine.load(tiny_model_dir, device="cpu", dtype=dtype, max_len=64)
+    assert engine.precision == dtype
+    if dtype == "bfloat16":  # the engine's own copy runs in bf16 weights on CPU
+        assert next(engine.model.parameters()).dtype == torch.bfloat16
+    scores = engine.score_pairs(pairs)
+    assert not np.array_equal(scores, reference)  # the precision really changed
+    close_in_rank(reference, scores, tolerance)
+
+
+def test_a_handed_model_runs_under_autocast_and_is_not_modified(tiny_model_dir):
+    model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
+    model.eval()
+    engine = InferenceEngine(model, tokenizer, precision="bfloat16",
+                             autocast_dtype=torch.bfloat16, max_len=64)  # fmt: skip
+    scores = engine.score_pairs(PAIRS)
+    assert next(model.parameters()).dtype == torch.float32
+    close_in_rank(np.array(plain_hf_logits(tiny_model_dir, PAIRS, 64)), scores, 0.05)
+
+
+def test_reranker_is_the_engine_with_aliases(tiny_model_dir):
+    reranker = Reranker(tiny_model_dir, device="cpu", max_length=64, bf16=True)
+    assert reranker.engine.precision == "bfloat16"
+    assert Reranker(tiny_model_dir, device="cpu", fp16=True).engine.precision == "float32"
+    with pytest.raises(ValueError, match="fp16/bf16"):
+        Reranker(tiny_model_dir, fp16=True, bf16=True)
+
+
+def test_resolve_dtype(caplog):
+    assert resolve_dtype("auto", "cpu") == "float32"
+    assert resolve_dtype("bfloat16", "cpu") == "bfloat16"
+    assert resolve_dtype("int8", "cpu") == "int8"
+    with caplog.at_level(logging.WARNING, logger="raykit"):
+        assert resolve_dtype("float16", "cpu") == "float32"
+    assert "float16 on CPU" in caplog.text
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_dtype("fp8", "cpu")
+
+
+def test_dtype_option_and_its_aliases():
+    assert load_config(ScoreConfig, input=["x"], bf16=True).precision == "bfloat16"
+    assert load_config(ScoreConfig, input=["x"], dtype="int8").precision == "int8"
+    assert load_config(ScoreConfig, input=["x"]).precision == "auto"
+    with pytest.raises(ConfigError, match="dtype: float32 conflicts with --bf16"):
+        load_config(ScoreConfig, input=["x"], bf16=True, dtype="float32")
+    with pytest.raises(ConfigError, match="dtype: expected one of"):
+        load_config(ServeConfig, dtype="double")
+    with pytest.raises(ConfigError, match="int8 is for inference only"):
+        load_config(FinetuneConfig, train_data=["x"], dtype="int8")
+
+
+def test_chunk_tokens_is_read_as_forward_token_budget(tmp_path, capsys):
+    path = tmp_path / "serve.yaml"
+    path.write_text("chunk_tokens: 2048\n")
+    assert load_config(ServeConfig, path).forward_token_budget == 2048
+    assert "'chunk_tokens' is now 'forward_token_budget'" in capsys.readouterr().err
+
+
+def test_serve_defaults_fill_the_node():
+    cfg = ServeConfig()
+    two = cfg.sized_for(node_cpus=2, gpus=0)
+    assert (two.min_replicas, two.max_replicas, two.cpus_per_replica) == (2, 2, 1.0)
+    big = cfg.sized_for(node_cpus=16, gpus=0)
+    assert (big.min_replicas, big.max_replicas, big.cpus_per_replica) == (4, 4, 4.0)
+    gpu = ServeConfig(use_gpu=True).sized_for(node_cpus=32, gpus=4)
+    assert (gpu.min_replicas, gpu.max_replicas, gpu.cpus_per_replica) == (4, 4, 1.0)
+    # What the user set is kept; the rest is filled around it.
+    mine = ServeConfig(cpus_per_replica=2, max_replicas=3).sized_for(node_cpus=8, gpus=0)
+    assert (mine.min_replicas, mine.max_replicas, mine.cpus_per_replica) == (3, 3, 2.0)
+    assert ServeConfig(min_replicas=1, max_replicas=5).sized_for(2, 0).min_replicas == 1
+
+
+def test_score_defaults_fill_the_machine():
+    cfg = ScoreConfig(input=["x"])
+    local = cfg.sized_for(total_cpus=2, gpus=0, local=True)
+    assert (local.num_actors, local.cpus_per_actor) == (2, 1.0)
+    cluster = cfg.sized_for(total_cpus=17, gpus=0, local=False)  # one core left for tokenising
+    assert (cluster.num_actors, cluster.cpus_per_actor) == (4, 4.0)
+    gpus = ScoreConfig(input=["x"], use_gpu=True).sized_for(64, 8, local=False)
+    assert (gpus.num_actors, gpus.cpus_per_actor) == (8, 1.0)
+    kept = ScoreConfig(input=["x"], num_actors=3).sized_for(2, 0, local=True)
+    assert (kept.num_actors, kept.cpus_per_actor) == (3, 1.0)
+
+
+def split_cost(parts: list[list[int]], lengths: list[int], budget: int, most: int | None,
+               cost: int) -> float:  # fmt: skip
+    """Padded tokens + `cost` per chunk; infinite when a chunk breaks the budget or the cap."""
+    for part in parts:
+        too_big = len(part) > 1 and max(lengths[i] for i in part) * len(part) > budget
+        if too_big or (most and len(part) > most):
+            return float("inf")
+    return sum(max(lengths[i] for i in p) * len(p) + cost for p in parts)
+
+
+def test_chunking_is_the_cheapest_split_of_the_sorted_pairs():
+    """Against brute force: every split of the longest-first order into runs; the chunker's
+    split costs the least of them."""
+    import itertools
+    import random
+
+    from raykit.engine import chunk_by_length
+
+    rng = random.Random(7)
+    for _ in range(60):
+        lengths = [rng.randint(1, 120) for _ in range(rng.randint(1, 9))]
+        budget, most, cost = rng.choice([100, 300, 1000]), rng.choice([None, 2, 4]), 32
+        chunks = chunk_by_length(lengths, budget, most, cost)
+        assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        best = float("inf")
+        for cuts in itertools.product([0, 1], repeat=len(order) - 1):
+            parts, current = [], [order[0]]
+            for cut, i in zip(cuts, order[1:], strict=True):
+                if cut:
+                    parts.append(current)
+                    current = []
+                current.append(i)
+            best = min(best, split_cost([*parts, current], lengths, budget, most, cost))
+        assert split_cost(chunks, lengths, budget, most, cost) == best
