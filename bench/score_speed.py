@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-MINILM_LINEAR_FLOPS_PER_TOKEN = 2 * 10.6e6  # 2 x weights outside the embeddings
-MINILM_LAYERS, MINILM_HIDDEN = 6, 384
+from bench.score_cqa import model_flops  # noqa: E402
+from bench.score_cqa import write_pairs as write_rows  # noqa: E402
 
 FLAG_SCRIPT = """
 import json, sys, time
@@ -67,20 +67,6 @@ def dev_rows(dev: Path, short: bool) -> list[dict]:
             rows.append({"query_id": q, "doc_id": d, "label": label, "query": query,
                          "passage": passage})  # fmt: skip
     return rows
-
-
-def write_rows(path: Path, rows: list[dict], total: int) -> Path:
-    with open(path, "w") as f:
-        for i in range(total):
-            row = rows[i % len(rows)]
-            f.write(json.dumps({**row, "query_id": f"{i // len(rows)}-{row['query_id']}"}) + "\n")
-    return path
-
-
-def model_flops(lengths: list[int]) -> float:
-    """Linear layers 2 x 10.6M per token plus attention 4 x n^2 x d per layer."""
-    linear = MINILM_LINEAR_FLOPS_PER_TOKEN * sum(lengths)
-    return linear + sum(4 * n * n * MINILM_HIDDEN * MINILM_LAYERS for n in lengths)
 
 
 def cpu_peaks(cores: int) -> dict:
