@@ -327,8 +327,8 @@ class ScoreConfig(ForwardBudget, TokenLimits, Precision, ModelLoading):
     def sized_for(self, total_cpus: int, gpus: int, local: bool) -> ScoreConfig:
         """A copy with unset actor counts and CPU shares filled in: one actor per GPU with
         `use_gpu`; on CPU `split_cpus` of the cores, less one core on a cluster for the read and
-        tokenise tasks (a local instance has spare logical CPUs for them; tokenising costs ~1%
-        of a forward pass, so a core of its own would idle)."""
+        tokenise tasks (a local instance has spare logical CPUs for them, and tokenising is
+        cheap next to a forward pass, so a core of its own would mostly idle)."""
         from raykit.cluster import split_cpus
 
         if self.num_actors or self.min_actors or self.max_actors:

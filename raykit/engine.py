@@ -268,10 +268,10 @@ class InferenceEngine:
         cls, cfg: Any, model: str, *, use_gpu: bool, threads: float | None, max_batch_size: int
     ) -> InferenceEngine:
         """`load` with the shared option groups of a command's config (precision, token
-        limits, forward_token_budget, trust_remote_code)."""
+        limits, forward_token_budget, trust_remote_code); `threads` None keeps torch's own."""
         return cls.load(
             model, device="cuda" if use_gpu else "cpu", dtype=cfg.precision,
-            threads=None if use_gpu else int(max(1, threads or 1)),
+            threads=None if use_gpu or not threads else max(1, int(threads)),
             trust_remote_code=cfg.trust_remote_code, max_len=cfg.max_len,
             query_max_len=cfg.query_max_len, passage_max_len=cfg.passage_max_len,
             token_budget=cfg.forward_token_budget, max_batch_size=max_batch_size,
@@ -329,6 +329,11 @@ def sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
+def sigmoid_array(logits: np.ndarray) -> np.ndarray:
+    """The logistic function of many logits, in float64 and without overflow warnings."""
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(logits, dtype=np.float64)))
+
+
 class Reranker:
     """Score (query, passage) pairs with a cross-encoder checkpoint.
 
@@ -374,9 +379,7 @@ class Reranker:
         single = len(pairs) == 2 and all(isinstance(x, str) for x in pairs)
         pair_list = [pairs] if single else list(pairs)
         scores = self.engine.score_pairs(pair_list).astype(np.float64)
-        if normalize:
-            scores = 0.5 * (1.0 + np.tanh(0.5 * scores))  # sigmoid without overflow
-        values = scores.tolist()
+        values = (sigmoid_array(scores) if normalize else scores).tolist()
         return values[0] if single else values
 
     def rerank(

@@ -105,8 +105,8 @@ def evaluate_model(cfg: EvaluateConfig) -> dict[str, float]:
 
     check_model(cfg.model_name_or_path, "model_name_or_path")
     engine = InferenceEngine.from_config(
-        cfg, cfg.model_name_or_path, use_gpu=torch.cuda.is_available(),
-        threads=torch.get_num_threads(), max_batch_size=cfg.eval_batch_size,
+        cfg, cfg.model_name_or_path, use_gpu=torch.cuda.is_available(), threads=None,
+        max_batch_size=cfg.eval_batch_size,
     )  # fmt: skip
 
     def score(pairs: list[list[str]]) -> list[float]:

@@ -146,8 +146,9 @@ class PairFilterScorer:
     """Ray Data actor: sigmoid cross-encoder scores of (`query`, `passage`) rows."""
 
     def __init__(self, cfg: MineConfig):
-        from raykit.engine import InferenceEngine
+        from raykit.engine import InferenceEngine, sigmoid_array
 
+        self.sigmoid = sigmoid_array
         assert cfg.filter_model is not None
         self.engine = InferenceEngine.from_config(
             cfg, cfg.filter_model, use_gpu=cfg.use_gpu, threads=cfg.cpus_per_actor,
@@ -156,8 +157,7 @@ class PairFilterScorer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pairs = [[str(q), str(p)] for q, p in zip(batch["query"], batch["passage"], strict=True)]
-        logits = self.engine.score_pairs(pairs).astype(np.float64)
-        scores = 0.5 * (1.0 + np.tanh(0.5 * logits))  # sigmoid without overflow
+        scores = self.sigmoid(self.engine.score_pairs(pairs))
         return {"row": batch["row"], "score": scores.astype(np.float32)}
 
 
