@@ -9,8 +9,8 @@ whichever path it takes.
 
 Precision (`--dtype`): `auto` is fp32 on CPU (scores equal a plain fp32 forward pass) and
 bf16 (fp16 where bf16 is unsupported) on GPU. A model the engine loads itself is cast to
-bf16/fp16 (on this project's reference CPU, bf16 weights measured ~4% faster than autocast);
-a model it is handed (training-time evaluation) runs under autocast and is never modified.
+bf16/fp16 (on this project's reference CPU, bf16 weights measured ~4% faster than autocast),
+all but its classification head, which stays fp32 so that scores do not tie; a model it is handed (training-time evaluation) runs under autocast and is never modified.
 `int8` is torchao's dynamic int8 quantisation of the linear layers (opt-in).
 
 Tokenisation helpers import no torch, so Ray Data's tokenising tasks stay light.
@@ -167,6 +167,28 @@ def torch_dtype(name: str) -> torch.dtype | None:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name)
 
 
+HEAD_NAMES = ("classifier", "score")  # encoders' and decoders' sequence-classification heads
+
+
+def _inputs_to_float32(module: Any, args: tuple) -> tuple:
+    return tuple(a.float() if getattr(a, "is_floating_point", lambda: False)() else a for a in args)
+
+
+def keep_head_float32(model: Any) -> None:
+    """Run the classification head of a bf16/fp16 model in float32.
+
+    A logit rounded to bf16 keeps 8 significant bits, so most candidates of a query tie: 362
+    distinct scores for 2,090 CQA dev pairs, NDCG@10 -0.0034 against fp32. With the head in
+    fp32: 2,074 distinct scores, NDCG@10 +0.0005, at no measurable cost (one small layer)."""
+    import torch
+
+    head = next((getattr(model, name) for name in HEAD_NAMES
+                 if isinstance(getattr(model, name, None), torch.nn.Module)), None)  # fmt: skip
+    if head is not None:
+        head.float()
+        head.register_forward_pre_hook(_inputs_to_float32)
+
+
 def quantize_int8(model: Any) -> Any:
     """torchao's dynamic int8 quantisation of every linear layer (weights and activations)."""
     try:
@@ -260,6 +282,7 @@ class InferenceEngine:
             hf_model = quantize_int8(hf_model)
         elif torch_dtype(precision) is not None:
             hf_model = hf_model.to(torch_dtype(precision))
+            keep_head_float32(hf_model)
         hf_model.to(device)
         return cls(hf_model, tokenizer, device=device, precision=precision, **options)
 

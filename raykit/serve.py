@@ -460,13 +460,18 @@ def build_app(cfg: ServeConfig) -> serve.Application:
     cfg.validate()
     cfg = fill_node(cfg)
     ongoing = cfg.max_ongoing_requests or cfg.max_batch_size
-    model = RerankerModel.options(
-        name="reranker_model",
-        autoscaling_config={
+    # A fixed count when min == max: no autoscaling metrics flow from replicas to the controller.
+    if cfg.min_replicas == cfg.max_replicas:
+        replicas: dict[str, Any] = {"num_replicas": cfg.max_replicas}
+    else:
+        replicas = {"autoscaling_config": {
             "min_replicas": cfg.min_replicas,
             "max_replicas": cfg.max_replicas,
             "target_ongoing_requests": cfg.target_ongoing_requests,
-        },
+        }}  # fmt: skip
+    model = RerankerModel.options(
+        name="reranker_model",
+        **replicas,
         ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": 1 if cfg.use_gpu else 0},
         max_ongoing_requests=ongoing,
         max_queued_requests=cfg.max_queued_requests,  # beyond: a JSON 429 from the ingress

@@ -68,8 +68,13 @@ def test_bf16_and_int8_stay_close_and_rank_alike(tiny_model_dir, dtype, toleranc
     engine = InferenceEngine.load(tiny_model_dir, device="cpu", dtype=dtype, max_len=64)
     assert engine.precision == dtype
     if dtype == "bfloat16":  # the engine's own copy runs in bf16 weights on CPU
-        assert next(engine.model.parameters()).dtype == torch.bfloat16
+        assert engine.model.bert.encoder.layer[0].output.dense.weight.dtype == torch.bfloat16
+        assert engine.model.classifier.weight.dtype == torch.float32
     scores = engine.score_pairs(pairs)
+    if dtype == "bfloat16":  # an fp32 head: scores are not rounded to bf16, so they do not tie
+        on_bf16_grid = torch.tensor(scores).bfloat16().float().numpy() == scores
+        assert on_bf16_grid.mean() < 0.5
+        assert len(np.unique(scores)) == len(np.unique(reference))
     assert not np.array_equal(scores, reference)  # the precision really changed
     close_in_rank(reference, scores, tolerance)
 
