@@ -10,7 +10,8 @@ whichever path it takes.
 Precision (`--dtype`): `auto` is fp32 on CPU (scores equal a plain fp32 forward pass) and
 bf16 (fp16 where bf16 is unsupported) on GPU. A model the engine loads itself is cast to
 bf16/fp16 (on this project's reference CPU, bf16 weights measured ~4% faster than autocast),
-all but its classification head, which stays fp32 so that scores do not tie; a model it is handed (training-time evaluation) runs under autocast and is never modified.
+all but its classification head, which stays fp32 so that scores do not tie. A model it is
+handed (training-time evaluation) runs under autocast and is never modified.
 `int8` is torchao's dynamic int8 quantisation of the linear layers (opt-in).
 
 Tokenisation helpers import no torch, so Ray Data's tokenising tasks stay light.
