@@ -148,7 +148,7 @@ def main() -> None:
     print(json.dumps(results, indent=2))
     after = results["raykit"]["dev_after"]
     print(
-        f"dev NDCG@10 {after['ndcg@10']:.4f} (goal 0.85)  MAP {after['map']:.4f} (goal 0.75)  "
+        f"dev NDCG@10 {after['nDCG@10']:.4f} (goal 0.85)  MAP {after['AP']:.4f} (goal 0.75)  "
         f"speedup {results.get('speedup', 'n/a')}x (goal 1.2x)  "
         f"first step after {results['raykit']['time_to_first_step_s']}s"
     )

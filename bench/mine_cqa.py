@@ -30,7 +30,7 @@ from raykit.train import finetune  # noqa: E402
 
 
 def rounded(metrics: dict) -> dict:
-    return {k: round(v, 4) for k, v in metrics.items() if k in ("ndcg@10", "map", "mrr@10")}
+    return {k: round(v, 4) for k, v in metrics.items() if k in ("nDCG@10", "AP", "RR@10")}
 
 
 def main() -> None:
@@ -75,7 +75,7 @@ def main() -> None:
             }
             print(f"[bench] {arm}: {results['arms'][arm]}", flush=True)
 
-        best = max(results["arms"], key=lambda a: results["arms"][a]["dev"]["ndcg@10"])
+        best = max(results["arms"], key=lambda a: results["arms"][a]["dev"]["nDCG@10"])
         results["best_arm"] = best
         for weight in (0.3, 0.5, 0.7):
             out = f"{tmp}/mix-{weight}"

@@ -148,15 +148,17 @@ def raykit_score(model_dir: str, path: Path, out: Path, dtype: str) -> dict:
 
 
 def ndcg10(rows: list[dict], scores: list[float]) -> float:
-    from raykit.evaluate import ndcg_at_k, rank_labels
+    """Mean nDCG@10 (ir-measures, ties pessimistic) over the queries with a relevant pair."""
+    from raykit.evaluate import group_qrels_and_run, mean_metrics, per_query_sums
 
     by_query: dict = {}
     for row, score in zip(rows, scores, strict=True):
         by_query.setdefault(row["query_id"], ([], []))
         by_query[row["query_id"]][0].append(score)
         by_query[row["query_id"]][1].append(row["label"])
-    values = [ndcg_at_k(rank_labels(s, labels)) for s, labels in by_query.values() if any(labels)]
-    return round(sum(values) / len(values), 4)
+    judged = [(s, labels) for s, labels in by_query.values() if any(labels)]
+    qrels, run = group_qrels_and_run([lab for _, lab in judged], [s for s, _ in judged])
+    return round(mean_metrics(per_query_sums(["nDCG@10"], qrels, run, len(judged)))["nDCG@10"], 4)
 
 
 def scored_dev(out: Path, rows: list[dict]) -> list[float]:

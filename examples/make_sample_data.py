@@ -295,6 +295,25 @@ def main() -> None:
                         "passage": passage}  # fmt: skip
                 f.write(json.dumps(pair) + "\n")
     print(f"{out / 'score_pairs.jsonl'}: {len(groups[40:])} queries")
+    write_beir(out / "beir", groups[40:])
+
+
+def write_beir(out: Path, dev: list[dict]) -> None:
+    """The dev questions as a BEIR-layout dataset: every topic's answer and near miss in one
+    corpus, the dev questions as queries, their answers as qrels (relevance 1)."""
+    (out / "qrels").mkdir(parents=True, exist_ok=True)
+    doc_ids = {}
+    with open(out / "corpus.jsonl", "w") as f:
+        for index, (_, answer, near_miss) in enumerate(TOPICS):
+            for kind, text in (("a", answer), ("n", near_miss)):
+                doc_ids[text] = f"doc{index}{kind}"
+                f.write(json.dumps({"_id": doc_ids[text], "title": "", "text": text}) + "\n")
+    with open(out / "queries.jsonl", "w") as f, open(out / "qrels" / "test.tsv", "w") as qrels:
+        qrels.write("query-id\tcorpus-id\tscore\n")
+        for q, row in enumerate(dev):
+            f.write(json.dumps({"_id": f"q{q}", "text": row["query"]}) + "\n")
+            qrels.write(f"q{q}\t{doc_ids[row['pos'][0]]}\t1\n")
+    print(f"{out}: {len(doc_ids)} documents, {len(dev)} queries")
 
 
 if __name__ == "__main__":

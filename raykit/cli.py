@@ -17,14 +17,17 @@ from typing import Any, Optional
 import typer
 
 from raykit.config import (
+    RENAMED_KEYS,
     ConfigError,
     EvaluateConfig,
     FinetuneConfig,
     ForwardBudget,
+    Metrics,
     MineConfig,
     MixConfig,
     ModelLoading,
     Precision,
+    RetrieveConfig,
     ScoreConfig,
     ServeConfig,
     TokenLimits,
@@ -41,7 +44,7 @@ app = typer.Typer(
     help="Fine-tune, sweep, score and serve cross-encoder rerankers on Ray; mine; mix.",
 )
 COMMAND_CONFIGS: dict[str, type] = {}
-SHARED_GROUPS = (ModelLoading, Precision, TokenLimits, ForwardBudget)
+SHARED_GROUPS = (ModelLoading, Precision, TokenLimits, ForwardBudget, Metrics)
 _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
 
 
@@ -56,6 +59,10 @@ def normalize_argv(argv: Sequence[str]) -> list[str]:
     while i < len(argv):
         token = argv[i]
         name, _, inline = token[2:].partition("=") if token.startswith("--") else ("", "", "")
+        if name in RENAMED_KEYS and RENAMED_KEYS[name] in kinds:
+            typer.echo(f"[raykit] warning: --{name} is now --{RENAMED_KEYS[name]}", err=True)
+            name = RENAMED_KEYS[name]
+            token = f"--{name}" + (f"={inline}" if inline else "")
         kind = kinds.get(name)
         if kind is bool:
             value = inline or (argv[i + 1] if i + 1 < len(argv) else "")
@@ -160,22 +167,34 @@ def tune_command(cfg: TuneConfig) -> None:
     run_sweep(cfg)
 
 
-@config_command("evaluate", EvaluateConfig, "Rank each group's pos+neg and print the metrics.")
+@config_command(
+    "evaluate", EvaluateConfig, "Measure a model on groups, or a TREC run against qrels."
+)
 def evaluate_command(cfg: EvaluateConfig) -> None:
-    from raykit.evaluate import evaluate_model
+    from raykit.evaluate import run_evaluate
 
-    metrics = evaluate_model(cfg)
+    metrics = run_evaluate(cfg)
     typer.echo(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
 
 
-@config_command("score", ScoreConfig, "Rescore (query, passage) pairs with Ray Data actors.")
+@config_command(
+    "score", ScoreConfig, "Rescore (query, passage) pairs, groups or a TREC run with Ray Data."
+)
 def score_command(cfg: ScoreConfig) -> None:
     from raykit.score import ScoreError, run_score
+    from raykit.score_trec import run_score_trec
 
     try:
-        run_score(cfg)
+        run_score_trec(cfg) if cfg.run else run_score(cfg)
     except ScoreError as exc:
         _fail(str(exc))
+
+
+@config_command("bm25", RetrieveConfig, "First-stage BM25 run (TREC) over BEIR queries/corpus.")
+def bm25_command(cfg: RetrieveConfig) -> None:
+    from raykit.retrieve import run_bm25
+
+    run_bm25(cfg)
 
 
 @config_command("serve", ServeConfig, "Serve a reranking HTTP API on Ray Serve until Ctrl-C.")

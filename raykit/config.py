@@ -105,6 +105,26 @@ class ForwardBudget(_OptionGroup):
 
 
 @dataclass
+class Metrics(_OptionGroup):
+    panel = "Evaluation"
+
+    metrics: list[str] = field(
+        default_factory=lambda: ["nDCG@10", "RR@10", "AP"],
+        metadata={"help": "ir-measures names, any cutoff: nDCG@10 RR@10 AP R@100 P@5 ..."},
+    )
+    metric_for_best_model: str = _opt(
+        "nDCG@10", "The measure that picks the best checkpoint (and drives tune); added to metrics."
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        from raykit.evaluate import canonical_metric, parse_metrics
+
+        self.metric_for_best_model = canonical_metric(self.metric_for_best_model)
+        self.metrics = parse_metrics([*self.metrics, self.metric_for_best_model])
+
+
+@dataclass
 class TokenLimits(_OptionGroup):
     panel = "Token limits"
 
@@ -127,7 +147,7 @@ class TokenLimits(_OptionGroup):
 
 
 @dataclass
-class FinetuneConfig(ForwardBudget, TokenLimits, Precision, ModelLoading):
+class FinetuneConfig(Metrics, ForwardBudget, TokenLimits, Precision, ModelLoading):
     """Everything `raykit finetune` and `jobs/finetune.py` accept (FlagEmbedding flag names)."""
 
     # Model and data
@@ -177,7 +197,9 @@ class FinetuneConfig(ForwardBudget, TokenLimits, Precision, ModelLoading):
     save_steps: int | None = _opt(
         None, "Checkpoint every N steps (default: eval_steps; always at the end)."
     )
-    save_total_limit: int = _opt(2, "Checkpoints kept (the best by NDCG@10, and the latest).")
+    save_total_limit: int = _opt(
+        2, "Checkpoints kept (the best by metric_for_best_model, and the latest)."
+    )
     eval_batch_size: int = _opt(64, "Pairs per forward pass during evaluation.")
     eval_on_start: bool = _opt(True, "Evaluate the untrained model before the first step.")
 
@@ -234,17 +256,29 @@ class FinetuneConfig(ForwardBudget, TokenLimits, Precision, ModelLoading):
 
 
 @dataclass
-class EvaluateConfig(ForwardBudget, TokenLimits, Precision, ModelLoading):
-    """`raykit evaluate`: rank each group's pos + neg passages with a model."""
+class EvaluateConfig(Metrics, ForwardBudget, TokenLimits, Precision, ModelLoading):
+    """`raykit evaluate`: a model on groups (each group's pos + neg reranked), or a TREC run
+    against qrels."""
 
     model_name_or_path: str = _opt("BAAI/bge-reranker-base", "Model to evaluate.")
     eval_data: list[str] = _list_opt("JSONL groups (query, pos, neg).")
     eval_batch_size: int = _opt(64, "Pairs per forward pass.")
+    run: str | None = _opt(None, "A TREC run (qid Q0 docid rank score tag) to evaluate.")
+    qrels: str | None = _opt(None, "Judgements for --run: TREC (qid 0 docid rel) or BEIR TSV.")
+    output: str | None = _opt(None, "Also write {measure: value} to this JSON file.")
 
     def validate(self) -> None:
         super().validate()
-        if not self.eval_data:
-            raise ConfigError("eval_data: at least one file is required")
+        if bool(self.run) != bool(self.qrels):
+            raise ConfigError("run/qrels: give both, or neither (then eval_data and a model)")
+        for name in ("run", "qrels"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise ConfigError(f"{name}: no such file: {path}")
+        if self.run and self.eval_data:
+            raise ConfigError("eval_data: not with --run (a run is evaluated as it is)")
+        if not self.run and not self.eval_data:
+            raise ConfigError("eval_data: at least one file is required (or --run and --qrels)")
         _require_positive(self, ["eval_batch_size"])
 
 
@@ -258,7 +292,18 @@ class ScoreConfig(ForwardBudget, TokenLimits, Precision, ModelLoading):
         "{query, passage, ...} or groups {query, candidates: [str], ...}."
     )
     output: str = _opt("scored", "Output directory: one file per input file.")
-    format: str = _opt("parquet", "Output format: parquet or jsonl.")
+    format: str = _opt(
+        "parquet", "Output format: parquet, jsonl, or trec (with --run: a reranked TREC run)."
+    )
+    run: str | None = _opt(
+        None, "Rerank a first-stage TREC run (qid Q0 docid rank score tag) instead of --input."
+    )
+    queries: str | None = _opt(None, "With --run: BEIR queries JSONL {_id, text} or id<TAB>text.")
+    corpus: list[str] = _list_opt(
+        "With --run: BEIR corpus JSONL {_id, title?, text} or id<TAB>text (only the run's "
+        "documents are kept in memory)."
+    )
+    run_tag: str = _opt("raykit", "With --run: the tag column of the reranked TREC run.")
     query_field: str = _opt("query", "Column holding the query.")
     passage_field: str = _opt("passage", "Column holding the passage of a pair row.")
     candidates_field: str = _opt("candidates", "Column holding a group row's passages.")
@@ -301,10 +346,19 @@ class ScoreConfig(ForwardBudget, TokenLimits, Precision, ModelLoading):
 
     def validate(self) -> None:
         super().validate()
-        if not self.input:
+        if self.run:
+            if self.input:
+                raise ConfigError("input: not with --run (the run, queries and corpus are it)")
+            if not self.queries or not self.corpus:
+                raise ConfigError("run: needs --queries and --corpus (BEIR layout or TSV)")
+        elif not self.input:
             raise ConfigError("input: at least one file, directory or URI is required")
-        if self.format not in ("parquet", "jsonl"):
-            raise ConfigError(f"format: expected parquet or jsonl, got {self.format!r}")
+        if self.format not in ("parquet", "jsonl", "trec"):
+            raise ConfigError(f"format: expected parquet, jsonl or trec, got {self.format!r}")
+        if self.format == "trec" and not self.run:
+            raise ConfigError("format: trec needs --run (a TREC run to rerank)")
+        if len(self.run_tag.split()) != 1:
+            raise ConfigError(f"run_tag: one word without spaces, got {self.run_tag!r}")
         _require_positive(self, ["batch_size", "sort_window", "object_store_limit_mib"])
         optional = ["top_k", "num_actors", "cpus_per_actor", "min_actors", "max_actors",
                     "tokenize_tasks"]  # fmt: skip
@@ -438,7 +492,6 @@ class TuneConfig(FinetuneConfig):
     )
     num_samples: int = _opt(4, "Trials to sample (grid values are each run num_samples times).")
     scheduler: str = _opt("asha", "asha (stop weak trials early on the metric) or fifo.")
-    metric: str = _opt("ndcg@10", "Eval metric to maximise: ndcg@10, mrr@10 or map.")
     max_concurrent_trials: int | None = _opt(
         None, "Default: what the cluster's CPUs/GPUs can run (trial workers + 1 CPU for data)."
     )
@@ -453,13 +506,31 @@ class TuneConfig(FinetuneConfig):
             raise ConfigError("eval_data: a sweep needs eval data to compare trials")
         if not self.search:
             raise ConfigError("search: give at least one --search KEY=DIST:ARGS")
-        if self.metric not in ("ndcg@10", "mrr@10", "map"):
-            raise ConfigError(f"metric: expected ndcg@10, mrr@10 or map, got {self.metric!r}")
         if self.scheduler not in ("asha", "fifo"):
             raise ConfigError(f"scheduler: expected asha or fifo, got {self.scheduler!r}")
         if self.num_samples <= 0 or self.reduction_factor < 2:
             raise ConfigError("num_samples must be > 0 and reduction_factor >= 2")
         parse_search(self.search)
+
+
+@dataclass
+class RetrieveConfig(_OptionGroup):
+    """`raykit bm25`: a first-stage BM25 run over BEIR-layout queries and corpus."""
+
+    queries: str = _opt("", "BEIR queries JSONL {_id, text} or id<TAB>text.")
+    corpus: list[str] = _list_opt("BEIR corpus JSONL {_id, title?, text} or id<TAB>text.")
+    output: str = _opt("run.trec", "The TREC run to write (qid Q0 docid rank score tag).")
+    top_k: int = _opt(100, "Documents per query.")
+    run_tag: str = _opt("bm25", "The tag column of the run.")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.queries or not self.corpus:
+            raise ConfigError("queries/corpus: both are required")
+        for path in [self.queries, *self.corpus]:
+            if "://" not in path and not Path(path).is_file():
+                raise ConfigError(f"no such file: {path}")
+        _require_positive(self, ["top_k"])
 
 
 @dataclass
@@ -469,6 +540,12 @@ class MineConfig(ForwardBudget, TokenLimits, Precision, ModelLoading):
     input: list[str] = _list_opt("JSONL groups {query, pos, neg?} (files, directories, URIs).")
     corpus: list[str] = _list_opt(
         "JSONL {text, id?} to mine from (default: every pos/neg text of the input)."
+    )
+    queries: str | None = _opt(
+        None, "Instead of --input, BEIR layout: queries JSONL {_id, text} (with --qrels, --corpus)."
+    )
+    qrels: str | None = _opt(
+        None, "BEIR layout: qrels (TREC or BEIR TSV); documents with relevance > 0 are positives."
     )
     output: str = _opt("mined.jsonl", "Output JSONL in the training format.")
     retriever: str = _opt("bm25", "bm25 (bm25s) or dense (an HF encoder, see --embedder).")
@@ -495,7 +572,12 @@ class MineConfig(ForwardBudget, TokenLimits, Precision, ModelLoading):
 
     def validate(self) -> None:
         super().validate()
-        if not self.input:
+        if self.queries or self.qrels:
+            if self.input:
+                raise ConfigError("input: not with --queries/--qrels (the BEIR layout is it)")
+            if not (self.queries and self.qrels and self.corpus):
+                raise ConfigError("qrels: the BEIR layout needs --queries, --qrels and --corpus")
+        elif not self.input:
             raise ConfigError("input: at least one file, directory or URI is required")
         if self.retriever not in ("bm25", "dense"):
             raise ConfigError(f"retriever: expected bm25 or dense, got {self.retriever!r}")
@@ -666,7 +748,7 @@ def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
 
 
 # Keys that were renamed: old YAML files and flags keep working, with a warning.
-RENAMED_KEYS = {"chunk_tokens": "forward_token_budget"}
+RENAMED_KEYS = {"chunk_tokens": "forward_token_budget", "metric": "metric_for_best_model"}
 
 
 def _renamed(key: str, source: str) -> str:

@@ -1,98 +1,151 @@
-"""Ranking metrics and the evaluator that reranks each group's pos + neg candidates.
+"""IR evaluation with ir-measures (trec_eval's and other reference implementations).
 
-Relevance is binary: the `pos` passages are relevant, the `neg` ones are not. Tied scores are
-ranked pessimistically (non-relevant first), so a model that scores everything the same gets no
-credit for the positives-first order of the input.
+Two inputs:
+- raykit's groups: each group's `pos + neg` is reranked by a model; `pos` passages have
+  relevance 1, `neg` 0. Tied scores are ranked pessimistically (non-relevant first) before the
+  measures see the run, so a model that scores everything the same gets no credit for the
+  positives-first order of the input, whichever ir-measures provider computes a measure.
+- a TREC run (`qid Q0 docid rank score tag`) and qrels (TREC `qid 0 docid rel` or BEIR's TSV with
+  a header), graded relevance, trec_eval's own semantics.
+
+Measures are named as ir-measures names them (`nDCG@10`, `RR@10`, `AP`, `R@100`, `P@5`, ...);
+raykit's older names `ndcg@10`, `mrr@10` and `map` are read as `nDCG@10`, `RR@10` and `AP`.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+import json
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from raykit.errors import ConfigError
 
 if TYPE_CHECKING:
     from raykit.config import EvaluateConfig
+    from raykit.trec import RunEntry
 
-METRIC_NAMES = ("mrr@10", "ndcg@10", "map")
-
-
-def mrr_at_k(ranked_labels: Sequence[int], k: int = 10) -> float:
-    """Reciprocal rank of the first relevant item within the top k, else 0."""
-    for rank, label in enumerate(ranked_labels[:k], start=1):
-        if label > 0:
-            return 1.0 / rank
-    return 0.0
+DEFAULT_METRICS = ("nDCG@10", "RR@10", "AP")
+LEGACY_NAMES = {"ndcg@10": "nDCG@10", "mrr@10": "RR@10", "map": "AP"}
+COUNT_KEY = "count"
 
 
-def ndcg_at_k(ranked_labels: Sequence[int], k: int = 10) -> float:
-    """Normalised DCG over the top k with gains equal to the labels."""
-    dcg = sum(label / math.log2(rank + 2) for rank, label in enumerate(ranked_labels[:k]))
-    ideal = sorted(ranked_labels, reverse=True)
-    idcg = sum(label / math.log2(rank + 2) for rank, label in enumerate(ideal[:k]))
-    return dcg / idcg if idcg > 0 else 0.0
+def parse_metrics(names: Iterable[str], field: str = "metrics") -> list[str]:
+    """Canonical ir-measures names of `names` (duplicates dropped), or a ConfigError naming
+    `field` and the measure it cannot parse."""
+    import ir_measures
+
+    parsed = []
+    for name in names:
+        name = LEGACY_NAMES.get(str(name).strip(), str(name).strip())
+        try:
+            parsed.append(str(ir_measures.parse_measure(name)))
+        except Exception:  # ir-measures raises NameError, ValueError or SyntaxError
+            raise ConfigError(
+                f"{field}: unknown measure {name!r} (ir-measures names, e.g. nDCG@10 RR@10 AP "
+                "R@100 P@5)"
+            ) from None
+    if not parsed:
+        raise ConfigError(f"{field}: give at least one measure")
+    return list(dict.fromkeys(parsed))
 
 
-def average_precision(ranked_labels: Sequence[int]) -> float:
-    """Mean of precision@i over the ranks i of the relevant items (whole list)."""
-    hits, total = 0, 0.0
-    for rank, label in enumerate(ranked_labels, start=1):
-        if label > 0:
-            hits += 1
-            total += hits / rank
-    return total / hits if hits else 0.0
+def canonical_metric(name: str, field: str = "metric_for_best_model") -> str:
+    return parse_metrics([name], field)[0]
 
 
-def rank_labels(scores: Sequence[float], labels: Sequence[int]) -> list[int]:
-    """Labels in descending score order; ties put lower labels first."""
-    order = sorted(range(len(scores)), key=lambda i: (-scores[i], labels[i]))
-    return [labels[i] for i in order]
-
-
-def group_metrics(scores: Sequence[float], labels: Sequence[int]) -> dict[str, float]:
-    ranked = rank_labels(scores, labels)
-    return {
-        "mrr@10": mrr_at_k(ranked),
-        "ndcg@10": ndcg_at_k(ranked),
-        "map": average_precision(ranked),
-    }
+# ---------------------------------------------------------------------------- groups
 
 
 def candidates(group: dict) -> tuple[list[str], list[int]]:
     """A group's passages (positives first) and their binary labels."""
-    return list(group["pos"]) + list(group["neg"]), [1] * len(group["pos"]) + [0] * len(
-        group["neg"]
-    )
+    passages = list(group["pos"]) + list(group["neg"])
+    return passages, [1] * len(group["pos"]) + [0] * len(group["neg"])
 
 
-def metric_sums(
-    groups: Sequence[dict], score_pairs: Callable[[list[list[str]]], list[float]]
+def group_qrels_and_run(
+    labels_per_group: Sequence[Sequence[int]], scores_per_group: Sequence[Sequence[float]]
+) -> tuple[list[Any], list[Any]]:
+    """ir-measures qrels and run for groups, query ids "0", "1", ...: the run's scores are the
+    ranks of a pessimistic order (by score, then non-relevant first), so it has no ties."""
+    from ir_measures import Qrel, ScoredDoc
+
+    qrels, run = [], []
+    for q, (labels, scores) in enumerate(zip(labels_per_group, scores_per_group, strict=True)):
+        qid = str(q)
+        order = sorted(range(len(labels)), key=lambda i: (-scores[i], labels[i]))
+        for rank, i in enumerate(order):
+            qrels.append(Qrel(qid, f"d{i}", int(labels[i])))
+            run.append(ScoredDoc(qid, f"d{i}", float(len(order) - rank)))
+    return qrels, run
+
+
+def per_query_sums(
+    measures: Sequence[str], qrels: Sequence[Any], run: Sequence[Any], queries: int
 ) -> dict[str, float]:
-    """Sum of each metric over groups, plus `count`: summable across workers."""
-    pairs, spans = [], []
-    for group in groups:
-        passages, labels = candidates(group)
-        spans.append((len(pairs), len(passages), labels))
-        pairs += [[group["query"], p] for p in passages]
-    scores = score_pairs(pairs) if pairs else []
-    sums = dict.fromkeys(METRIC_NAMES, 0.0)
-    for start, n, labels in spans:
-        for name, value in group_metrics(scores[start : start + n], labels).items():
-            sums[name] += value
-    sums["count"] = float(len(groups))
+    """Sum over queries of each measure, plus `count` = `queries`: summable across workers.
+    A query a measure has no value for (no relevant passage) counts as 0."""
+    import ir_measures
+
+    sums = dict.fromkeys(measures, 0.0)
+    parsed = {str(m): m for m in (ir_measures.parse_measure(n) for n in measures)}
+    for metric in ir_measures.iter_calc(list(parsed.values()), qrels, run):
+        sums[str(metric.measure)] += float(metric.value)
+    sums[COUNT_KEY] = float(queries)
     return sums
 
 
+def metric_sums(
+    groups: Sequence[dict],
+    score_pairs: Callable[[list[list[str]]], list[float]],
+    metrics: Sequence[str] = DEFAULT_METRICS,
+) -> dict[str, float]:
+    """Sum of each measure over `groups` reranked by `score_pairs`, plus `count`."""
+    pairs, spans = [], []
+    for group in groups:
+        passages, labels = candidates(group)
+        spans.append((len(pairs), labels))
+        pairs += [[group["query"], p] for p in passages]
+    scores = list(score_pairs(pairs)) if pairs else []
+    labels_per_group = [labels for _, labels in spans]
+    scores_per_group = [scores[start : start + len(labels)] for start, labels in spans]
+    qrels, run = group_qrels_and_run(labels_per_group, scores_per_group)
+    return per_query_sums(metrics, qrels, run, len(groups))
+
+
 def mean_metrics(sums: dict[str, float]) -> dict[str, float]:
-    count = sums.get("count", 0.0)
-    return {name: (sums[name] / count if count else 0.0) for name in METRIC_NAMES}
+    """Means of summed measures (see `metric_sums`), in the order they were asked for."""
+    count = sums.get(COUNT_KEY, 0.0)
+    return {name: (value / count if count else 0.0) for name, value in sums.items()
+            if name != COUNT_KEY}  # fmt: skip
 
 
 def evaluate_groups(
-    groups: Sequence[dict], score_pairs: Callable[[list[list[str]]], list[float]]
+    groups: Sequence[dict],
+    score_pairs: Callable[[list[list[str]]], list[float]],
+    metrics: Sequence[str] = DEFAULT_METRICS,
 ) -> dict[str, float]:
-    """Mean MRR@10, NDCG@10 and MAP of `score_pairs` over the groups."""
-    return mean_metrics(metric_sums(groups, score_pairs))
+    """Mean of each measure of `score_pairs` over the groups."""
+    return mean_metrics(metric_sums(groups, score_pairs, metrics))
+
+
+# ---------------------------------------------------------------------------- runs and qrels
+
+
+def evaluate_run(
+    run: Sequence[RunEntry], qrels: Sequence[tuple[str, str, int]], metrics: Sequence[str]
+) -> dict[str, float]:
+    """Mean of each measure over the queries that have judgements (trec_eval's semantics
+    with -c: a judged query missing from the run counts as 0)."""
+    from ir_measures import Qrel, ScoredDoc
+
+    judged = {qid for qid, _, _ in qrels}
+    scored = [ScoredDoc(e.query_id, e.doc_id, e.score) for e in run]
+    sums = per_query_sums(metrics, [Qrel(*q) for q in qrels], scored, len(judged))
+    return mean_metrics(sums)
+
+
+# ---------------------------------------------------------------------------- the command
 
 
 def evaluate_model(cfg: EvaluateConfig) -> dict[str, float]:
@@ -112,4 +165,18 @@ def evaluate_model(cfg: EvaluateConfig) -> dict[str, float]:
     def score(pairs: list[list[str]]) -> list[float]:
         return engine.score_pairs(pairs).tolist()
 
-    return evaluate_groups(load_groups(cfg.eval_data), score)
+    return evaluate_groups(load_groups(cfg.eval_data), score, cfg.metrics)
+
+
+def run_evaluate(cfg: EvaluateConfig) -> dict[str, float]:
+    """`raykit evaluate`: a TREC run against qrels, or a model on groups; writes `cfg.output`."""
+    from raykit.trec import read_qrels, read_run
+
+    if cfg.run:
+        metrics = evaluate_run(read_run(cfg.run), read_qrels(cfg.qrels), cfg.metrics)
+    else:
+        metrics = evaluate_model(cfg)
+    if cfg.output:
+        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.output).write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics

@@ -23,6 +23,7 @@ from torch import nn
 
 from raykit.config import ConfigError, MixConfig, resolve_model_path
 from raykit.data import load_groups
+from raykit.model_card import mix_card, write_card
 from raykit.storage import prepare_output_dir, publish_dir
 
 # Config keys that decide parameter shapes and meaning; they must agree between models.
@@ -186,6 +187,7 @@ def run_mix(cfg: MixConfig) -> dict[str, Any]:
         tokenizer.save_pretrained(folder)
         with open(os.path.join(folder, "mix.json"), "w") as f:
             json.dump(summary, f, indent=2)
+        write_card(folder, mix_card(cfg, summary))
 
     publish_dir(cfg.output, write)
     for key, names in partial.items():

@@ -28,6 +28,7 @@ from raykit.config import MineConfig, resolve_model_path
 from raykit.data import (
     MAX_REPORTED_ERRORS,
     DataError,
+    DataReport,
     collect_groups,
     expand_paths,
     lone_surrogate,
@@ -70,6 +71,32 @@ def read_corpus(paths: list[str]) -> list[str]:
     return list(texts)
 
 
+def beir_groups(cfg: MineConfig) -> tuple[list[dict], list[str], DataReport]:
+    """Groups {query, pos} from BEIR-layout queries, qrels (relevance > 0) and corpus, the
+    corpus texts (a title before its text, as `score --run` reads them) and what was skipped:
+    qrels lines whose query or document has no text."""
+    from raykit.trec import iter_corpus, read_qrels, read_queries
+
+    queries = read_queries(cfg.queries)
+    documents = dict(iter_corpus(cfg.corpus))
+    positives: dict[str, list[str]] = {}
+    report = DataReport(files=[cfg.qrels])
+    for qid, doc_id, relevance in read_qrels(cfg.qrels):
+        if relevance <= 0:
+            continue
+        if qid not in queries:
+            report.skipped["qrels: query not in --queries"] += 1
+        elif doc_id not in documents:
+            report.skipped["qrels: document not in --corpus"] += 1
+        else:
+            positives.setdefault(qid, []).append(documents[doc_id])
+    if not positives:
+        raise DataError(f"{cfg.qrels}: no relevant document with a query and a text")
+    groups = [{"query": queries[qid], "pos": texts} for qid, texts in positives.items()]
+    report.valid_rows = len(groups)
+    return groups, list(dict.fromkeys(documents.values())), report
+
+
 def pooled_corpus(groups: list[dict]) -> list[str]:
     """Every pos and neg text of the groups, once each."""
     texts: dict[str, None] = {}
@@ -84,6 +111,13 @@ def pooled_corpus(groups: list[dict]) -> list[str]:
 
 def retrieve_bm25(queries: list[str], corpus: list[str], k: int) -> list[list[int]]:
     """Corpus indices of the top `k` BM25 hits per query (hits with score 0 are not hits)."""
+    return [[doc for doc, _ in hits] for hits in retrieve_bm25_scored(queries, corpus, k)]
+
+
+def retrieve_bm25_scored(
+    queries: list[str], corpus: list[str], k: int
+) -> list[list[tuple[int, float]]]:
+    """(corpus index, BM25 score) of the top `k` hits per query, best first, scores > 0."""
     import bm25s
 
     retriever = bm25s.BM25()
@@ -92,9 +126,10 @@ def retrieve_bm25(queries: list[str], corpus: list[str], k: int) -> list[list[in
     tokens = bm25s.tokenize(queries, stopwords="en", show_progress=False)
     hits, scores = retriever.retrieve(tokens, k=min(k, len(corpus)), show_progress=False)
     return [
-        [int(doc) for doc, score in zip(row_hits, row_scores, strict=True) if score > 0]
+        [(int(doc), float(score)) for doc, score in zip(row_hits, row_scores, strict=True)
+         if score > 0]
         for row_hits, row_scores in zip(hits, scores, strict=True)
-    ]
+    ]  # fmt: skip
 
 
 class TextEmbedder:
@@ -264,12 +299,15 @@ def run_mine(cfg: MineConfig) -> dict[str, Any]:
         check_model(cfg.filter_model, "filter_model")
     if not is_uri(cfg.output):
         check_writable(os.path.dirname(absolute(cfg.output)), "output")
-    groups, report = collect_groups(cfg.input, require_neg=False)
-    if not cfg.skip_invalid:
-        raise_for_invalid(report, " in the input (use --skip_invalid to skip them)")
-    if not groups:
-        raise DataError(f"input: no valid groups in {', '.join(cfg.input)}")
-    corpus = read_corpus(cfg.corpus) if cfg.corpus else pooled_corpus(groups)
+    if cfg.qrels:
+        groups, corpus, report = beir_groups(cfg)
+    else:
+        groups, report = collect_groups(cfg.input, require_neg=False)
+        if not cfg.skip_invalid:
+            raise_for_invalid(report, " in the input (use --skip_invalid to skip them)")
+        if not groups:
+            raise DataError(f"input: no valid groups in {', '.join(cfg.input)}")
+        corpus = read_corpus(cfg.corpus) if cfg.corpus else pooled_corpus(groups)
     lo, hi = cfg.sample_range
     queries = [g["query"] for g in groups]
     if cfg.retriever == "dense" or cfg.filter_model:

@@ -49,12 +49,12 @@ from raykit.model import (
     load_model_and_tokenizer,
     make_chunks,
 )
+from raykit.model_card import finetune_card, write_card
 from raykit.storage import absolute, is_uri, prepare_output_dir, publish_dir
 
 TRAINER_STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "raykit_finetune.json"
 SUMMARY_FILE = "train_summary.json"
-BEST_METRIC = "ndcg@10"
 
 
 @dataclass
@@ -364,8 +364,8 @@ class FinetuneRecipe:
         def score(pairs: list[list[str]]) -> list[float]:
             return self.eval_engine.score_pairs(pairs).tolist()
 
-        sums = metric_sums(mine, score)
-        names = sorted(sums)
+        sums = metric_sums(mine, score, self.cfg.metrics)
+        names = list(sums)  # the same measures, in the same order, on every worker
         reduced = dict(zip(names, _all_reduce_sum([sums[n] for n in names], device), strict=True))
         self.encoder.train()
         metrics = mean_metrics(reduced)
@@ -552,10 +552,12 @@ class FinetuneResult:
     checkpoint_path: str | None
 
 
-def export_model(checkpoint: Checkpoint, output_dir: str, summary: dict[str, Any]) -> None:
+def export_model(
+    checkpoint: Checkpoint, output_dir: str, summary: dict[str, Any], card: str | None = None
+) -> None:
     """Publish a checkpoint's Hugging Face files (not the optimizer state) as `output_dir`, with
-    `train_summary.json` (loss and eval history, throughput). The folder is replaced as a whole
-    and appears complete or not at all (see `publish_dir`)."""
+    `train_summary.json` (loss and eval history, throughput) and the model card `card`. The
+    folder is replaced as a whole and appears complete or not at all (see `publish_dir`)."""
 
     def write(folder: str) -> None:
         with checkpoint.as_directory() as ckpt_dir:
@@ -569,8 +571,14 @@ def export_model(checkpoint: Checkpoint, output_dir: str, summary: dict[str, Any
                     shutil.copy2(src, os.path.join(folder, name))
         with open(os.path.join(folder, SUMMARY_FILE), "w") as f:
             json.dump(summary, f, indent=2, default=str)
+        if card:
+            write_card(folder, card)
 
     publish_dir(output_dir, write)
+
+
+def _names(paths: list[str]) -> str:
+    return ", ".join(f"`{os.path.basename(os.path.normpath(p))}`" for p in paths)
 
 
 def check_run_paths(cfg: FinetuneConfig) -> None:
@@ -618,10 +626,12 @@ def _train_and_export(
 
     train_ds, train_report = read_groups(cfg.train_data, cfg.skip_invalid)
     print(f"[raykit] train data: {train_report.summary()}", flush=True)
+    data_lines = [f"training: {train_report.summary()}: {_names(cfg.train_data)}"]
     datasets = {"train": train_ds}
     if cfg.eval_data:
         eval_ds, eval_report = read_groups(cfg.eval_data, cfg.skip_invalid)
         print(f"[raykit] eval data: {eval_report.summary()}", flush=True)
+        data_lines.append(f"evaluation: {eval_report.summary()}: {_names(cfg.eval_data)}")
         datasets["eval"] = eval_ds
     plan = plan_steps(cfg, train_report.valid_rows)
     dropped = train_report.valid_rows - plan.groups_per_worker * cfg.num_workers
@@ -658,7 +668,7 @@ def _train_and_export(
             callbacks=callbacks,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.save_total_limit,
-                checkpoint_score_attribute=BEST_METRIC if cfg.eval_data else None,
+                checkpoint_score_attribute=cfg.metric_for_best_model if cfg.eval_data else None,
                 checkpoint_score_order="max",
             ),
         ),
@@ -673,12 +683,16 @@ def _train_and_export(
     checkpoint, best_metrics = result.checkpoint, dict(result.metrics or {})
     if cfg.eval_data and result.best_checkpoints:
         checkpoint, best_metrics = max(
-            result.best_checkpoints, key=lambda cm: cm[1].get(BEST_METRIC, float("-inf"))
+            result.best_checkpoints,
+            key=lambda cm: cm[1].get(cfg.metric_for_best_model, float("-inf")),
         )
     if checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     best_metrics = {k: v for k, v in best_metrics.items() if k != WORKER_GROUP_KEY}
-    export_model(checkpoint, cfg.output_dir, {**summary, "best_metrics": best_metrics})
+    data_lines.append(f"{summary.get('pairs_trained', 0)} (query, passage) pairs trained in "
+                      f"{summary.get('steps', 0)} steps, groups of {cfg.train_group_size}")
+    card = finetune_card(cfg, summary, best_metrics, data_lines)
+    export_model(checkpoint, cfg.output_dir, {**summary, "best_metrics": best_metrics}, card)
     print(f"[raykit] best model written to {cfg.output_dir}", flush=True)
     return FinetuneResult(cfg.output_dir, best_metrics, summary, checkpoint.path)
 

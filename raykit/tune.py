@@ -25,6 +25,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from raykit.cluster import init_ray
 from raykit.config import FinetuneConfig, TuneConfig, parse_search
 from raykit.model import check_model
+from raykit.model_card import finetune_card
 from raykit.storage import absolute, filesystem, join, prepare_output_dir
 from raykit.train import WORKER_GROUP_KEY, export_model, finetune, release_placement_group
 
@@ -187,7 +188,7 @@ def run_sweep(cfg: TuneConfig) -> dict[str, Any]:
             trainable,
             param_space=space,
             tune_config=tune.TuneConfig(
-                metric=cfg.metric,
+                metric=cfg.metric_for_best_model,
                 mode="max",
                 num_samples=cfg.num_samples,
                 scheduler=scheduler,
@@ -200,7 +201,7 @@ def run_sweep(cfg: TuneConfig) -> dict[str, Any]:
         )
     results = tuner.fit()
 
-    rows = _trial_rows(results, cfg.metric, sorted(space), cfg.max_steps)
+    rows = _trial_rows(results, cfg.metric_for_best_model, sorted(space), cfg.max_steps)
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=list(rows[0]) if rows else ["trial"])
     writer.writeheader()
@@ -213,13 +214,21 @@ def run_sweep(cfg: TuneConfig) -> dict[str, Any]:
             f.write(text.encode())
     print(format_table(rows), flush=True)
 
-    best = _best_checkpoint(results, cfg.metric, storage)
+    best = _best_checkpoint(results, cfg.metric_for_best_model, storage)
     if best is None:
         raise RuntimeError("no trial produced a checkpoint with the metric; see trials.csv")
     checkpoint, metrics = best
     best_dir = join(output_dir, "best")
-    export_model(checkpoint, best_dir, {"best_metrics": metrics, "trials": rows})
-    print(f"[raykit] best {cfg.metric}={metrics[cfg.metric]:.4f}; model written to {best_dir}")
+    params = {key.split("/", 1)[1]: value for key, value in metrics.items()
+              if key.startswith("config/") and key.split("/", 1)[1] in base}  # fmt: skip
+    trial_cfg = FinetuneConfig(**{**base, **params, "output_dir": best_dir})
+    data = [f"training: {', '.join(cfg.train_data)}", f"evaluation: {', '.join(cfg.eval_data)}",
+            f"sweep: {len(rows)} trials over {', '.join(sorted(space))} (see trials.csv)"]
+    line = f"The best of {len(rows)} trials of a sweep: a cross-encoder reranker fine-tuned"
+    card = finetune_card(trial_cfg, {"steps": metrics.get("step")}, metrics, data, line)
+    export_model(checkpoint, best_dir, {"best_metrics": metrics, "trials": rows}, card)
+    metric = cfg.metric_for_best_model
+    print(f"[raykit] best {metric}={metrics[metric]:.4f}; model written to {best_dir}")
     return {"trials": rows, "best_metrics": metrics, "best_dir": best_dir}
 
 

@@ -242,8 +242,8 @@ def test_sweep_with_s3_storage_and_output(cluster, tiny_model_dir):
     assert sorted(r["learning_rate"] for r in rows) == [1e-3, 3e-3]
     assert [r["status"] for r in rows] == ["OK", "OK"]
     best = read_s3_json(f"{sweep}/best/train_summary.json")
-    best_row = max(r["best_ndcg@10"] for r in rows)
-    assert best["best_metrics"]["ndcg@10"] == pytest.approx(best_row, abs=1e-4)
+    best_row = max(r["best_nDCG@10"] for r in rows)
+    assert best["best_metrics"]["nDCG@10"] == pytest.approx(best_row, abs=1e-4)
     fs, path = pafs.FileSystem.from_uri(f"s3://{BUCKET}/sweeps/s3-sweep")
     trials = fs.get_file_info(pafs.FileSelector(f"{path}/trials", recursive=False))
     assert len([t for t in trials if t.type == pafs.FileType.Directory]) == 2

@@ -40,6 +40,7 @@ def test_mix_is_exactly_the_weighted_average(two_models, tmp_path):
     for key, tensor in mixed.items():
         torch.testing.assert_close(tensor, 0.3 * sa[key] + 0.7 * sb[key], rtol=0, atol=1e-6)
     assert json.loads((tmp_path / "m" / "mix.json").read_text())["weights"] == [0.3, 0.7]
+    assert "x 0.3000" in (tmp_path / "m" / "README.md").read_text()  # the model card
     assert f"{a}=0.3000, {b}=0.7000" in result.output
     # The folder is a complete model: its scores are those of the averaged weights.
     pairs = [["what is ray", "a distributed compute engine"], ["what is ray", "a fish"]]

@@ -200,3 +200,31 @@ def test_example_config_output_is_ready_for_finetune(tmp_path, monkeypatch):
         assert not set(after["neg"]) & {*after["pos"], after["query"]}
     assert sum(added) == summary["negatives_mined"] and max(added) == 7
     assert summary["short_queries"] == sum(n < 7 for n in added)
+
+
+def test_beir_layout_mines_like_the_same_groups(tmp_path):
+    """Queries + qrels + corpus (BEIR) give the groups the qrels say, mined the same way; qrels
+    lines without a text are counted."""
+    beir = tmp_path / "beir"
+    beir.mkdir()
+    rows = [json.loads(line) for line in corpus_file(tmp_path).read_text().splitlines()]
+    ids = {row["text"]: row["id"] for row in rows}
+    write_jsonl(beir / "corpus.jsonl", [{"_id": i, "title": "", "text": t} for t, i in ids.items()])
+    write_jsonl(beir / "queries.jsonl", [{"_id": "permit", "text": GROUPS[0]["query"]},
+                                         {"_id": "beach", "text": GROUPS[1]["query"]}])  # fmt: skip
+    (beir / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n"
+        f"permit\t{ids[PERMIT_POS]}\t1\nbeach\t{ids[BEACH_POS]}\t2\nbeach\t{ids[UNRELATED[0]]}\t0\n"
+        "beach\tmissing-doc\t1\nmissing-query\td0\t1\n"
+    )
+    out = tmp_path / "beir_out.jsonl"
+    summary = run_mine(MineConfig(queries=str(beir / "queries.jsonl"), qrels=str(beir / "test.tsv"),
+                                  corpus=[str(beir / "corpus.jsonl")], output=str(out),
+                                  range="0-10", negatives=2))  # fmt: skip
+    permit, beach = [json.loads(line) for line in out.read_text().splitlines()]
+    assert permit["pos"] == [PERMIT_POS] and sorted(permit["neg"]) == sorted(PERMIT_HARD)
+    assert beach["pos"] == [BEACH_POS] and sorted(beach["neg"]) == sorted(BEACH_HARD)
+    assert summary["skipped_reasons"] == {"qrels: document not in --corpus": 1,
+                                          "qrels: query not in --queries": 1}  # fmt: skip
+    with pytest.raises(ConfigError, match="needs --queries, --qrels and --corpus"):
+        MineConfig(queries=str(beir / "queries.jsonl"), qrels=str(beir / "test.tsv")).validate()

@@ -83,6 +83,7 @@ def test_throughput_window_sums_and_reports_rates():
 def test_two_worker_cli_finetune_lowers_loss_and_writes_hf_model(
     ray_cluster, tiny_model_dir, tmp_path
 ):
+    from huggingface_hub import ModelCard
     from transformers import AutoModelForSequenceClassification
 
     args = tiny_args(tiny_model_dir, tmp_path, num_workers="2", num_train_epochs="6",
@@ -97,7 +98,12 @@ def test_two_worker_cli_finetune_lowers_loss_and_writes_hf_model(
     assert summary["steps"] == 30 and len(losses) == 30  # 40 groups / 2 workers / 4 = 5 per epoch
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.25
     assert [e["step"] for e in summary["eval"]] == [0, 10, 20, 30]
-    assert summary["best_metrics"]["ndcg@10"] == max(e["ndcg@10"] for e in summary["eval"][1:])
+    assert summary["best_metrics"]["nDCG@10"] == max(e["nDCG@10"] for e in summary["eval"][1:])
+    card = ModelCard.load(out / "README.md")  # the model card, read by the hub's own parser
+    assert {r.metric_name: r.metric_value for r in card.data.eval_results} == {
+        k: round(summary["best_metrics"][k], 4) for k in ("nDCG@10", "RR@10", "AP")
+    }
+    assert "40 valid groups" in card.text and "learning_rate: 0.003" in card.text
 
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.num_labels == 1

@@ -88,20 +88,22 @@ def test_sweep_picks_the_better_trial_survives_a_failing_one_and_exports_best(
     # ASHA may stop the weak trial early (STOPPED); every trial's checkpoints still count.
     ok = {r["learning_rate"]: r for r in rows if r["status"] != "ERROR"}
     assert set(ok) == {1e-9, 5e-3}
-    assert ok[5e-3]["best_ndcg@10"] > ok[1e-9]["best_ndcg@10"]
+    assert ok[5e-3]["best_nDCG@10"] > ok[1e-9]["best_nDCG@10"]
     assert (out / "trials.csv").read_text().startswith("trial,")
 
     best = json.loads((out / "best" / "train_summary.json").read_text())
     # The exported model is the best evaluation of all, also when ASHA ended its trial at
     # max_t on that very report.
-    assert best["best_metrics"]["ndcg@10"] == pytest.approx(ok[5e-3]["best_ndcg@10"], abs=1e-4)
+    assert best["best_metrics"]["nDCG@10"] == pytest.approx(ok[5e-3]["best_nDCG@10"], abs=1e-4)
     assert best["best_metrics"]["config/learning_rate"] == 5e-3
+    card = (out / "best" / "README.md").read_text()  # the model card names the winning trial's
+    assert "The best of 4 trials" in card and "learning_rate: 0.005" in card  # settings
     # ... and the exported weights are that checkpoint's: evaluating them gives its metric.
     marked_dev = str(marked_train_file(tmp_path, SAMPLE_DEV))
     again = evaluate_model(
         EvaluateConfig(model_name_or_path=str(out / "best"), max_len=64, eval_data=[marked_dev])
     )
-    assert again["ndcg@10"] == pytest.approx(best["best_metrics"]["ndcg@10"], abs=1e-4)
+    assert again["nDCG@10"] == pytest.approx(best["best_metrics"]["nDCG@10"], abs=1e-4)
 
 
 @pytest.mark.slow
@@ -197,7 +199,7 @@ def test_trial_rows_take_the_config_of_a_trial_that_never_reported():
     class Grid(list):
         _experiment_analysis = SimpleNamespace(trials=trials)
 
-    rows = _trial_rows(Grid(results), "ndcg@10", ["learning_rate"], max_steps=10)
+    rows = _trial_rows(Grid(results), "nDCG@10", ["learning_rate"], max_steps=10)
     assert [(r["trial"], r["learning_rate"], r["status"]) for r in rows] == [
         ("trial_a", 1e-3, "STOPPED"), ("trial_b", 2e-3, "STOPPED"),
     ]  # fmt: skip
