@@ -273,7 +273,7 @@ class EvaluateConfig(Metrics, ForwardBudget, TokenLimits, Precision, ModelLoadin
             raise ConfigError("run/qrels: give both, or neither (then eval_data and a model)")
         for name in ("run", "qrels"):
             path = getattr(self, name)
-            if path and not Path(path).is_file():
+            if path and "://" not in path and not Path(path).is_file():
                 raise ConfigError(f"{name}: no such file: {path}")
         if self.run and self.eval_data:
             raise ConfigError("eval_data: not with --run (a run is evaluated as it is)")
