@@ -19,6 +19,7 @@ import typer
 from raykit.config import (
     RENAMED_KEYS,
     ConfigError,
+    Console,
     EvaluateConfig,
     FinetuneConfig,
     ForwardBudget,
@@ -31,6 +32,7 @@ from raykit.config import (
     ScoreConfig,
     ServeConfig,
     TokenLimits,
+    Tracking,
     TuneConfig,
     field_type,
     load_config,
@@ -44,7 +46,7 @@ app = typer.Typer(
     help="Fine-tune, sweep, score and serve cross-encoder rerankers on Ray; mine; mix.",
 )
 COMMAND_CONFIGS: dict[str, type] = {}
-SHARED_GROUPS = (ModelLoading, Precision, TokenLimits, ForwardBudget, Metrics)
+SHARED_GROUPS = (ModelLoading, Precision, TokenLimits, ForwardBudget, Metrics, Tracking, Console)
 _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
 
 
@@ -129,6 +131,9 @@ def config_command(name: str, cls: type, help: str) -> Callable:
                 cfg = load_config(cls, config_path, **kwargs)
             except ConfigError as exc:
                 _fail(str(exc), code=2)
+            from raykit.console import setup_console
+
+            setup_console(cfg.verbose)
             try:
                 run(cfg)
             except (ConfigError, DataError, FileNotFoundError, OSError) as exc:
@@ -149,13 +154,30 @@ def finetune_command(cfg: FinetuneConfig) -> None:
     from raykit.train import finetune
 
     result = finetune(cfg)
-    before, evals = result.summary.get("eval_before"), result.summary.get("eval") or []
-    if before:
-        typer.echo("dev before: " + json.dumps({k: round(v, 4) for k, v in before.items()}))
+    typer.echo(finetune_table(cfg, result))
+
+
+def finetune_table(cfg: FinetuneConfig, result: Any) -> str:
+    """The end-of-run table: eval before and after, best step, throughput, where things went."""
+    from raykit.console import summary_table
+
+    summary, best = result.summary, result.best_metrics
+    evals = summary.get("eval") or []
+    after = {k: v for k, v in evals[-1].items() if k != "step"} if evals else None
+    rows = []
     if evals:
-        final = {k: round(v, 4) for k, v in evals[-1].items() if k != "step"}
-        typer.echo("dev after:  " + json.dumps(final))
-    typer.echo(f"model: {result.output_dir}")
+        metric = cfg.metric_for_best_model
+        rows.append(("best step", f"{best.get('step')} ({metric} {best.get(metric, 0):.4f})"))
+    seconds, pairs = summary.get("train_seconds") or 0, summary.get("pairs_trained") or 0
+    rows.append(("throughput", f"{pairs / max(seconds, 1e-9):.1f} pairs/s ({pairs} pairs, "
+                               f"{summary.get('steps')} steps in {seconds:.1f} s)"))
+    first = summary.get("time_to_first_step_s")
+    if first is not None:
+        rows.append(("first step", f"{first:.1f} s after launch"))
+    rows.append(("model", result.output_dir))
+    if "tensorboard" in cfg.backends:
+        rows.append(("tensorboard", f"tensorboard --logdir {result.logging_dir}"))
+    return summary_table(summary.get("eval_before"), after, rows)
 
 
 @config_command(

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import ray
 
+from raykit.console import logger, ray_init_options
+
 
 def init_ray(min_cpus: float = 0) -> bool:
     """Connect to a running cluster, or start a local instance with at least `min_cpus` + 2 CPUs.
@@ -20,17 +22,18 @@ def init_ray(min_cpus: float = 0) -> bool:
     """
     if ray.is_initialized():
         return False
+    options = ray_init_options()
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        ray.init(**options)
         return False
     try:
-        ray.init(address="auto")
+        ray.init(address="auto", **options)
         return False
     except ConnectionError:
         # Workers that import torch on a busy laptop can take over Ray Train's default 60 s to
         # start; the local instance's processes inherit this environment.
         os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(min_cpus) + 2))
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(min_cpus) + 2), **options)
         return True
 
 
@@ -116,7 +119,6 @@ def hold_run_lock(run_key: str, what: str, wait_s: float = 300.0) -> ray.actor.A
         if time.time() > deadline:
             raise RuntimeError(f"{what}: the previous driver's actors were not cleaned up")
         if not waiting:
-            print(f"[raykit] waiting for Ray to clean up the killed previous run of {what}",
-                  flush=True)  # fmt: skip
+            logger.info(f"waiting for Ray to clean up the killed previous run of {what}")
             waiting = True
         time.sleep(1.0)

@@ -52,6 +52,47 @@ class _OptionGroup:
 
 
 @dataclass
+class Console(_OptionGroup):
+    panel = "Output"
+
+    verbose: bool = _opt(
+        False, "Show everything Ray and transformers print (worker logs, Ray Data plans)."
+    )
+
+
+@dataclass
+class Tracking(_OptionGroup):
+    panel = "Tracking"
+
+    report_to: list[str] = field(
+        default_factory=lambda: ["none"],
+        metadata={"help": "none, or any of tensorboard mlflow wandb (or all): config, every "
+                          "logged metric with its step, eval metrics, the model path."},
+    )
+    logging_dir: str | None = _opt(
+        None, "TensorBoard/W&B files (default: <storage_path>/<run_name>/tensorboard)."
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        import importlib.util
+
+        from raykit.tracking import PACKAGES, parse_report_to
+
+        self.report_to = parse_report_to(self.report_to) or ["none"]
+        for backend in self.backends:
+            if importlib.util.find_spec(PACKAGES[backend]) is None:
+                raise ConfigError(
+                    f"report_to: {backend} needs `pip install {PACKAGES[backend]}` "
+                    "(or `pip install raykit[tracking]`)"
+                )
+
+    @property
+    def backends(self) -> list[str]:
+        return [name for name in self.report_to if name != "none"]
+
+
+@dataclass
 class ModelLoading(_OptionGroup):
     panel = "Model loading"
 
@@ -147,7 +188,9 @@ class TokenLimits(_OptionGroup):
 
 
 @dataclass
-class FinetuneConfig(Metrics, ForwardBudget, TokenLimits, Precision, ModelLoading):
+class FinetuneConfig(
+    Tracking, Metrics, ForwardBudget, TokenLimits, Precision, ModelLoading, Console
+):
     """Everything `raykit finetune` and `jobs/finetune.py` accept (FlagEmbedding flag names)."""
 
     # Model and data
@@ -256,7 +299,7 @@ class FinetuneConfig(Metrics, ForwardBudget, TokenLimits, Precision, ModelLoadin
 
 
 @dataclass
-class EvaluateConfig(Metrics, ForwardBudget, TokenLimits, Precision, ModelLoading):
+class EvaluateConfig(Metrics, ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
     """`raykit evaluate`: a model on groups (each group's pos + neg reranked), or a TREC run
     against qrels."""
 
@@ -283,7 +326,7 @@ class EvaluateConfig(Metrics, ForwardBudget, TokenLimits, Precision, ModelLoadin
 
 
 @dataclass
-class ScoreConfig(ForwardBudget, TokenLimits, Precision, ModelLoading):
+class ScoreConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
     """`raykit score`: rescore (query, passage) pairs or query groups with Ray Data."""
 
     model: str = _opt("BAAI/bge-reranker-base", "Model dir, HF hub id or embedded name.")
@@ -398,7 +441,7 @@ class ScoreConfig(ForwardBudget, TokenLimits, Precision, ModelLoading):
 
 
 @dataclass
-class ServeConfig(ForwardBudget, TokenLimits, Precision, ModelLoading):
+class ServeConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
     """`raykit serve` and `serve run examples/serve.yaml`: a reranking endpoint on Ray Serve."""
 
     model: str = _opt("BAAI/bge-reranker-base", "Model dir, HF hub id or embedded name.")
@@ -514,7 +557,7 @@ class TuneConfig(FinetuneConfig):
 
 
 @dataclass
-class RetrieveConfig(_OptionGroup):
+class RetrieveConfig(Console):
     """`raykit bm25`: a first-stage BM25 run over BEIR-layout queries and corpus."""
 
     queries: str = _opt("", "BEIR queries JSONL {_id, text} or id<TAB>text.")
@@ -534,7 +577,7 @@ class RetrieveConfig(_OptionGroup):
 
 
 @dataclass
-class MineConfig(ForwardBudget, TokenLimits, Precision, ModelLoading):
+class MineConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
     """`raykit mine`: add retrieved hard negatives to training groups."""
 
     input: list[str] = _list_opt("JSONL groups {query, pos, neg?} (files, directories, URIs).")
@@ -601,7 +644,7 @@ class MineConfig(ForwardBudget, TokenLimits, Precision, ModelLoading):
 
 
 @dataclass
-class MixConfig(ForwardBudget, TokenLimits, ModelLoading):
+class MixConfig(ForwardBudget, TokenLimits, ModelLoading, Console):
     """`raykit mix`: a weighted average of models of one architecture (LM-Cocktail)."""
 
     models: list[str] = _list_opt("Two or more models (dirs, HF ids or embedded names).")

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raykit.config import ConfigError, MixConfig, resolve_model_path
+from raykit.console import logger
 from raykit.data import load_groups
 from raykit.model_card import mix_card, write_card
 from raykit.storage import prepare_output_dir, publish_dir
@@ -194,9 +195,9 @@ def run_mix(cfg: MixConfig) -> dict[str, Any]:
         source = (
             f"averaged over {names}" if names else f"new in every model, kept from {cfg.models[0]}"
         )
-        print(f"[raykit] mix: {key}: not in every checkpoint, {source}", flush=True)
+        logger.info(f"mix: {key}: not in every checkpoint, {source}")
     shown = ", ".join(f"{n}={w:.4f}" for n, w in zip(cfg.models, weights, strict=True))
     if losses:
         shown += " (example losses: " + ", ".join(f"{x:.4f}" for x in losses) + ")"
-    print(f"[raykit] mix weights: {shown}", flush=True)
+    logger.info(f"mix weights: {shown}")
     return summary

@@ -25,6 +25,7 @@ import ray
 
 from raykit.cluster import init_ray
 from raykit.config import MineConfig, resolve_model_path
+from raykit.console import RowProgress, logger
 from raykit.data import (
     MAX_REPORTED_ERRORS,
     DataError,
@@ -211,9 +212,13 @@ def map_on_actors(columns: dict[str, list], actor: type, cfg: MineConfig, output
         num_gpus=1 if cfg.use_gpu else 0,
     )
     values: list = [None] * n
+    progress, done = RowProgress(n, f"mine: {actor.__name__}"), 0
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         for row, value in zip(batch["row"], batch[output], strict=True):
             values[int(row)] = value
+        done += len(batch["row"])
+        progress.update(done)
+    progress.close()
     return values
 
 
@@ -338,14 +343,14 @@ def run_mine(cfg: MineConfig) -> dict[str, Any]:
         "wall_s": round(time.time() - started, 2),
         "output": cfg.output,
     }
-    print("[raykit] mine summary: " + json.dumps(summary), flush=True)
+    logger.info("mine summary: " + json.dumps(summary))
     if stats["groups_without_negatives"]:
-        print(f"[raykit] mine: {stats['groups_without_negatives']} group(s) found no negative and "
-              "were left out of the output", flush=True)  # fmt: skip
+        logger.warning(f"mine: {stats['groups_without_negatives']} group(s) found no negative "
+                       "and were left out of the output")  # fmt: skip
     if stats["short_queries"]:
         how = "topped up with random texts" if cfg.pad_random else "kept with fewer negatives"
-        print(f"[raykit] mine: {stats['short_queries']} of {len(groups)} queries had fewer than "
-              f"{cfg.negatives} candidates ({how})", flush=True)  # fmt: skip
+        logger.warning(f"mine: {stats['short_queries']} of {len(groups)} queries had fewer "
+                       f"than {cfg.negatives} candidates ({how})")  # fmt: skip
     return summary
 
 

@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from raykit.config import RetrieveConfig
+from raykit.console import logger
 from raykit.errors import DataError
 from raykit.mine import retrieve_bm25_scored
 from raykit.storage import filesystem
@@ -36,7 +37,7 @@ def run_bm25(cfg: RetrieveConfig) -> dict[str, Any]:
     empty = sum(1 for ranked in hits if not ranked)
     summary = {"queries": len(qids), "documents": len(texts), "run_lines": len(rows),
                "queries_without_hits": empty, "output": cfg.output}  # fmt: skip
-    print(f"[raykit] bm25: {len(rows)} lines for {len(qids)} queries over {len(texts)} documents"
-          + (f" ({empty} queries matched nothing)" if empty else "") + f" -> {cfg.output}",
-          flush=True)  # fmt: skip
+    unmatched = f" ({empty} queries matched nothing)" if empty else ""
+    logger.info(f"bm25: {len(rows)} lines for {len(qids)} queries over {len(texts)} documents"
+                f"{unmatched} -> {cfg.output}")
     return summary

@@ -27,6 +27,7 @@ import ray
 
 from raykit.cluster import capacity, init_ray
 from raykit.config import ConfigError, ScoreConfig
+from raykit.console import logger
 from raykit.data import expand_paths
 from raykit.errors import DataError
 from raykit.model import check_model, local_model_path
@@ -37,7 +38,14 @@ from raykit.score_input import (
     read_input_file,
     tokenize_rows,
 )
-from raykit.score_output import OrderedSinks, Progress, RunStats, merge_error_parts, output_names
+from raykit.score_output import (
+    OrderedSinks,
+    Progress,
+    RunStats,
+    count_input_rows,
+    merge_error_parts,
+    output_names,
+)
 from raykit.storage import absolute, check_writable, filesystem
 
 # Ray Data merges what a task yields into blocks of up to its target_max_block_size (128 MiB by
@@ -170,7 +178,7 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     files, names, todo = plan_files(cfg)
     skipped = len(files) - len(todo)
     if skipped:
-        print(f"[raykit] resume: {skipped} of {len(files)} file(s) already scored", flush=True)
+        logger.info(f"resume: {skipped} of {len(files)} file(s) already scored")
     stats = RunStats()
     started = time.time()
     first_output: float | None = None
@@ -183,8 +191,7 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         low, high = cfg.actor_pool_size
         device = "GPU" if cfg.use_gpu else f"{cfg.cpus_per_actor:g} CPU"
         actors = f"{low}-{high}" if low != high else str(high)
-        print(f"[raykit] scoring with {actors} actor(s) x {device}, dtype {cfg.precision}",
-              flush=True)  # fmt: skip
+        logger.info(f"scoring with {actors} actor(s) x {device}, dtype {cfg.precision}")
         # Rows must reach the driver in input order: that is how a file is known to be complete.
         context = ray.data.DataContext.get_current()
         options = context.execution_options
@@ -198,13 +205,12 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         context.target_max_block_size = MAX_BLOCK_BYTES
         dataset = build_dataset(cfg, files, todo)
         sinks = OrderedSinks(cfg, files, names, todo, stats)
-        progress = Progress(len(todo))
+        progress = Progress(len(todo), count_input_rows([files[i] for i in todo]))
         try:
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 if first_output is None:  # startup: Ray Data, actors, model load, first window
                     first_output = time.time()
-                    print(f"[raykit] first scores after {first_output - started:.1f} s",
-                          flush=True)  # fmt: skip
+                    logger.info(f"first scores after {first_output - started:.1f} s")
                 for file_index in pa.compute.unique(batch["_file"]).to_pylist():
                     part = batch.filter(pa.compute.equal(batch["_file"], file_index))
                     sinks.get(file_index).add(part)
@@ -236,7 +242,7 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         "output": cfg.output,
         "errors_path": errors_file,
     }
-    print("[raykit] score summary: " + json.dumps(summary), flush=True)
+    logger.info("score summary: " + json.dumps(summary))
     if stats.rows_in and rejected / stats.rows_in > cfg.max_error_rate:
         raise ScoreError(
             f"{rejected} of {stats.rows_in} rows rejected ({rejected / stats.rows_in:.2%}) > "

@@ -19,6 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raykit.config import ScoreConfig
+from raykit.console import format_eta, logger
 from raykit.engine import sigmoid
 from raykit.errors import DataError
 from raykit.score_input import INPUT_SUFFIXES
@@ -212,8 +213,8 @@ class FileSink:
         self.errors.close()
         unranked = self.row_query.count(-1) if self.ranked else self.rows_added
         if self.cfg.top_k and unranked:
-            print(f"[raykit] {self.source}: top_k does not apply to {unranked} pair row(s) "
-                  "without a query key; pass --group_by (e.g. query_id)", flush=True)  # fmt: skip
+            logger.warning(f"{self.source}: top_k does not apply to {unranked} pair row(s) "
+                           "without a query key; pass --group_by (e.g. query_id)")  # fmt: skip
         if self.writer is None:  # no valid rows: an empty output file
             self.writer = TableWriter(self.fs, self.partial, self.cfg.format, self.source)
         self.writer.close()
@@ -301,22 +302,49 @@ def merge_error_parts(cfg: ScoreConfig, names: list[str]) -> str | None:
     return target
 
 
-class Progress:
-    """A tqdm bar of rows/s on stderr (plain log lines when not a terminal)."""
+def count_input_rows(files: list[str]) -> int | None:
+    """Rows in the inputs when cheap to know (local plain JSONL: newlines; Parquet: its
+    metadata), for the ETA; None when any file is compressed or remote."""
+    import pyarrow.parquet as pq
 
-    def __init__(self, files: int):
+    total = 0
+    for path in files:
+        if path.endswith(".parquet"):
+            fs, local = filesystem(path)
+            with fs.open_input_file(local) as handle:
+                total += pq.ParquetFile(handle).metadata.num_rows
+        elif path.endswith(".gz") or "://" in path:
+            return None
+        else:
+            with open(path, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    total += chunk.count(b"\n")
+    return total
+
+
+class Progress:
+    """Input rows done, pairs/s and ETA: a tqdm bar on a terminal, else a line every 30 s."""
+
+    def __init__(self, files: int, total_rows: int | None = None):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=None, unit="pairs", desc=f"scoring {files} file(s)",
+        self.total_rows = total_rows
+        self.bar = tqdm(total=total_rows, unit="rows", desc=f"scoring {files} file(s)",
                         file=sys.stderr, mininterval=5.0, disable=None)  # fmt: skip
         self.last_log = time.time()
         self.started = time.time()
 
     def update(self, pairs: int, stats: RunStats) -> None:
-        self.bar.update(pairs)
+        self.bar.update(stats.rows_in - self.bar.n)
+        elapsed = max(1e-9, time.time() - self.started)
+        rate = stats.pairs_scored / elapsed
+        self.bar.set_postfix_str(f"{rate:.1f} pairs/s", refresh=False)
         if self.bar.disable and time.time() - self.last_log > 30:
-            rate = stats.pairs_scored / max(1e-9, time.time() - self.started)
-            print(f"[raykit] scored {stats.pairs_scored} pairs ({rate:.1f} pairs/s)", flush=True)
+            done = f"{stats.rows_in} rows"
+            if self.total_rows:
+                eta = (self.total_rows - stats.rows_in) * elapsed / max(1, stats.rows_in)
+                done = f"{stats.rows_in}/{self.total_rows} rows, eta {format_eta(eta)}"
+            logger.info(f"scored {stats.pairs_scored} pairs ({rate:.1f} pairs/s), {done}")
             self.last_log = time.time()
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from raykit.config import ScoreConfig
+from raykit.console import logger
 from raykit.errors import DataError
 from raykit.storage import filesystem, join
 from raykit.trec import read_corpus, read_queries, read_run, trec_lines
@@ -103,7 +104,6 @@ def run_score_trec(cfg: ScoreConfig) -> dict[str, Any]:
                                                cfg.run_tag)  # fmt: skip
     skipped = sum(report["run_lines_skipped"].values())
     note = f", {skipped} skipped ({report['run_lines_skipped']})" if skipped else ""
-    print(f"[raykit] run: {report['run_lines']} lines, {report['run_pairs']} scored{note}"
-          + (f"; reranked run: {summary['trec_run']}" if "trec_run" in summary else ""),
-          flush=True)  # fmt: skip
+    reranked = f"; reranked run: {summary['trec_run']}" if "trec_run" in summary else ""
+    logger.info(f"run: {report['run_lines']} lines, {report['run_pairs']} scored{note}{reranked}")
     return summary

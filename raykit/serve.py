@@ -43,6 +43,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter
 
 from raykit.config import ConfigError, ServeConfig, load_config
+from raykit.console import logger
 from raykit.data import lone_surrogate
 from raykit.engine import sigmoid
 from raykit.storage import is_uri
@@ -521,12 +522,12 @@ def run_serve(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
         each = "1 GPU" if cfg.use_gpu else f"{cfg.cpus_per_replica:g} CPU"
         replicas = (f"{cfg.min_replicas}-{cfg.max_replicas}" if cfg.min_replicas != cfg.max_replicas
                     else str(cfg.max_replicas))  # fmt: skip
-        print(f"[raykit] ready in {time.perf_counter() - started:.1f} s: {replicas} replica(s) x "
-              f"{each}, dtype {cfg.precision}", flush=True)  # fmt: skip
-        print(f"[raykit] serving {cfg.model} at http://{cfg.host}:{cfg.port}{prefix}/v1/rerank "
-              "(Ctrl-C to stop)", flush=True)  # fmt: skip
+        logger.info(f"ready in {time.perf_counter() - started:.1f} s: {replicas} replica(s) x "
+                    f"{each}, dtype {cfg.precision}")  # fmt: skip
+        logger.info(f"serving {cfg.model} at http://{cfg.host}:{cfg.port}{prefix}/v1/rerank "
+                    "(Ctrl-C to stop)")  # fmt: skip
         if cfg.detach:
-            print(f"[raykit] deployed {cfg.app_name!r}; `serve shutdown` removes it", flush=True)
+            logger.info(f"deployed {cfg.app_name!r}; `serve shutdown` removes it")
             return
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -536,7 +537,7 @@ def run_serve(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
         pass
     finally:
         if not cfg.detach:
-            print("[raykit] shutting down", flush=True)
+            logger.info("shutting down")
             serve.shutdown()
             if started_ray:
                 ray.shutdown()

@@ -38,6 +38,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from raykit.cluster import hold_run_lock, init_ray
 from raykit.config import ConfigError, FinetuneConfig, resolve_model_path
+from raykit.console import VERBOSE_ENV, EventSender, RunConsole, logger, quiet_libraries
 from raykit.data import DataError, read_groups, rows_from_batch, sample_group
 from raykit.engine import InferenceEngine, resolve_dtype, tokenize_pairs, torch_dtype
 from raykit.evaluate import mean_metrics, metric_sums
@@ -50,7 +51,8 @@ from raykit.model import (
     make_chunks,
 )
 from raykit.model_card import finetune_card, write_card
-from raykit.storage import absolute, is_uri, prepare_output_dir, publish_dir
+from raykit.storage import absolute, is_uri, join, prepare_output_dir, publish_dir
+from raykit.tracking import Tracker, open_trackers, tracking_env
 
 TRAINER_STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "raykit_finetune.json"
@@ -134,13 +136,13 @@ class ThroughputWindow:
     def mean_loss(self) -> float:
         return self.loss_sum / max(1, self.micro_batches)
 
-    def rates(self, group_size: int) -> str:
+    def rates(self, group_size: int) -> dict[str, float]:
         seconds = max(self.seconds, 1e-9)
-        return (
-            f"groups/s {self.groups / seconds:.2f} pairs/s {self.groups * group_size / seconds:.1f}"
-            f" tokens/s {self.real_tokens / seconds:.0f}"
-            f" padding {1 - self.real_tokens / max(1, self.padded_tokens):.1%}"
-        )
+        return {
+            "pairs_per_s": self.groups * group_size / seconds,
+            "tokens_per_s": self.real_tokens / seconds,
+            "padding": 1 - self.real_tokens / max(1, self.padded_tokens),
+        }
 
 
 def _save_checkpoint(
@@ -209,6 +211,13 @@ class FinetuneRecipe:
         self.launched_at: float = loop_config["launched_at"]
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        os.environ[VERBOSE_ENV] = "1" if self.cfg.verbose else "0"
+        quiet_libraries()
+        # Rank 0 speaks for the run: console events to the driver, metrics to the trackers.
+        self.events = EventSender(loop_config.get("events"), enabled=self.rank == 0)
+        self.trackers: list[Tracker] = []
+        self.tracking_group: str | None = loop_config.get("tracking_group")
+        self.tracking_env: dict[str, str] = loop_config.get("tracking_env") or {}
         self.device = ray.train.torch.get_device()
         # auto: fp32 on CPU, bf16 (fp16 where unsupported) autocast on GPU.
         self.precision = resolve_dtype(self.cfg.precision, self.device.type)
@@ -265,6 +274,12 @@ class FinetuneRecipe:
         self.train_shard = ray.train.get_dataset_shard("train")
         group = ray.util.get_current_placement_group()
         self.group_hex = group.id.hex() if group is not None else None
+        if self.rank == 0 and cfg.backends:
+            os.environ.update(self.tracking_env)
+            self.trackers = open_trackers(
+                cfg.backends, cfg.run_name or "raykit", tracking_dir(cfg),
+                dataclasses.asdict(cfg), self.tracking_group,
+            )  # fmt: skip
 
     def _load_model(self, model_path: str) -> tuple[Any, Any, dict[str, Any]]:
         """The model to train and the trainer state: from the latest checkpoint if there is one."""
@@ -352,8 +367,11 @@ class FinetuneRecipe:
     # ------------------------------------------------------------------ eval, logs, checkpoints
 
     def log(self, message: str) -> None:
-        if self.rank == 0:
-            print(f"[raykit] {message}", flush=True)
+        self.events.send("message", text=message)
+
+    def track(self, metrics: dict[str, float]) -> None:
+        for tracker in self.trackers:
+            tracker.log_metrics(metrics, self.step)
 
     def evaluate(self, label: str) -> dict[str, float]:
         """Each worker ranks its share of the eval groups; the metric sums are all-reduced."""
@@ -371,25 +389,25 @@ class FinetuneRecipe:
         metrics = mean_metrics(reduced)
         self.history["eval"].append({"step": self.step, **metrics})
         self.last_evaluated = self.step
-        self.log(
-            f"eval {label} step {self.step}: "
-            + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-        )
+        self.events.send("eval", label=label, step=self.step, metrics=metrics)
+        self.track({f"eval/{k}": v for k, v in metrics.items()})
         return metrics
 
     def log_progress(self) -> dict[str, float]:
-        """One log line for the steps since the last one (loss, lr, throughput over all
-        workers); the same loss and lr go into the next report."""
+        """Loss, lr and throughput over all workers since the last call: into the history
+        (train_summary.json), the trackers, the console and the next report."""
         window = self.window.all_reduce(self.device, self.world_size)
         self.window = ThroughputWindow()
-        lr = self.scheduler.get_last_lr()[0]
-        self.log(
-            f"step {self.step}/{self.plan.total_steps} "
-            f"epoch {self.step / self.plan.steps_per_epoch:.2f} loss {window.mean_loss:.4f} "
-            f"lr {lr:.2e} {window.rates(self.cfg.train_group_size)}"
-        )
-        self.history["loss"].append({"step": self.step, "loss": window.mean_loss})
-        return {"loss": window.mean_loss, "lr": lr}
+        logged = {"loss": window.mean_loss, "lr": self.scheduler.get_last_lr()[0],
+                  **window.rates(self.cfg.train_group_size)}  # fmt: skip
+        self.history["loss"].append({"step": self.step, **logged})
+        self.track({f"train/{k}": v for k, v in logged.items()})
+        steps_done = self.step - self.resumed_from_step
+        eta = (self.plan.total_steps - self.step) * self.train_seconds / max(1, steps_done)
+        self.events.send("progress", step=self.step, total_steps=self.plan.total_steps,
+                         epoch=self.step / self.plan.steps_per_epoch, eta_s=eta,
+                         resumed_from=self.resumed_from_step, **logged)  # fmt: skip
+        return {"loss": logged["loss"], "lr": logged["lr"]}
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything besides the model that a resumed run needs to continue bit for bit."""
@@ -453,7 +471,10 @@ class FinetuneRecipe:
             self.evaluate("final")
         if self.last_saved != self.step:
             self.report({}, save=True)
-        return self.summary()
+        summary = self.summary()
+        for tracker in self.trackers:
+            tracker.finish({"output_dir": cfg.output_dir, "steps": self.step})
+        return summary
 
     def _record_step_time(self, seconds: float) -> None:
         self.window.seconds += seconds
@@ -480,7 +501,8 @@ class FinetuneRecipe:
         plan = self.plan
         if self.step:
             self.log(f"resumed from checkpoint at step {self.step}/{plan.total_steps}")
-        self.log(f"workers on {len(set(self.worker_nodes))} node(s): {self.worker_nodes}")
+        if len(set(self.worker_nodes)) > 1:
+            self.log(f"workers on {len(set(self.worker_nodes))} nodes: {self.worker_nodes}")
         backend = (
             f", {torch.distributed.get_backend()} backend"
             if torch.distributed.is_initialized()
@@ -538,7 +560,7 @@ def release_placement_group(group_hex: str | None) -> None:
         if placement_group_table(group).get("state") not in (None, "REMOVED"):
             remove_placement_group(group)
     except Exception as exc:  # never fail a finished run over cleanup
-        print(f"[raykit] could not release placement group {group_hex}: {exc}", flush=True)
+        logger.warning(f"could not release placement group {group_hex}: {exc}")
 
 
 # ---------------------------------------------------------------------------- driver side
@@ -550,6 +572,7 @@ class FinetuneResult:
     best_metrics: dict[str, float]
     summary: dict[str, Any]
     checkpoint_path: str | None
+    logging_dir: str | None = None  # TensorBoard/W&B files, with --report_to
 
 
 def export_model(
@@ -593,10 +616,25 @@ def check_run_paths(cfg: FinetuneConfig) -> None:
             )
 
 
-def finetune(cfg: FinetuneConfig, callbacks: list | None = None) -> FinetuneResult:
+def tracking_dir(cfg: FinetuneConfig) -> str:
+    """TensorBoard and W&B files: `logging_dir`, else the run's folder in Ray's storage."""
+    if cfg.logging_dir:
+        return cfg.logging_dir
+    storage = cfg.storage_path or os.path.expanduser("~/ray_results")
+    return join(storage, cfg.run_name or "raykit", "tensorboard")
+
+
+def finetune(
+    cfg: FinetuneConfig,
+    callbacks: list | None = None,
+    console: bool = True,
+    tracking_group: str | None = None,
+) -> FinetuneResult:
     """Validate data, run the TorchTrainer, export the best checkpoint to `cfg.output_dir`.
 
     `callbacks` are Ray Train `UserCallback`s (a Tune trial passes `TuneReportCallback`).
+    `console`: show rank 0's events here (a Tune trial, whose output nobody sees, passes False).
+    `tracking_group`: the sweep a trial belongs to, for the trackers.
     """
     launched_at = time.time()
     cfg.validate()
@@ -610,36 +648,42 @@ def finetune(cfg: FinetuneConfig, callbacks: list | None = None) -> FinetuneResu
         output_dir=absolute(cfg.output_dir),
         storage_path=absolute(cfg.storage_path) if cfg.storage_path else None,
         run_name=cfg.run_name or time.strftime("raykit-finetune-%Y%m%d-%H%M%S"),
+        logging_dir=absolute(cfg.logging_dir) if cfg.logging_dir else None,
     )
     storage = cfg.storage_path or os.path.expanduser("~/ray_results")
     lock = hold_run_lock(f"{storage}/{cfg.run_name}", repr(cfg.run_name))
     try:
-        return _train_and_export(cfg, callbacks, launched_at)
+        with RunConsole() if console else nullcontext() as run_console:
+            events = run_console.queue if run_console else None
+            return _train_and_export(cfg, callbacks, launched_at, events, tracking_group)
     finally:
         ray.kill(lock)
 
 
 def _train_and_export(
-    cfg: FinetuneConfig, callbacks: list | None, launched_at: float
+    cfg: FinetuneConfig,
+    callbacks: list | None,
+    launched_at: float,
+    events: Any = None,
+    tracking_group: str | None = None,
 ) -> FinetuneResult:
     model_path = resolve_model_path(cfg.model_name_or_path)
 
     train_ds, train_report = read_groups(cfg.train_data, cfg.skip_invalid)
-    print(f"[raykit] train data: {train_report.summary()}", flush=True)
+    logger.info(f"train data: {train_report.summary()}")
     data_lines = [f"training: {train_report.summary()}: {_names(cfg.train_data)}"]
     datasets = {"train": train_ds}
     if cfg.eval_data:
         eval_ds, eval_report = read_groups(cfg.eval_data, cfg.skip_invalid)
-        print(f"[raykit] eval data: {eval_report.summary()}", flush=True)
+        logger.info(f"eval data: {eval_report.summary()}")
         data_lines.append(f"evaluation: {eval_report.summary()}: {_names(cfg.eval_data)}")
         datasets["eval"] = eval_ds
     plan = plan_steps(cfg, train_report.valid_rows)
     dropped = train_report.valid_rows - plan.groups_per_worker * cfg.num_workers
     if dropped:
-        print(
-            f"[raykit] {dropped} group(s) per epoch left out so that {cfg.num_workers} workers "
-            "get equal shards",
-            flush=True,
+        logger.info(
+            f"{dropped} group(s) per epoch left out so that {cfg.num_workers} workers "
+            "get equal shards"
         )
 
     ingest = DataConfig.default_ingest_options()
@@ -654,6 +698,9 @@ def _train_and_export(
             "model_path": model_path,
             "launched_at": launched_at,
             "datasets": sorted(datasets),
+            "events": events,
+            "tracking_group": tracking_group,
+            "tracking_env": tracking_env() if cfg.backends else {},
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
@@ -693,8 +740,9 @@ def _train_and_export(
                       f"{summary.get('steps', 0)} steps, groups of {cfg.train_group_size}")
     card = finetune_card(cfg, summary, best_metrics, data_lines)
     export_model(checkpoint, cfg.output_dir, {**summary, "best_metrics": best_metrics}, card)
-    print(f"[raykit] best model written to {cfg.output_dir}", flush=True)
-    return FinetuneResult(cfg.output_dir, best_metrics, summary, checkpoint.path)
+    logger.info(f"best model written to {cfg.output_dir}")
+    logging_dir = tracking_dir(cfg) if cfg.backends else None
+    return FinetuneResult(cfg.output_dir, best_metrics, summary, checkpoint.path, logging_dir)
 
 
 __all__ = ["finetune", "FinetuneResult", "train_loop_per_worker", "plan_steps", "DataError"]

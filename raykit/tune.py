@@ -24,6 +24,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from raykit.cluster import init_ray
 from raykit.config import FinetuneConfig, TuneConfig, parse_search
+from raykit.console import is_verbose, logger
 from raykit.model import check_model
 from raykit.model_card import finetune_card
 from raykit.storage import absolute, filesystem, join, prepare_output_dir
@@ -58,8 +59,11 @@ def default_max_concurrent_trials(cfg: TuneConfig) -> int:
     return max(1, trials)
 
 
-def _run_trial(trial_params: dict[str, Any], base: dict[str, Any], sweep_dir: str) -> None:
-    """One Tune trial: a full fine-tune whose reports are forwarded to Tune."""
+def _run_trial(
+    trial_params: dict[str, Any], base: dict[str, Any], sweep_dir: str, sweep_name: str
+) -> None:
+    """One Tune trial: a full fine-tune whose reports are forwarded to Tune. Its console stays
+    in the trial's own process: the sweep's driver shows the reports (`TrialProgress`)."""
     name = tune.get_context().get_trial_name()
     cfg = FinetuneConfig(**{**base, **trial_params})
     cfg = dataclasses.replace(
@@ -68,8 +72,31 @@ def _run_trial(trial_params: dict[str, Any], base: dict[str, Any], sweep_dir: st
         storage_path=join(sweep_dir, "trials"),
         output_dir=join(sweep_dir, "trials", name, "model"),
         overwrite_output_dir=True,  # the sweep's own folder: a resumed trial exports again
+        logging_dir=join(base["logging_dir"], name) if base.get("logging_dir") else None,
     )
-    finetune(cfg, callbacks=[TuneReportCallback()])
+    finetune(cfg, callbacks=[TuneReportCallback()], console=False, tracking_group=sweep_name)
+
+
+class TrialProgress(tune.Callback):
+    """The sweep's console: one line per trial report (step, loss, the metric) and per end."""
+
+    def __init__(self, metric: str):
+        self.metric = metric
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:  # fmt: skip
+        parts = [f"{trial}: step {result.get('step')}"]
+        if "loss" in result:
+            parts.append(f"loss {result['loss']:.4f}")
+        if self.metric in result:
+            parts.append(f"{self.metric} {result[self.metric]:.4f}")
+        logger.info(" ".join(parts))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        logger.info(f"{trial}: done")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        logger.warning(f"{trial}: failed (see trials.csv)")
 
 
 class ReleaseWorkerGroups(tune.Callback):
@@ -161,14 +188,16 @@ def run_sweep(cfg: TuneConfig) -> dict[str, Any]:
     base.update(
         train_data=[absolute(p) for p in cfg.train_data],
         eval_data=[absolute(p) for p in cfg.eval_data],
+        logging_dir=absolute(cfg.logging_dir) if cfg.logging_dir else None,
     )
     # The trial itself only waits on its TorchTrainer: a token CPU share, so that the
     # trainer's workers (and Ray Data reads) get the real CPUs.
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, base=base, sweep_dir=sweep_dir), {"cpu": TRIAL_DRIVER_CPU}
+        tune.with_parameters(_run_trial, base=base, sweep_dir=sweep_dir, sweep_name=name),
+        {"cpu": TRIAL_DRIVER_CPU},
     )
     if tune.Tuner.can_restore(sweep_dir):
-        print(f"[raykit] resuming sweep {sweep_dir}", flush=True)
+        logger.info(f"resuming sweep {sweep_dir}")
         tuner = tune.Tuner.restore(sweep_dir, trainable, resume_errored=False)
     else:
         scheduler = None
@@ -180,10 +209,7 @@ def run_sweep(cfg: TuneConfig) -> dict[str, Any]:
                 reduction_factor=cfg.reduction_factor,
             )
         concurrent = cfg.max_concurrent_trials or default_max_concurrent_trials(cfg)
-        print(
-            f"[raykit] sweep {name}: {cfg.num_samples} sample(s), {concurrent} at a time",
-            flush=True,
-        )
+        logger.info(f"sweep {name}: {cfg.num_samples} sample(s), {concurrent} at a time")
         tuner = tune.Tuner(
             trainable,
             param_space=space,
@@ -196,8 +222,9 @@ def run_sweep(cfg: TuneConfig) -> dict[str, Any]:
                 search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrent),
             ),
             run_config=tune.RunConfig(
-                name=name, storage_path=storage, callbacks=[ReleaseWorkerGroups()]
-            ),
+                name=name, storage_path=storage, verbose=2 if is_verbose() else 0,
+                callbacks=[ReleaseWorkerGroups(), TrialProgress(cfg.metric_for_best_model)],
+            ),  # fmt: skip
         )
     results = tuner.fit()
 
@@ -228,7 +255,7 @@ def run_sweep(cfg: TuneConfig) -> dict[str, Any]:
     card = finetune_card(trial_cfg, {"steps": metrics.get("step")}, metrics, data, line)
     export_model(checkpoint, best_dir, {"best_metrics": metrics, "trials": rows}, card)
     metric = cfg.metric_for_best_model
-    print(f"[raykit] best {metric}={metrics[metric]:.4f}; model written to {best_dir}")
+    logger.info(f"best {metric}={metrics[metric]:.4f}; model written to {best_dir}")
     return {"trials": rows, "best_metrics": metrics, "best_dir": best_dir}
 
 

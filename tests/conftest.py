@@ -40,6 +40,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.path.name in SERVE_MODULES)  # stable: order kept otherwise
 
 
+@pytest.fixture(scope="session", autouse=True)
+def raykit_console():
+    """`[raykit]` lines on stdout, as the CLI sets up (tests read them with capsys)."""
+    from raykit.console import setup_console
+
+    setup_console(verbose=True)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray instance for every test that needs it (4 logical CPUs on 2 cores)."""

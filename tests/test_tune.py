@@ -74,7 +74,7 @@ def test_sweep_picks_the_better_trial_survives_a_failing_one_and_exports_best(
         "--output_dir", str(out), "--max_steps", "12", "--eval_steps", "4",
         "--per_device_train_batch_size", "4", "--train_group_size", "4", "--max_len", "64",
         "--logging_steps", "4", "--num_samples", "1", "--scheduler", "asha",
-        "--max_concurrent_trials", "2",
+        "--max_concurrent_trials", "2", "--report_to", "tensorboard",
         "--search", "learning_rate=grid:1e-9,5e-3",
         "--search", f"model_name_or_path=grid:{tiny_model_dir},{tmp_path / 'missing-model'}",
     ]  # fmt: skip
@@ -90,6 +90,18 @@ def test_sweep_picks_the_better_trial_survives_a_failing_one_and_exports_best(
     assert set(ok) == {1e-9, 5e-3}
     assert ok[5e-3]["best_nDCG@10"] > ok[1e-9]["best_nDCG@10"]
     assert (out / "trials.csv").read_text().startswith("trial,")
+    # The sweep's console: each trial's reports as lines on the driver.
+    assert re.search(r"^\[raykit\] \S+: step 4 loss \d\.\d{4} nDCG@10 ", result.output, re.M)
+    # Tracking, per trial: TensorBoard files in each trial's folder with its eval series.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    bests = []
+    for folder in (out / "ray" / "sweep" / "trials").glob("*/tensorboard"):
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        bests.append(max(e.value for e in events.Scalars("eval/nDCG_at_10")))
+    expected = sorted(row["best_nDCG@10"] for row in ok.values())
+    assert sorted(bests) == pytest.approx(expected, abs=1e-4)
 
     best = json.loads((out / "best" / "train_summary.json").read_text())
     # The exported model is the best evaluation of all, also when ASHA ended its trial at

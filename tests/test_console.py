@@ -1,0 +1,141 @@
+"""What users see: one `[raykit]` line per event from the driver, no Ray/transformers internals
+unless `--verbose`, a progress bar on terminals, and the end-of-run table."""
+
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+import sys
+
+import pytest
+
+from raykit.console import EventSender, RunConsole, event_line, summary_table
+from tests.conftest import SAMPLE_DEV, SAMPLE_TRAIN
+
+PROGRESS = {"kind": "progress", "step": 4, "total_steps": 10, "epoch": 0.4, "loss": 1.23456,
+            "lr": 2e-5, "pairs_per_s": 31.25, "tokens_per_s": 1200.4, "padding": 0.087,
+            "eta_s": 75.0}  # fmt: skip
+# What Ray and transformers print from workers, and what they print on the driver.
+INTERNALS = ("(RayTrainWorker", "(TrainController", "(SplitCoordinator", "Execution plan",
+             "Reporting training result", "LOAD REPORT", "Loading weights", "Writing model",
+             "RayDeprecationWarning", "Token authentication", "Started a local Ray")  # fmt: skip
+
+
+def test_event_lines_are_plain_and_parseable():
+    assert event_line(PROGRESS) == (
+        "step 4/10 epoch 0.40 loss 1.2346 lr 2.00e-05 pairs/s 31.2 tokens/s 1200 padding 8.7% "
+        "eta 0:01:15"
+    )
+    evaluation = {"kind": "eval", "label": "final", "step": 10, "metrics": {"nDCG@10": 0.71234}}
+    assert event_line(evaluation) == "eval final step 10: nDCG@10=0.7123"
+    assert event_line({"kind": "message", "text": "hello"}) == "hello"
+
+
+def test_summary_table_lines_up_before_and_after():
+    table = summary_table({"nDCG@10": 0.5, "AP": 0.25}, {"nDCG@10": 0.75, "AP": 0.5},
+                          [("model", "/out")])  # fmt: skip
+    lines = table.splitlines()
+    assert lines[0].split() == ["nDCG@10", "AP"]
+    assert lines[1].split() == ["before", "training", "0.5000", "0.2500"]
+    assert lines[2].split() == ["after", "training", "0.7500", "0.5000"]
+    assert lines[3].split() == ["model", "/out"]
+    assert lines[1].index("0.5000") == lines[2].index("0.7500") == lines[0].index("nDCG@10")
+
+
+def test_events_reach_the_driver_once_each(ray_cluster, capsys):
+    """Rank 0 sends through the queue; the driver prints each event once, in order. On a
+    terminal, progress moves the bar instead of printing lines."""
+    with RunConsole(interactive=False) as console:
+        sender = EventSender(console.queue, enabled=True)
+        EventSender(console.queue, enabled=False).send("message", text="from rank 1")
+        sender.send("message", text="first")
+        sender.send("progress", **{k: v for k, v in PROGRESS.items() if k != "kind"})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["[raykit] first", f"[raykit] {event_line(PROGRESS)}"]
+
+    with RunConsole(interactive=True) as console:
+        sender = EventSender(console.queue, enabled=True)
+        fields = {k: v for k, v in PROGRESS.items() if k != "kind"}
+        for step in (4, 8):
+            sender.send("progress", **{**fields, "step": step})
+        sender.send("message", text="between")
+    assert console.bar is not None and console.bar.n == 8 and console.bar.total == 10
+    out = capsys.readouterr().out
+    assert out.count("[raykit] between") == 1 and "step 8/10 epoch" not in out
+
+
+def run_finetune(tmp_path, model: str, ray_address: str, *extra: str):
+    """`raykit finetune` in its own process, as a user runs it (joining the test cluster, as
+    under `ray job submit`), output captured as a pipe: not a terminal."""
+    args = [sys.executable, "-m", "raykit.cli", "finetune", "--model_name_or_path", model,
+            "--train_data", str(SAMPLE_TRAIN), "--eval_data", str(SAMPLE_DEV),
+            "--output_dir", str(tmp_path / "out"), "--storage_path", str(tmp_path / "ray"),
+            "--max_steps", "6", "--logging_steps", "2", "--eval_steps", "3",
+            "--train_group_size", "4", "--max_len", "64", *extra]  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    env.pop("RAYKIT_VERBOSE", None)
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=400,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_finetune_prints_each_line_once_and_no_internals(ray_cluster, tiny_model_dir, tmp_path):
+    address = ray_cluster.get_runtime_context().gcs_address
+    output = run_finetune(tmp_path / "quiet", tiny_model_dir, address)
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert not [line for line in lines if any(noise in line for noise in INTERNALS)], output
+    repeated = [line for line, n in collections.Counter(lines).items() if n > 1]
+    assert not repeated, output
+    # Every event, once, in order: data, eval before, progress with ETA, evals, the table.
+    raykit = [line.removeprefix("[raykit] ") for line in lines if line.startswith("[raykit] ")]
+    steps = [line.split()[1] for line in raykit if line.startswith("step ")]
+    assert steps == ["2/6", "4/6", "6/6"] and all(" eta " in line for line in raykit
+                                                   if line.startswith("step "))  # fmt: skip
+    evals = [line.split(":")[0] for line in raykit if line.startswith("eval ") and " step " in line]
+    assert evals == ["eval before training step 0", "eval step 3", "eval final step 6"]
+    assert raykit[0].startswith("train data: 40 valid groups")
+    table = [line.split()[0] for line in lines if not line.startswith("[raykit]")]
+    assert table[:1] == ["nDCG@10"] and {"before", "after", "best", "throughput", "model"} <= set(
+        table
+    ), output
+
+    # --verbose shows what Ray and transformers print, as before.
+    verbose = run_finetune(tmp_path / "verbose", tiny_model_dir, address, "--verbose")
+    assert "(RayTrainWorker" in verbose and "Reporting training result" in verbose
+
+
+def test_score_progress_has_an_eta_when_the_row_count_is_cheap(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raykit.score_output import Progress, RunStats, count_input_rows
+
+    pairs = tmp_path / "a.jsonl"
+    pairs.write_text('{"query": "q", "passage": "p"}\n' * 5)
+    pq.write_table(pa.table({"query": ["q"] * 3}), tmp_path / "b.parquet")
+    assert count_input_rows([str(pairs), str(tmp_path / "b.parquet")]) == 8
+    assert count_input_rows([str(pairs), str(tmp_path / "c.jsonl.gz")]) is None  # unknown
+
+    progress = Progress(2, total_rows=8)  # not a terminal: a line every 30 s
+    progress.started -= 2.0
+    progress.last_log -= 31
+    stats = RunStats(rows_in=4, pairs_scored=4)
+    progress.update(4, stats)
+    progress.close()
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("[raykit] scored 4 pairs (2.0 pairs/s), 4/8 rows, eta 0:00:0"), line
+
+
+def test_row_progress_lines_carry_rate_and_eta(capsys):
+    from raykit.console import RowProgress
+
+    progress = RowProgress(100, "mine: PairFilterScorer", every=0)
+    progress.started -= 5.0
+    progress.update(25)
+    progress.close()
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("[raykit] mine: PairFilterScorer: 25/100 rows (5.0/s), eta 0:00:1"), line
