@@ -407,7 +407,8 @@ class FinetuneRecipe:
         self.events.send("progress", step=self.step, total_steps=self.plan.total_steps,
                          epoch=self.step / self.plan.steps_per_epoch, eta_s=eta,
                          resumed_from=self.resumed_from_step, **logged)  # fmt: skip
-        return {"loss": logged["loss"], "lr": logged["lr"]}
+        return {"loss": logged["loss"], "lr": logged["lr"], "pairs_per_s": logged["pairs_per_s"],
+                "eta_s": eta}  # fmt: skip
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything besides the model that a resumed run needs to continue bit for bit."""

@@ -24,7 +24,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from raykit.cluster import init_ray
 from raykit.config import FinetuneConfig, TuneConfig, parse_search
-from raykit.console import is_verbose, logger
+from raykit.console import format_eta, is_verbose, logger
 from raykit.model import check_model
 from raykit.model_card import finetune_card
 from raykit.storage import absolute, filesystem, join, prepare_output_dir
@@ -90,6 +90,9 @@ class TrialProgress(tune.Callback):
             parts.append(f"loss {result['loss']:.4f}")
         if self.metric in result:
             parts.append(f"{self.metric} {result[self.metric]:.4f}")
+        if "lr" in result:
+            parts += [f"lr {result['lr']:.2e}", f"pairs/s {result['pairs_per_s']:.1f}",
+                      f"eta {format_eta(result['eta_s'])}"]  # fmt: skip
         logger.info(" ".join(parts))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
