@@ -97,6 +97,24 @@ class ModelLoading(_OptionGroup):
     panel = "Model loading"
 
     trust_remote_code: bool = _opt(False, "Allow custom model code from the hub.")
+    model_kind: str = _opt(
+        "auto",
+        "auto|encoder|decoder. auto: a *ForCausalLM checkpoint is a decoder reranker (scored "
+        "logit(yes) - logit(no) at the last prompt token), anything else a one-logit encoder.",
+    )
+    template: str | None = _opt(
+        None, "Decoder prompt: qwen3, gemma or a JSON/YAML file (default: by model type)."
+    )
+    instruction: str | None = _opt(None, "Decoder prompt instruction (qwen3's <Instruct>).")
+    yes_token: str | None = _opt(None, "Decoder: the token whose logit says relevant.")
+    no_token: str | None = _opt(None, "Decoder: the token whose logit says not relevant.")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.model_kind not in ("auto", "encoder", "decoder"):
+            raise ConfigError(
+                f"model_kind: expected auto, encoder or decoder, got {self.model_kind!r}"
+            )
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from raykit.prompts import PromptTemplate, resolve_template, token_id, tokenize_prompts
+
 if TYPE_CHECKING:
     import torch
 
@@ -122,8 +124,11 @@ def chunk_by_length(
     return chunks[::-1]
 
 
-def pad_encodings(encodings: Iterable[dict[str, Sequence[int]]], pad_id: int) -> dict[str, Any]:
-    """Right-pad token ids into int64 tensors with an attention mask."""
+def pad_encodings(
+    encodings: Iterable[dict[str, Sequence[int]]], pad_id: int, left: bool = False
+) -> dict[str, Any]:
+    """Pad token ids (on the right, or on the `left` for decoders, whose score is read at the
+    last position) into int64 tensors with an attention mask."""
     import torch
 
     encodings = list(encodings)
@@ -134,9 +139,10 @@ def pad_encodings(encodings: Iterable[dict[str, Sequence[int]]], pad_id: int) ->
     arrays["attention_mask"] = np.zeros((len(encodings), width), np.int64)
     for row, enc in enumerate(encodings):
         n = len(enc["input_ids"])
+        span = slice(width - n, width) if left else slice(0, n)
         for k in keys:
-            arrays[k][row, :n] = enc[k]
-        arrays["attention_mask"][row, :n] = 1
+            arrays[k][row, span] = enc[k]
+        arrays["attention_mask"][row, span] = 1
     return {k: torch.from_numpy(v) for k, v in arrays.items()}
 
 
@@ -237,10 +243,16 @@ class InferenceEngine:
         passage_max_len: int | None = None,
         token_budget: int = 4096,
         max_batch_size: int = 64,
+        template: PromptTemplate | None = None,
     ):
         import torch
 
         self.model = model
+        # A decoder reranker: prompts from `template`, scored logit(yes) - logit(no).
+        self.template = template
+        if template is not None:
+            self.yes_id = token_id(tokenizer, template.yes_token, "yes_token")
+            self.no_id = token_id(tokenizer, template.no_token, "no_token")
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.precision = precision
@@ -251,7 +263,8 @@ class InferenceEngine:
         self.token_budget = token_budget
         self.max_batch_size = max_batch_size
         self.chunk_cost = CHUNK_COST_TOKENS.get(self.device.type, CHUNK_COST_TOKENS["cuda"])
-        self.pad_id = tokenizer.pad_token_id or 0
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
         self.stats = EngineStats()
 
     @classmethod
@@ -263,29 +276,49 @@ class InferenceEngine:
         dtype: str = "auto",
         threads: int | None = None,
         trust_remote_code: bool = False,
+        model_kind: str = "auto",
+        template: str | None = None,
+        instruction: str | None = None,
+        yes_token: str | None = None,
+        no_token: str | None = None,
         **options: Any,
     ) -> InferenceEngine:
         """Load `model` (local folder, s3://..., hub id or embedded name) ready to score.
 
-        `threads` sets torch's CPU threads (on CPU only); `options` are the constructor's
-        token limits, `token_budget` and `max_batch_size`."""
+        `threads` sets torch's CPU threads (on CPU only); `model_kind`, `template`,
+        `instruction`, `yes_token` and `no_token` choose how a decoder is prompted (see
+        `raykit.prompts`); `options` are the constructor's token limits, `token_budget` and
+        `max_batch_size`."""
         import torch
 
-        from raykit.model import load_model_and_tokenizer
+        from raykit.model import load_model_and_tokenizer, local_model_path
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if threads and device.type == "cpu":
             torch.set_num_threads(max(1, int(threads)))
         precision = resolve_dtype(dtype, device.type)
-        hf_model, tokenizer = load_model_and_tokenizer(model, trust_remote_code)
+        path = local_model_path(model)
+        prompt = decoder_template(path, trust_remote_code, model_kind, template, instruction,
+                                  yes_token, no_token)  # fmt: skip
+        if prompt is None:
+            hf_model, tokenizer = load_model_and_tokenizer(path, trust_remote_code)
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                path, trust_remote_code=trust_remote_code, dtype=torch.float32
+            )
         hf_model.eval()
         if precision == "int8":
             hf_model = quantize_int8(hf_model)
         elif torch_dtype(precision) is not None:
             hf_model = hf_model.to(torch_dtype(precision))
-            keep_head_float32(hf_model)
+            if prompt is None:  # a decoder's head may share the embedding's weights
+                keep_head_float32(hf_model)
         hf_model.to(device)
-        return cls(hf_model, tokenizer, device=device, precision=precision, **options)
+        return cls(hf_model, tokenizer, device=device, precision=precision, template=prompt,
+                   **options)  # fmt: skip
 
     @classmethod
     def from_config(
@@ -296,7 +329,9 @@ class InferenceEngine:
         return cls.load(
             model, device="cuda" if use_gpu else "cpu", dtype=cfg.precision,
             threads=None if use_gpu or not threads else max(1, int(threads)),
-            trust_remote_code=cfg.trust_remote_code, max_len=cfg.max_len,
+            trust_remote_code=cfg.trust_remote_code, model_kind=cfg.model_kind,
+            template=cfg.template, instruction=cfg.instruction, yes_token=cfg.yes_token,
+            no_token=cfg.no_token, max_len=cfg.max_len,
             query_max_len=cfg.query_max_len, passage_max_len=cfg.passage_max_len,
             token_budget=cfg.forward_token_budget, max_batch_size=max_batch_size,
         )  # fmt: skip
@@ -308,8 +343,8 @@ class InferenceEngine:
     ) -> list[Encoding]:
         """Encodings under the engine's limits; `passage_max_len` may cut passages further."""
         limits = [n for n in (self.passage_max_len, passage_max_len) if n]
-        return tokenize_pairs(self.tokenizer, queries, passages, self.max_len,
-                              self.query_max_len, min(limits, default=None))  # fmt: skip
+        return tokenize_for(self.tokenizer, self.template, queries, passages, self.max_len,
+                            self.query_max_len, min(limits, default=None))  # fmt: skip
 
     def score_pairs(self, pairs: Sequence[Sequence[str]]) -> np.ndarray:
         """Raw scores (logits) of (query, passage) pairs, in input order."""
@@ -324,7 +359,9 @@ class InferenceEngine:
         lengths = [len(e["input_ids"]) for e in encodings]
         for chunk in chunk_by_length(lengths, self.token_budget, self.max_batch_size,
                                      self.chunk_cost):  # fmt: skip
-            scores[chunk] = self.forward(pad_encodings([encodings[i] for i in chunk], self.pad_id))
+            batch = pad_encodings([encodings[i] for i in chunk], self.pad_id,
+                                  left=self.template is not None)  # fmt: skip
+            scores[chunk] = self.forward(batch)
         return scores
 
     def forward(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
@@ -336,7 +373,11 @@ class InferenceEngine:
         enabled = self.autocast_dtype is not None
         autocast = torch.autocast(self.device.type, self.autocast_dtype, enabled=enabled)
         with torch.inference_mode(), autocast:
-            scores = self.model(**batch).logits.view(-1).float().cpu().numpy()
+            if self.template is None:
+                scores = self.model(**batch).logits.view(-1).float().cpu().numpy()
+            else:  # left-padded prompts: the last position is every row's last token
+                last = self.model(**batch, logits_to_keep=1).logits[:, -1, :].float()
+                scores = (last[:, self.yes_id] - last[:, self.no_id]).cpu().numpy()
         mask = batch["attention_mask"]
         self.stats.forward_passes += 1
         self.stats.pairs += len(scores)
@@ -344,6 +385,39 @@ class InferenceEngine:
         self.stats.padded_tokens += mask.numel()
         self.stats.forward_s += time.perf_counter() - started
         return scores
+
+
+def tokenize_for(
+    tokenizer: Any,
+    template: PromptTemplate | None,
+    queries: Sequence[str],
+    passages: Sequence[str],
+    max_len: int,
+    query_max_len: int | None = None,
+    passage_max_len: int | None = None,
+) -> list[Encoding]:
+    """Encodings of pairs: a cross-encoder's (query, passage) pair, or a decoder's prompt."""
+    if template is None:
+        return tokenize_pairs(tokenizer, queries, passages, max_len, query_max_len,
+                              passage_max_len)  # fmt: skip
+    return tokenize_prompts(tokenizer, template, list(queries), list(passages), max_len,
+                            query_max_len, passage_max_len)  # fmt: skip
+
+
+def decoder_template(
+    path: str,
+    trust_remote_code: bool = False,
+    model_kind: str = "auto",
+    template: str | None = None,
+    instruction: str | None = None,
+    yes_token: str | None = None,
+    no_token: str | None = None,
+) -> PromptTemplate | None:
+    """The prompt template when the checkpoint at `path` is (or is told to be) a decoder."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return resolve_template(config, model_kind, template, instruction, yes_token, no_token)
 
 
 def sigmoid(x: float) -> float:
@@ -359,7 +433,8 @@ def sigmoid_array(logits: np.ndarray) -> np.ndarray:
 
 
 class Reranker:
-    """Score (query, passage) pairs with a cross-encoder checkpoint.
+    """Score (query, passage) pairs with a reranker checkpoint: a cross-encoder, or a decoder
+    (Qwen3-Reranker style; `model_kind`, `template`, `instruction`, `yes_token`, `no_token`).
 
     >>> reranker = Reranker("out/")
     >>> reranker.compute_score(["what is ray?", "Ray is a distributed compute engine."])
@@ -382,13 +457,19 @@ class Reranker:
         query_max_length: int | None = None,
         passage_max_length: int | None = None,
         threads: int | None = None,
+        model_kind: str = "auto",
+        template: str | None = None,
+        instruction: str | None = None,
+        yes_token: str | None = None,
+        no_token: str | None = None,
     ):
         if fp16 and bf16:
             raise ValueError("fp16/bf16: choose one")
         dtype = "float16" if fp16 else "bfloat16" if bf16 else dtype
         self.engine = InferenceEngine.load(
             model_name_or_path, device=device, dtype=dtype, threads=threads,
-            trust_remote_code=trust_remote_code, max_len=max_length,
+            trust_remote_code=trust_remote_code, model_kind=model_kind, template=template,
+            instruction=instruction, yes_token=yes_token, no_token=no_token, max_len=max_length,
             query_max_len=query_max_length, passage_max_len=passage_max_length,
             token_budget=token_budget, max_batch_size=batch_size,
         )  # fmt: skip

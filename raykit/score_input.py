@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from raykit.config import ScoreConfig
 from raykit.data import lone_surrogate, read_lines
-from raykit.engine import tokenize_pairs
+from raykit.engine import decoder_template, tokenize_for
 from raykit.errors import DataError
 from raykit.storage import filesystem
 
@@ -30,6 +30,12 @@ def _tokenizer(model_path: str, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+
+
+@functools.lru_cache(maxsize=4)
+def _template(model_path: str, trust_remote_code: bool, *prompt: str | None) -> Any:
+    """The decoder prompt template of the model (None for a cross-encoder), once per task."""
+    return decoder_template(model_path, trust_remote_code, *prompt)
 
 
 def read_input_file(batch: pa.Table) -> Iterator[pa.Table]:
@@ -138,6 +144,8 @@ def tokenize_rows(batch: pa.Table, cfg: ScoreConfig, model_path: str) -> pa.Tabl
     -1 for a pair row), _error (reason, or null), input_ids, token_type_ids (if the model has them).
     """
     tokenizer = _tokenizer(model_path, cfg.trust_remote_code)
+    template = _template(model_path, cfg.trust_remote_code, cfg.model_kind, cfg.template,
+                         cfg.instruction, cfg.yes_token, cfg.no_token)  # fmt: skip
     columns_in = ("_file", "_line", "_json", "_problem")
     files, lines, texts, problems = (batch[c].to_pylist() for c in columns_in)
     out: dict[str, list] = {k: [] for k in ("_file", "_line", "_json", "_cand", "_error")}
@@ -164,8 +172,8 @@ def tokenize_rows(batch: pa.Table, cfg: ScoreConfig, model_path: str) -> pa.Tabl
             queries.append(row[cfg.query_field])
             passages.append(passage)
     valid = [i for i, q in enumerate(queries) if q is not None]
-    encodings = tokenize_pairs(
-        tokenizer, [queries[i] for i in valid], [passages[i] for i in valid],
+    encodings = tokenize_for(
+        tokenizer, template, [queries[i] for i in valid], [passages[i] for i in valid],
         cfg.max_len, cfg.query_max_len, cfg.passage_max_len,
     ) if valid else []  # fmt: skip
     keys = list(encodings[0]) if encodings else ["input_ids"]

@@ -605,9 +605,31 @@ def _names(paths: list[str]) -> str:
     return ", ".join(f"`{os.path.basename(os.path.normpath(p))}`" for p in paths)
 
 
+def _is_causal_lm(name_or_path: str, trust_remote_code: bool) -> bool:
+    from transformers import AutoConfig
+
+    from raykit.model import local_model_path
+    from raykit.prompts import model_kind
+
+    try:
+        config = AutoConfig.from_pretrained(local_model_path(name_or_path),
+                                            trust_remote_code=trust_remote_code)  # fmt: skip
+    except (OSError, ValueError):
+        return False  # load_model_and_tokenizer reports it
+    return model_kind(config) == "decoder"
+
+
 def check_run_paths(cfg: FinetuneConfig) -> None:
     """One-line errors for a missing model or an output that cannot be written, before Ray."""
     check_model(cfg.model_name_or_path, "model_name_or_path")
+    if cfg.model_kind == "decoder" or (
+        cfg.model_kind == "auto" and _is_causal_lm(cfg.model_name_or_path, cfg.trust_remote_code)
+    ):
+        raise ConfigError(
+            "model_name_or_path: a decoder (causal LM) reranker can be scored, served and "
+            "evaluated; fine-tuning one is not implemented yet (pass --model_kind encoder to "
+            "train it as a sequence classifier with a new head)"
+        )
     prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
     if cfg.storage_path and not is_uri(cfg.storage_path):
         storage, output = absolute(cfg.storage_path), absolute(cfg.output_dir)

@@ -9,6 +9,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 
 from raykit.config import ConfigError, ServeConfig
@@ -322,3 +323,32 @@ def test_queue_drops_the_rest_of_a_cancelled_request_and_fails_only_its_batch():
     # One batch of the cancelled request ran; its other 8 pairs were never scored.
     assert queue.stats.pairs_dropped == 8 and seen == [1, 2, 9]
     assert not queue.waiting
+
+
+@pytest.mark.slow
+def test_a_decoder_reranker_serves_the_same_routes(served, tmp_path):
+    """A Qwen3-style causal LM behind the same app: Cohere and TEI routes, Reranker's scores
+    (which test_decoder.py pins to the model card's formula)."""
+    from ray import serve
+
+    from raykit.serve import app_builder
+    from tests.tiny_model import build_tiny_decoder
+
+    model = build_tiny_decoder(tmp_path / "qwen3", "qwen3")
+    serve.run(app_builder(serve_args(model, max_len=256, cpus_per_replica=0.5)), name="decoder",
+              route_prefix="/decoder")  # fmt: skip
+    try:
+        raw = Reranker(model, device="cpu", max_length=256).compute_score(
+            [[QUERY, d] for d in DOCS]
+        )
+        reply = post(served, "/decoder/v1/rerank", {"query": QUERY, "documents": DOCS})
+        assert reply.status_code == 200, reply.text
+        for r in reply.json()["results"]:
+            assert r["relevance_score"] == pytest.approx(1 / (1 + np.exp(-raw[r["index"]])),
+                                                         abs=1e-5)  # fmt: skip
+        tei = post(served, "/decoder/rerank", {"query": QUERY, "texts": DOCS, "raw_scores": True})
+        assert {t["index"]: round(t["score"], 4) for t in tei.json()} == {
+            i: round(s, 4) for i, s in enumerate(raw)
+        }
+    finally:
+        serve.delete("decoder")

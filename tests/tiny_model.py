@@ -100,3 +100,52 @@ def train_tiny(
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return str(out)
+
+
+DECODER_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<bos>"]
+
+
+def build_tiny_decoder(out: str | Path, family: str = "qwen3", seed: int = 0) -> str:
+    """Save a random 2-layer causal LM (`qwen3`, `gemma` or `llama`, hidden 64) and a byte-level
+    BPE tokenizer trained on the sample data and the prompt templates, with the chat special
+    tokens and yes/no/Yes/No as single tokens."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        GemmaConfig,
+        GemmaForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
+
+    from raykit.prompts import TEMPLATES
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    prompts = [t.prefix + t.pair + t.suffix for t in TEMPLATES.values()]
+    tokenizer.train_from_iterator(
+        sample_texts() + prompts * 20,
+        trainers.BpeTrainer(vocab_size=700, special_tokens=DECODER_SPECIAL,
+                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )  # fmt: skip
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<|endoftext|>",
+                                   eos_token="<|im_end|>", bos_token="<bos>")  # fmt: skip
+    fast.add_tokens(["yes", "no", "Yes", "No"])
+    torch.manual_seed(seed)
+    shape = dict(vocab_size=len(fast), hidden_size=64, intermediate_size=128,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 max_position_embeddings=1024, pad_token_id=fast.pad_token_id,
+                 bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)  # fmt: skip
+    if family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**shape, tie_word_embeddings=True))
+    elif family == "gemma":
+        model = GemmaForCausalLM(GemmaConfig(**shape))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**shape))
+    model.save_pretrained(out, safe_serialization=True)
+    fast.save_pretrained(out)
+    return str(out)

@@ -1,0 +1,188 @@
+"""Decoder (LLM) rerankers at inference: tiny random Qwen3/Gemma/Llama causal LMs score exactly
+as an independent implementation of the documented formulas, through `Reranker`, `raykit score`
+and `evaluate`; truncation keeps the prompt suffix."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from raykit.config import ConfigError, EvaluateConfig, FinetuneConfig, ScoreConfig
+from raykit.engine import Reranker
+from raykit.prompts import TEMPLATES, model_kind, resolve_template
+from tests.conftest import SAMPLE_DEV, write_jsonl
+from tests.tiny_model import build_tiny_decoder
+
+QWEN3_PREFIX = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query "
+    'and the Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n'
+    "<|im_start|>user\n"
+)
+QWEN3_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+QWEN3_TASK = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+def sample_pairs(n: int = 12) -> list[list[str]]:
+    pairs = []
+    for line in SAMPLE_DEV.read_text().splitlines():
+        row = json.loads(line)
+        pairs += [[row["query"], p] for p in row["pos"] + row["neg"]]
+    return pairs[:n]
+
+
+@pytest.fixture(scope="module")
+def decoders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("decoders")
+    families = ("qwen3", "gemma", "llama")
+    return {family: build_tiny_decoder(root / family, family) for family in families}
+
+
+def qwen3_reference(path: str, pairs: list[list[str]], max_length: int = 8192):
+    """Qwen3-Reranker's model-card code, as published: formatted pairs truncated to fit between
+    the prefix and suffix tokens, left padding, yes/no logits at the last position; returns
+    (logit(yes) - logit(no), P(yes))."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
+    prefix_tokens = tokenizer.encode(QWEN3_PREFIX, add_special_tokens=False)
+    suffix_tokens = tokenizer.encode(QWEN3_SUFFIX, add_special_tokens=False)
+    texts = [f"<Instruct>: {QWEN3_TASK}\n<Query>: {q}\n<Document>: {d}" for q, d in pairs]
+    inputs = tokenizer(texts, padding=False, truncation="longest_first",
+                       return_attention_mask=False,
+                       max_length=max_length - len(prefix_tokens) - len(suffix_tokens))  # fmt: skip
+    inputs["input_ids"] = [prefix_tokens + ids + suffix_tokens for ids in inputs["input_ids"]]
+    batch = tokenizer.pad(inputs, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits[:, -1, :]
+    stacked = torch.stack([logits[:, no], logits[:, yes]], dim=1)
+    p_yes = torch.nn.functional.log_softmax(stacked, dim=1)[:, 1].exp()
+    return (logits[:, yes] - logits[:, no]).numpy(), p_yes.numpy(), batch["input_ids"]
+
+
+def gemma_reference(path: str, pairs: list[list[str]]) -> np.ndarray:
+    """bge-reranker-v2-gemma's prompt as FlagEmbedding builds it (BOS, 'A: query', separator,
+    'B: passage', separator, the question), one pair at a time, scored yes - no."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    prompt = ("Given a query A and a passage B, determine whether the passage contains an answer "
+              "to the query by providing a prediction of either 'Yes' or 'No'.")  # fmt: skip
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    yes, no = encode("Yes")[0], encode("No")[0]
+    scores = []
+    for query, passage in pairs:
+        ids = ([tokenizer.bos_token_id] + encode(f"A: {query}") + encode("\n")
+               + encode(f"B: {passage}") + encode("\n") + encode(prompt))  # fmt: skip
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        scores.append(float(logits[yes] - logits[no]))
+    return np.array(scores)
+
+
+def test_kind_comes_from_the_architecture_and_the_template_from_the_model_type():
+    from transformers import BertConfig, GemmaConfig, Qwen3Config
+
+    qwen = Qwen3Config(architectures=["Qwen3ForCausalLM"])
+    assert model_kind(qwen) == "decoder" and model_kind(qwen, "encoder") == "encoder"
+    assert model_kind(Qwen3Config(architectures=["Qwen3ForSequenceClassification"])) == "encoder"
+    assert model_kind(BertConfig(architectures=["BertForSequenceClassification"])) == "encoder"
+    assert resolve_template(qwen) == TEMPLATES["qwen3"]
+    gemma = resolve_template(GemmaConfig(architectures=["GemmaForCausalLM"]), instruction="x")
+    assert gemma.name == "gemma" and gemma.yes_token == "Yes" and gemma.instruction == "x"
+    with pytest.raises(ConfigError, match="model_kind"):
+        model_kind(qwen, "seq2seq")
+
+
+def test_qwen3_scores_equal_the_model_card_formula(decoders):
+    pairs = sample_pairs()
+    expected, p_yes, _ = qwen3_reference(decoders["qwen3"], pairs)
+    reranker = Reranker(decoders["qwen3"], device="cpu", batch_size=5)
+    scores = np.array(reranker.compute_score(pairs))
+    np.testing.assert_allclose(scores, expected, atol=1e-4)
+    np.testing.assert_allclose(reranker.compute_score(pairs, normalize=True), p_yes, atol=1e-5)
+    assert len(set(np.round(scores, 5))) > len(pairs) // 2  # not a constant
+
+
+def test_gemma_scores_equal_the_bge_gemma_prompt(decoders):
+    pairs = sample_pairs(6)
+    reranker = Reranker(decoders["gemma"], device="cpu")
+    np.testing.assert_allclose(reranker.compute_score(pairs), gemma_reference(decoders["gemma"],
+                               pairs), atol=1e-4)  # fmt: skip
+
+
+def test_a_model_type_without_a_default_template_needs_one(decoders):
+    with pytest.raises(ConfigError, match="template: no default prompt for model type 'llama'"):
+        Reranker(decoders["llama"], device="cpu")
+    pairs = sample_pairs(4)
+    reranker = Reranker(decoders["llama"], device="cpu", template="qwen3")
+    expected, _, _ = qwen3_reference(decoders["llama"], pairs)
+    np.testing.assert_allclose(reranker.compute_score(pairs), expected, atol=1e-4)
+
+
+def test_truncation_cuts_the_document_and_keeps_the_prompt_suffix(decoders):
+    from transformers import AutoTokenizer
+
+    long_document = " ".join(["ray serve batches requests"] * 400)
+    pairs = [["what is ray", long_document], ["what is ray", "a short passage"]]
+    reranker = Reranker(decoders["qwen3"], device="cpu", max_length=96)
+    encodings = reranker.engine.tokenize([q for q, _ in pairs], [d for _, d in pairs])
+    tokenizer = AutoTokenizer.from_pretrained(decoders["qwen3"])
+    suffix = tokenizer.encode(QWEN3_SUFFIX, add_special_tokens=False)
+    assert len(encodings[0]["input_ids"]) == 96
+    assert all(e["input_ids"][-len(suffix) :] == suffix for e in encodings)
+    # ... and the score is the reference's at the same max_length.
+    expected, _, _ = qwen3_reference(decoders["qwen3"], pairs, max_length=96)
+    np.testing.assert_allclose(reranker.compute_score(pairs), expected, atol=1e-4)
+
+
+def test_bf16_keeps_the_ranking(decoders):
+    pairs = sample_pairs()
+    fp32 = np.array(Reranker(decoders["qwen3"], device="cpu").compute_score(pairs))
+    bf16 = np.array(Reranker(decoders["qwen3"], device="cpu", bf16=True).compute_score(pairs))
+    np.testing.assert_allclose(bf16, fp32, atol=0.05 * max(1.0, float(np.abs(fp32).max())))
+
+
+def test_instruction_and_yes_no_tokens_are_settings(decoders):
+    pairs = sample_pairs(4)
+    plain = np.array(Reranker(decoders["qwen3"], device="cpu").compute_score(pairs))
+    instructed = Reranker(decoders["qwen3"], device="cpu", instruction="Find the answer")
+    assert not np.allclose(instructed.compute_score(pairs), plain, atol=1e-4)
+    flipped = Reranker(decoders["qwen3"], device="cpu", yes_token="no", no_token="yes")
+    np.testing.assert_allclose(flipped.compute_score(pairs), -plain, atol=1e-5)
+    with pytest.raises(ConfigError, match="yes_token"):
+        Reranker(decoders["qwen3"], device="cpu", yes_token="relevant passage")
+
+
+def test_finetuning_a_decoder_is_refused_in_one_line(decoders, tmp_path):
+    from raykit.train import check_run_paths
+
+    cfg = FinetuneConfig(model_name_or_path=decoders["qwen3"], train_data=["x"],
+                         output_dir=str(tmp_path / "out"))  # fmt: skip
+    with pytest.raises(ConfigError, match="decoder .* not implemented yet"):
+        check_run_paths(cfg)
+
+
+@pytest.mark.slow
+def test_score_and_evaluate_take_a_decoder(ray_cluster, decoders, tmp_path):
+    from raykit.evaluate import evaluate_model
+    from raykit.score import run_score
+
+    pairs = sample_pairs()
+    source = write_jsonl(tmp_path / "pairs.jsonl",
+                         [{"query": q, "passage": p} for q, p in pairs])  # fmt: skip
+    run_score(ScoreConfig(model=decoders["qwen3"], input=[str(source)],
+                          output=str(tmp_path / "scored"), format="jsonl",
+                          num_actors=1))  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "scored" / "pairs.jsonl").open()]
+    expected, _, _ = qwen3_reference(decoders["qwen3"], pairs)
+    np.testing.assert_allclose([r["score"] for r in rows], expected, atol=1e-4)
+
+    metrics = evaluate_model(EvaluateConfig(model_name_or_path=decoders["qwen3"],
+                                            eval_data=[str(SAMPLE_DEV)]))  # fmt: skip
+    assert 0.0 < metrics["nDCG@10"] <= 1.0
