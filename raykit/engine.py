@@ -291,7 +291,10 @@ class InferenceEngine:
         `max_batch_size`."""
         import torch
 
+        from raykit.console import quiet_libraries
         from raykit.model import load_model_and_tokenizer, local_model_path
+
+        quiet_libraries()  # no weight-loading reports from every actor and replica
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if threads and device.type == "cpu":

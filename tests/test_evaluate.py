@@ -137,7 +137,8 @@ def test_evaluate_command_on_a_run_prints_and_writes_json(tmp_path):
     assert list(written) == ["nDCG@3", "AP", "nDCG@10"]
     assert written["nDCG@3"] == pytest.approx(expected["nDCG@3"])
     assert written["AP"] == pytest.approx(expected["AP"])
-    assert json.loads(result.output.strip().splitlines()[-1])["AP"] == round(expected["AP"], 4)
+    line = [x for x in result.output.splitlines() if x.startswith("{")][-1]
+    assert json.loads(line)["AP"] == round(expected["AP"], 4)
 
 
 @pytest.mark.parametrize(
