@@ -1,5 +1,6 @@
 """GPU path check, run on a lent GPU machine (never in CI): AMP fp16/bf16 training steps,
-fp16 inference against fp32, and `raykit finetune --use_gpu` (NCCL, one GPU worker).
+fp16 inference against fp32, decoder (LLM) reranker inference, and `raykit finetune --use_gpu`
+(NCCL, one GPU worker).
 
 Run: python bench/gpu_check.py [--skip_ray]   (prints one JSON line per check)
 """
@@ -118,6 +119,50 @@ def base_sized_throughput(tmp: str) -> None:
              fraction_of_bf16_peak=round(flops / wall / (H100_H200_BF16_DENSE_TFLOPS * 1e12), 3))
 
 
+def llm_reranker_inference(tmp: str, device: str = "cuda") -> None:
+    """Decoder rerankers: a tiny Qwen3 scores on the GPU (fp32 and bf16) as on the CPU; then
+    a random model of Qwen3-Reranker-0.6B's shape (hidden 1024, 28 layers, 16 heads) at bf16:
+    pairs/s, tokens/s and the fraction of the GPU's bf16 peak. LoRA training is not in raykit
+    yet (issue 14)."""
+    from raykit.engine import InferenceEngine
+    from tests.tiny_model import build_tiny_decoder
+
+    tiny = build_tiny_decoder(f"{tmp}/qwen3-tiny", "qwen3")
+    pairs = [[g["query"], p] for g in load_groups(str(ROOT / "examples/data/dev.jsonl"))
+             for p in g["pos"] + g["neg"]]  # fmt: skip
+    cpu = np.array(Reranker(tiny, device="cpu").compute_score(pairs))
+    fp32 = np.array(Reranker(tiny, device=device).compute_score(pairs))
+    bf16 = np.array(Reranker(tiny, device=device, bf16=True).compute_score(pairs))
+    emit("llm_reranker_tiny", pairs=len(pairs),
+         max_diff_fp32_vs_cpu=float(np.abs(fp32 - cpu).max()),
+         max_diff_bf16_vs_fp32=float(np.abs(bf16 - fp32).max()),
+         same_best_pair_bf16=bool(np.argmax(bf16) == np.argmax(fp32)))  # fmt: skip
+
+    model_dir = build_tiny_decoder(f"{tmp}/qwen3-0.6b-shape", "qwen3", hidden_size=1024,
+                                   layers=28, heads=16)  # fmt: skip
+    engine = InferenceEngine.load(model_dir, device=device, dtype="bfloat16", max_len=512,
+                                  token_budget=65536, max_batch_size=256)  # fmt: skip
+    params = sum(p.numel() for n, p in engine.model.named_parameters() if "embed" not in n)
+    rng = np.random.default_rng(0)
+    words = ["passage", "text", "about", "eggs", "rays", "and", "the", "sky"]
+    docs = [" ".join(rng.choice(words, int(rng.integers(20, 200)))) for _ in range(4096)]
+    encodings = engine.tokenize(["how long should I boil an egg"] * len(docs), docs)
+    engine.score_encodings(encodings[:256])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    engine.stats = type(engine.stats)()
+    started = time.perf_counter()
+    engine.score_encodings(encodings)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    flops = 2 * params * engine.stats.padded_tokens
+    emit("llm_reranker_0.6b_shape_bf16", params_non_embedding=params,
+         pairs_per_s=round(len(docs) / wall, 1), tokens_per_s=round(engine.stats.tokens / wall),
+         padding_ratio=round(engine.stats.padding_ratio, 3),
+         fraction_of_bf16_peak=round(flops / wall / (H100_H200_BF16_DENSE_TFLOPS * 1e12), 3))
+
+
 def ray_finetune(model_dir: str, tmp: str, precision: str) -> None:
     out = f"{tmp}/out-{precision}"
     cmd = [sys.executable, "-m", "raykit.cli", "finetune", "--model_name_or_path", model_dir,
@@ -152,6 +197,7 @@ def main() -> None:
         amp_training(model_dir, fp16=False, bf16=True)
         inference(model_dir)
         base_sized_throughput(tmp)
+        llm_reranker_inference(tmp)
         if not args.skip_ray:
             for precision in ("fp16", "bf16"):
                 ray_finetune(model_dir, tmp, precision)

@@ -105,10 +105,17 @@ def train_tiny(
 DECODER_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<bos>"]
 
 
-def build_tiny_decoder(out: str | Path, family: str = "qwen3", seed: int = 0) -> str:
-    """Save a random 2-layer causal LM (`qwen3`, `gemma` or `llama`, hidden 64) and a byte-level
-    BPE tokenizer trained on the sample data and the prompt templates, with the chat special
-    tokens and yes/no/Yes/No as single tokens."""
+def build_tiny_decoder(
+    out: str | Path,
+    family: str = "qwen3",
+    seed: int = 0,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+) -> str:
+    """Save a random causal LM (`qwen3`, `gemma` or `llama`; 2 layers, hidden 64 unless told)
+    and a byte-level BPE tokenizer trained on the sample data and the prompt templates, with the
+    chat special tokens and yes/no/Yes/No as single tokens."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
@@ -136,8 +143,9 @@ def build_tiny_decoder(out: str | Path, family: str = "qwen3", seed: int = 0) ->
                                    eos_token="<|im_end|>", bos_token="<bos>")  # fmt: skip
     fast.add_tokens(["yes", "no", "Yes", "No"])
     torch.manual_seed(seed)
-    shape = dict(vocab_size=len(fast), hidden_size=64, intermediate_size=128,
-                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    shape = dict(vocab_size=len(fast), hidden_size=hidden_size, intermediate_size=3 * hidden_size,
+                 num_hidden_layers=layers, num_attention_heads=heads,
+                 num_key_value_heads=max(1, heads // 2), head_dim=hidden_size // heads,
                  max_position_embeddings=1024, pad_token_id=fast.pad_token_id,
                  bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)  # fmt: skip
     if family == "qwen3":
