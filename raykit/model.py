@@ -79,6 +79,19 @@ def check_model(name_or_path: str, field: str = "model") -> None:
         ) from None
 
 
+def load_decoder_and_tokenizer(path: str, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
+    """A causal LM (a decoder reranker) and its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    path = local_model_path(path)
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, trust_remote_code=trust_remote_code, dtype=torch.float32
+    )
+    return model, tokenizer
+
+
 def load_model_and_tokenizer(
     name_or_path: str, trust_remote_code: bool = False
 ) -> tuple[nn.Module, Any]:
@@ -99,29 +112,43 @@ class CrossEncoder(nn.Module):
     """Scores a list of padded chunks in one `forward` call and returns the logits in order.
 
     Keeping the chunking inside one module means DDP sees a single forward per step, while each
-    chunk is padded only to its own longest pair.
+    chunk is padded only to its own longest pair. With `yes_no` (token ids) the model is a
+    decoder reranker: chunks are left-padded prompts and the score is logit(yes) - logit(no) at
+    the last position, as in `raykit.engine`.
     """
 
-    def __init__(self, hf_model: nn.Module):
+    def __init__(self, hf_model: nn.Module, yes_no: tuple[int, int] | None = None):
         super().__init__()
         self.hf_model = hf_model
+        self.yes_no = yes_no
+
+    def score(self, chunk: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.yes_no is None:
+            return self.hf_model(**chunk).logits.view(-1)
+        last = self.hf_model(**chunk, logits_to_keep=1).logits[:, -1, :]
+        return last[:, self.yes_no[0]] - last[:, self.yes_no[1]]
 
     def forward(self, chunks: list[dict[str, torch.Tensor]], order: torch.Tensor) -> torch.Tensor:
-        logits = torch.cat([self.hf_model(**chunk).logits.view(-1) for chunk in chunks])
+        logits = torch.cat([self.score(chunk) for chunk in chunks])
         # `order[i]` is the position in `logits` of the i-th pair of the input.
         return logits[order]
 
 
 def make_chunks(
-    encodings: list[dict[str, list[int]]], token_budget: int, pad_id: int, device: torch.device
+    encodings: list[dict[str, list[int]]],
+    token_budget: int,
+    pad_id: int,
+    device: torch.device,
+    left: bool = False,
 ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor, int]:
-    """Sort pairs by length into padded chunks; returns chunks, the restoring order, pad tokens."""
+    """Sort pairs by length into padded chunks (`left`-padded for decoders); returns chunks,
+    the restoring order, pad tokens."""
     lengths = [len(e["input_ids"]) for e in encodings]
     cost = CHUNK_COST_TOKENS.get(torch.device(device).type, CHUNK_COST_TOKENS["cuda"])
     chunks_index = chunk_by_length(lengths, token_budget, chunk_cost=cost)
     chunks, flat, padded = [], [], 0
     for index in chunks_index:
-        batch = pad_encodings([encodings[i] for i in index], pad_id)
+        batch = pad_encodings([encodings[i] for i in index], pad_id, left=left)
         padded += batch["input_ids"].numel()
         chunks.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
         flat += index

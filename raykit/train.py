@@ -40,17 +40,26 @@ from raykit.cluster import hold_run_lock, init_ray
 from raykit.config import ConfigError, FinetuneConfig, resolve_model_path
 from raykit.console import VERBOSE_ENV, EventSender, RunConsole, logger, quiet_libraries
 from raykit.data import DataError, read_groups, rows_from_batch, sample_group
-from raykit.engine import InferenceEngine, resolve_dtype, tokenize_pairs, torch_dtype
+from raykit.engine import (
+    InferenceEngine,
+    decoder_template,
+    resolve_dtype,
+    tokenize_for,
+    torch_dtype,
+)
 from raykit.evaluate import mean_metrics, metric_sums
 from raykit.model import (
     CrossEncoder,
     check_model,
     distillation_loss,
     group_softmax_loss,
+    load_decoder_and_tokenizer,
     load_model_and_tokenizer,
+    local_model_path,
     make_chunks,
 )
 from raykit.model_card import finetune_card, write_card
+from raykit.prompts import token_id
 from raykit.storage import absolute, is_uri, join, prepare_output_dir, publish_dir
 from raykit.tracking import Tracker, open_trackers, tracking_env
 
@@ -238,12 +247,21 @@ class FinetuneRecipe:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
+        # A decoder (causal LM) reranker trains on its prompts, scored logit(yes) - logit(no).
+        self.template = decoder_template(
+            local_model_path(model_path), cfg.trust_remote_code, cfg.model_kind, cfg.template,
+            cfg.instruction, cfg.yes_token, cfg.no_token,
+        )  # fmt: skip
         hf_model, self.tokenizer, state = self._load_model(model_path)
         if cfg.gradient_checkpointing:
             hf_model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
-        encoder = CrossEncoder(hf_model)
+        yes_no = None
+        if self.template is not None:
+            yes_no = (token_id(self.tokenizer, self.template.yes_token, "yes_token"),
+                      token_id(self.tokenizer, self.template.no_token, "no_token"))  # fmt: skip
+        encoder = CrossEncoder(hf_model, yes_no)
         params = [(n, p) for n, p in encoder.named_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             [
@@ -268,6 +286,7 @@ class FinetuneRecipe:
             autocast_dtype=self.autocast_dtype, max_len=cfg.max_len,
             query_max_len=cfg.query_max_len, passage_max_len=cfg.passage_max_len,
             token_budget=cfg.forward_token_budget, max_batch_size=cfg.eval_batch_size,
+            template=self.template,
         )  # fmt: skip
         self.worker_nodes = self._gather_node_ids()
         self.eval_groups = self._read_eval_groups() if "eval" in datasets else []
@@ -284,10 +303,11 @@ class FinetuneRecipe:
     def _load_model(self, model_path: str) -> tuple[Any, Any, dict[str, Any]]:
         """The model to train and the trainer state: from the latest checkpoint if there is one."""
         checkpoint = ray.train.get_checkpoint()
+        load = load_model_and_tokenizer if self.template is None else load_decoder_and_tokenizer
         if not checkpoint:
-            return (*load_model_and_tokenizer(model_path, self.cfg.trust_remote_code), {})
+            return (*load(model_path, self.cfg.trust_remote_code), {})
         with checkpoint.as_directory() as folder:
-            hf_model, tokenizer = load_model_and_tokenizer(folder, self.cfg.trust_remote_code)
+            hf_model, tokenizer = load(folder, self.cfg.trust_remote_code)
             state = torch.load(os.path.join(folder, TRAINER_STATE_FILE), weights_only=False)
         return hf_model, tokenizer, state
 
@@ -323,17 +343,19 @@ class FinetuneRecipe:
         cfg, group_size = self.cfg, self.cfg.train_group_size
         rng = np.random.default_rng([cfg.seed, epoch, self.rank, micro])
         groups = [sample_group(r, group_size, rng) for r in records]
-        encodings = tokenize_pairs(
+        encodings = tokenize_for(
             self.tokenizer,
+            self.template,
             [g.query for g in groups for _ in g.passages],
             [p for g in groups for p in g.passages],
             cfg.max_len,
-            cfg.effective_query_max_len,
-            cfg.effective_passage_max_len,
+            cfg.query_max_len,
+            cfg.passage_max_len,
         )
         chunks, order, pad_tokens = make_chunks(
-            encodings, cfg.forward_token_budget, self.tokenizer.pad_token_id, self.device
-        )
+            encodings, cfg.forward_token_budget, self.eval_engine.pad_id, self.device,
+            left=self.template is not None,
+        )  # fmt: skip
         no_sync = self.model is not self.encoder and not sync
         with self.model.no_sync() if no_sync else nullcontext():
             enabled = self.autocast_dtype is not None
@@ -605,31 +627,9 @@ def _names(paths: list[str]) -> str:
     return ", ".join(f"`{os.path.basename(os.path.normpath(p))}`" for p in paths)
 
 
-def _is_causal_lm(name_or_path: str, trust_remote_code: bool) -> bool:
-    from transformers import AutoConfig
-
-    from raykit.model import local_model_path
-    from raykit.prompts import model_kind
-
-    try:
-        config = AutoConfig.from_pretrained(local_model_path(name_or_path),
-                                            trust_remote_code=trust_remote_code)  # fmt: skip
-    except (OSError, ValueError):
-        return False  # load_model_and_tokenizer reports it
-    return model_kind(config) == "decoder"
-
-
 def check_run_paths(cfg: FinetuneConfig) -> None:
     """One-line errors for a missing model or an output that cannot be written, before Ray."""
     check_model(cfg.model_name_or_path, "model_name_or_path")
-    if cfg.model_kind == "decoder" or (
-        cfg.model_kind == "auto" and _is_causal_lm(cfg.model_name_or_path, cfg.trust_remote_code)
-    ):
-        raise ConfigError(
-            "model_name_or_path: a decoder (causal LM) reranker can be scored, served and "
-            "evaluated; fine-tuning one is not implemented yet (pass --model_kind encoder to "
-            "train it as a sequence classifier with a new head)"
-        )
     prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
     if cfg.storage_path and not is_uri(cfg.storage_path):
         storage, output = absolute(cfg.storage_path), absolute(cfg.output_dir)
