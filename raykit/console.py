@@ -25,9 +25,6 @@ VERBOSE_ENV = "RAYKIT_VERBOSE"
 class _StdoutHandler(logging.StreamHandler):
     """Writes to whatever `sys.stdout` is at the time (pytest and typer swap it)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @property  # type: ignore[override]
     def stream(self) -> Any:
         return sys.stdout

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from typing import Any, Protocol
 
 from raykit.errors import ConfigError
@@ -91,7 +92,9 @@ class MLflowTracker:
 
     def __init__(self, run_name: str, group: str | None, config: dict[str, Any]):
         from mlflow import MlflowClient
+        from mlflow.entities import Metric, Param
 
+        self.metric = Metric
         self.client = MlflowClient()  # MLFLOW_TRACKING_URI, or ./mlruns
         experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or group or "raykit"
         found = self.client.get_experiment_by_name(experiment)
@@ -99,19 +102,13 @@ class MLflowTracker:
         tags = {"raykit.sweep": group} if group else {}
         run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
-        from mlflow.entities import Param
-
         params = [Param(k, str(v)[:6000]) for k, v in flat_config(config).items()]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[start : start + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        batch = [Metric(safe_key(k), float(v), now, step) for k, v in metrics.items()]
+        batch = [self.metric(safe_key(k), float(v), now, step) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch)
 
     def finish(self, outcome: dict[str, Any]) -> None:
