@@ -1,6 +1,7 @@
 """GPU path check, run on a lent GPU machine (never in CI): AMP fp16/bf16 training steps,
-fp16 inference against fp32, decoder (LLM) reranker inference, and `raykit finetune --use_gpu`
-(NCCL, one GPU worker).
+fp16 inference against fp32, decoder (LLM) reranker inference, `raykit finetune --use_gpu`
+(NCCL, one GPU worker) and LoRA bf16 fine-tuning of a Qwen3-Reranker-0.6B-shaped model with
+DDP and FSDP (steps/s, tokens/s, peak memory).
 
 Run: python bench/gpu_check.py [--skip_ray]   (prints one JSON line per check)
 """
@@ -122,8 +123,7 @@ def base_sized_throughput(tmp: str) -> None:
 def llm_reranker_inference(tmp: str, device: str = "cuda") -> None:
     """Decoder rerankers: a tiny Qwen3 scores on the GPU (fp32 and bf16) as on the CPU; then
     a random model of Qwen3-Reranker-0.6B's shape (hidden 1024, 28 layers, 16 heads) at bf16:
-    pairs/s, tokens/s and the fraction of the GPU's bf16 peak. LoRA training is not in raykit
-    yet (issue 14)."""
+    pairs/s, tokens/s and the fraction of the GPU's bf16 peak."""
     from raykit.engine import InferenceEngine
     from tests.tiny_model import build_tiny_decoder
 
@@ -186,6 +186,54 @@ def ray_finetune(model_dir: str, tmp: str, precision: str) -> None:
         emit("load_exported_on_gpu", precision=precision, scores=scores)
 
 
+def llm_lora_finetune(tmp: str, fsdp: bool, use_gpu: bool = True,
+                      shape: tuple[int, int, int] = (1024, 28, 16)) -> None:  # fmt: skip
+    """`raykit finetune --use_gpu --bf16 --use_lora` (and `--fsdp`) of a random model of
+    Qwen3-Reranker-0.6B's shape (hidden, layers, heads) on synthetic groups (one GPU worker):
+    steps/s, pairs/s, tokens/s, peak GPU memory, and whether the merged export loads and
+    scores. `use_gpu=False` and a small `shape` try the same command on a CPU."""
+    from tests.tiny_model import build_tiny_decoder
+
+    hidden, layers, heads = shape
+    model_dir = f"{tmp}/qwen3-{hidden}x{layers}"
+    if not Path(model_dir).exists():
+        build_tiny_decoder(model_dir, "qwen3", hidden_size=hidden, layers=layers, heads=heads)
+    rng = np.random.default_rng(0)
+    words = ["passage", "text", "about", "eggs", "rays", "and", "the", "sky", "yes", "no"]
+    text = lambda n: " ".join(rng.choice(words, n))  # noqa: E731
+    data = Path(tmp) / "llm-train.jsonl"
+    groups = [{"query": text(8), "pos": [text(120)],
+               "neg": [text(int(rng.integers(40, 200))) for _ in range(7)]}
+              for _ in range(256)]  # fmt: skip
+    data.write_text("".join(json.dumps(g) + "\n" for g in groups))
+    out = f"{tmp}/llm-out-{'fsdp' if fsdp else 'ddp'}"
+    cmd = [sys.executable, "-m", "raykit.cli", "finetune", "--model_name_or_path", model_dir,
+           "--train_data", str(data), "--output_dir", out, "--storage_path", f"{tmp}/ray",
+           *(["--use_gpu"] if use_gpu else []), "--bf16", "--use_lora", "--lora_rank", "32",
+           "--lora_alpha", "64",
+           "--gradient_checkpointing", "--num_workers", "1", "--max_steps", "30",
+           "--per_device_train_batch_size", "8", "--train_group_size", "8", "--max_len", "512",
+           "--learning_rate", "1e-4", "--logging_steps", "10",
+           *(["--fsdp"] if fsdp else [])]  # fmt: skip
+    started = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=500)
+    summary_path = Path(out) / "train_summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    last = (summary.get("loss") or [{}])[-1]
+    steps_per_s = summary["steps"] / summary["train_seconds"] if summary else None
+    emit("llm_lora_bf16_finetune", fsdp=fsdp, returncode=proc.returncode,
+         seconds=round(time.time() - started, 1), steps=summary.get("steps"),
+         steps_per_s=steps_per_s and round(steps_per_s, 2),
+         pairs_per_s=last.get("pairs_per_s"), tokens_per_s=last.get("tokens_per_s"),
+         peak_gpu_memory_gb=summary.get("peak_gpu_memory_gb"),
+         losses=[round(e["loss"], 4) for e in summary.get("loss", [])],
+         log=None if proc.returncode == 0 else (proc.stdout + proc.stderr)[-3000:])  # fmt: skip
+    if proc.returncode == 0:
+        device = "cuda" if use_gpu else "cpu"
+        scores = Reranker(out, device=device, bf16=True).compute_score([["q", "p"], ["a", "b"]])
+        emit("llm_merged_export_loads", fsdp=fsdp, device=device, scores=scores)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip_ray", action="store_true")
@@ -201,6 +249,8 @@ def main() -> None:
         if not args.skip_ray:
             for precision in ("fp16", "bf16"):
                 ray_finetune(model_dir, tmp, precision)
+            for fsdp in (False, True):
+                llm_lora_finetune(tmp, fsdp)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,45 @@ class Tracking(_OptionGroup):
 
 
 @dataclass
+class Adapters(_OptionGroup):
+    """LoRA (peft) and FSDP: how a large (decoder) reranker fits the GPUs it trains on."""
+
+    panel = "LoRA and sharding"
+
+    use_lora: bool = _opt(False, "Train LoRA adapters (peft) instead of every weight.")
+    lora_rank: int = _opt(64, "LoRA rank r.")
+    lora_alpha: float = _opt(16.0, "LoRA scaling alpha (the update is scaled by alpha / r).")
+    lora_dropout: float = _opt(0.1, "Dropout on the LoRA branch.")
+    lora_target_modules: list[str] = _list_opt(
+        "Module names to adapt, e.g. q_proj k_proj v_proj o_proj (default: all-linear, every "
+        "linear layer but the output head)."
+    )
+    save_merged_model: bool = _opt(
+        True,
+        "With --use_lora, export the base with the adapter merged in (a plain HF model); "
+        "--no-save_merged_model exports the adapter, which names its base.",
+    )
+    fsdp: bool = _opt(
+        False,
+        "Shard parameters, gradients and optimizer state over the workers (torch FSDP2) "
+        "instead of replicating the model (DDP): for models that do not fit one device.",
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        _require_positive(self, ["lora_rank", "lora_alpha"])
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_target_modules and not self.use_lora:
+            raise ConfigError("lora_target_modules: only used with --use_lora")
+        if self.use_lora:
+            import importlib.util
+
+            if importlib.util.find_spec("peft") is None:
+                raise ConfigError("use_lora: needs peft (pip install peft)")
+
+
+@dataclass
 class ModelLoading(_OptionGroup):
     panel = "Model loading"
 
@@ -207,7 +246,7 @@ class TokenLimits(_OptionGroup):
 
 @dataclass
 class FinetuneConfig(
-    Tracking, Metrics, ForwardBudget, TokenLimits, Precision, ModelLoading, Console
+    Adapters, Tracking, Metrics, ForwardBudget, TokenLimits, Precision, ModelLoading, Console
 ):
     """Everything `raykit finetune` and `jobs/finetune.py` accept (FlagEmbedding flag names)."""
 

@@ -20,6 +20,15 @@ from typing import Any
 
 logger = logging.getLogger("raykit")
 VERBOSE_ENV = "RAYKIT_VERBOSE"
+# transformers and peft import torchao (installed for --dtype int8) whenever it is present;
+# torchao's optional CUDA kernels and torch.compile registrations then warn on every import, in
+# every Ray worker. Errors still show.
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+def quiet_noisy_loggers() -> None:
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 class _StdoutHandler(logging.StreamHandler):
@@ -56,6 +65,7 @@ def quiet_libraries() -> None:
     verbose. Called on the driver and in every worker process raykit starts."""
     if is_verbose():
         return
+    quiet_noisy_loggers()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
@@ -71,6 +81,8 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", category=RayDeprecationWarning)
     except ImportError:
         pass
+    # peft's merge asks transformers a deprecated question; nothing for a user to act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
     # "Token authentication is enabled" on every start of a local instance.
     logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
 

@@ -27,17 +27,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from raykit.console import quiet_noisy_loggers
 from raykit.prompts import PromptTemplate, resolve_template, token_id, tokenize_prompts
 
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger("raykit")
-# transformers imports torchao (installed for --dtype int8) whenever it is present; torchao's
-# optional CUDA kernels and torch.compile registrations then warn on every model load, in every
-# Ray worker. Errors still show.
-for _noisy in ("torchao", "torch.utils._pytree"):
-    logging.getLogger(_noisy).setLevel(logging.ERROR)
+quiet_noisy_loggers()  # also for library use without `setup_console`
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 Encoding = dict[str, list[int]]  # input_ids (+ token_type_ids) of one pair
@@ -244,10 +241,14 @@ class InferenceEngine:
         token_budget: int = 4096,
         max_batch_size: int = 64,
         template: PromptTemplate | None = None,
+        inference_mode: bool = True,
     ):
         import torch
 
         self.model = model
+        # False: `no_grad` instead; an FSDP model's gathered parameters, made under inference
+        # mode, could not be used for training afterwards.
+        self.inference_mode = inference_mode
         # A decoder reranker: prompts from `template`, scored logit(yes) - logit(no).
         self.template = template
         if template is not None:
@@ -303,15 +304,7 @@ class InferenceEngine:
         path = local_model_path(model)
         prompt = decoder_template(path, trust_remote_code, model_kind, template, instruction,
                                   yes_token, no_token)  # fmt: skip
-        if prompt is None:
-            hf_model, tokenizer = load_model_and_tokenizer(path, trust_remote_code)
-        else:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-            hf_model = AutoModelForCausalLM.from_pretrained(
-                path, trust_remote_code=trust_remote_code, dtype=torch.float32
-            )
+        hf_model, tokenizer = load_model_and_tokenizer(path, trust_remote_code, prompt is not None)
         hf_model.eval()
         if precision == "int8":
             hf_model = quantize_int8(hf_model)
@@ -375,7 +368,8 @@ class InferenceEngine:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         enabled = self.autocast_dtype is not None
         autocast = torch.autocast(self.device.type, self.autocast_dtype, enabled=enabled)
-        with torch.inference_mode(), autocast:
+        grad_off = torch.inference_mode() if self.inference_mode else torch.no_grad()
+        with grad_off, autocast:
             if self.template is None:
                 scores = self.model(**batch).logits.view(-1).float().cpu().numpy()
             else:  # left-padded prompts: the last position is every row's last token
@@ -419,7 +413,10 @@ def decoder_template(
     """The prompt template when the checkpoint at `path` is (or is told to be) a decoder."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    from raykit.model import model_config_path
+
+    config_path = model_config_path(path)  # an adapter's prompt is its base's
+    config = AutoConfig.from_pretrained(config_path, trust_remote_code=trust_remote_code)
     return resolve_template(config, model_kind, template, instruction, yes_token, no_token)
 
 

@@ -1,4 +1,5 @@
-"""Model merging (LM-Cocktail): a weighted average of rerankers that share one architecture.
+"""Model merging (LM-Cocktail): a weighted average of rerankers that share one architecture
+(encoders, or decoder rerankers; a LoRA adapter folder is merged into its base first).
 
 Merging a fine-tuned reranker back into its base keeps some of the base's general ability.
 Models are loaded one at a time and summed into a running average, so memory holds two models
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raykit.config import ConfigError, MixConfig, resolve_model_path
+from raykit.config import ConfigError, MixConfig
 from raykit.console import logger
 from raykit.data import load_groups
 from raykit.model_card import mix_card, write_card
@@ -35,16 +36,31 @@ ARCHITECTURE_KEYS = (
 )  # fmt: skip
 
 
-def load_for_mixing(name: str, trust_remote_code: bool = False) -> tuple[nn.Module, set[str]]:
-    """A one-logit reranker and the names of the tensors its checkpoint did not contain."""
-    from transformers import AutoModelForSequenceClassification
+def load_for_mixing(
+    name: str, trust_remote_code: bool = False, kind: str = "auto"
+) -> tuple[nn.Module, set[str]]:
+    """A reranker (one-logit encoder or causal-LM decoder) and the names of the tensors its
+    checkpoint did not contain. A LoRA adapter folder is merged into its base first."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from raykit.lora import is_adapter_dir
+    from raykit.model import load_model_and_tokenizer, local_model_path, model_config_path
+    from raykit.prompts import model_kind
 
     torch.manual_seed(0)  # a missing head is created the same way every time
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model_path(name), num_labels=1, output_loading_info=True,
-            trust_remote_code=trust_remote_code,
-        )  # fmt: skip
+        path = local_model_path(name)
+        config = AutoConfig.from_pretrained(model_config_path(path),
+                                            trust_remote_code=trust_remote_code)  # fmt: skip
+        decoder = model_kind(config, kind) == "decoder"
+        if is_adapter_dir(path):
+            model, _ = load_model_and_tokenizer(path, trust_remote_code, decoder)
+            return model.eval(), set()
+        loader = AutoModelForCausalLM if decoder else AutoModelForSequenceClassification
+        options = {} if decoder else {"num_labels": 1}
+        model, info = loader.from_pretrained(path, output_loading_info=True,
+                                             trust_remote_code=trust_remote_code,
+                                             **options)  # fmt: skip
     except (OSError, ValueError) as exc:
         raise ConfigError(f"models: cannot load {name!r}: {str(exc).splitlines()[0]}") from None
     return model.eval(), set(info.get("missing_keys") or [])
@@ -71,13 +87,13 @@ def check_same_architecture(first_name: str, first: nn.Module, name: str, other:
 
 
 def mix_models(
-    names: list[str], weights: list[float], trust_remote_code: bool = False
+    names: list[str], weights: list[float], trust_remote_code: bool = False, kind: str = "auto"
 ) -> tuple[nn.Module, Any, dict[str, list[str]]]:
     """The weighted average as a model of the first model's class, its tokenizer, and for each
     tensor some checkpoint lacked, the models it was averaged over."""
     from transformers import AutoTokenizer
 
-    first, first_missing = load_for_mixing(names[0], trust_remote_code)
+    first, first_missing = load_for_mixing(names[0], trust_remote_code, kind)
     sums: dict[str, torch.Tensor] = {}
     mass: dict[str, float] = {}
     has: dict[str, list[str]] = {}
@@ -85,7 +101,7 @@ def mix_models(
         if index == 0:
             model, missing = first, first_missing
         else:
-            model, missing = load_for_mixing(name, trust_remote_code)
+            model, missing = load_for_mixing(name, trust_remote_code, kind)
             check_same_architecture(names[0], first, name, model)
         for key, tensor in model.state_dict().items():
             if not tensor.is_floating_point():
@@ -108,8 +124,10 @@ def mix_models(
             value = total if len(has[key]) == len(names) else total / mass[key]
             state[key] = value.to(state[key].dtype)
     first.load_state_dict(state)
+    from raykit.model import local_model_path
+
     tokenizer = AutoTokenizer.from_pretrained(
-        resolve_model_path(names[0]), trust_remote_code=trust_remote_code
+        local_model_path(names[0]), trust_remote_code=trust_remote_code
     )
     return first, tokenizer, partial
 
@@ -123,6 +141,7 @@ def example_loss(
     query_max_len: int | None = None,
     passage_max_len: int | None = None,
     token_budget: int = 4096,
+    template: Any = None,
 ) -> float:
     """Mean group-softmax loss: each group is its first positive + up to group_size-1 negatives."""
     from raykit.engine import InferenceEngine
@@ -135,7 +154,7 @@ def example_loss(
     engine = InferenceEngine(model, tokenizer, device=next(model.parameters()).device,
                              max_len=max_len, query_max_len=query_max_len,
                              passage_max_len=passage_max_len,
-                             token_budget=token_budget)  # fmt: skip
+                             token_budget=token_budget, template=template)  # fmt: skip
     logits = torch.from_numpy(engine.score_pairs(pairs))
     losses, start = [], 0
     for n in sizes:
@@ -149,16 +168,20 @@ def auto_weights(cfg: MixConfig) -> tuple[list[float], list[float]]:
     """(weights, losses): weights = softmax(-loss / temperature) over the models."""
     from transformers import AutoTokenizer
 
+    from raykit.engine import decoder_template
+    from raykit.model import local_model_path
+
     groups = load_groups(cfg.example_data)
     losses = []
     for name in cfg.models:
-        model, _ = load_for_mixing(name, cfg.trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(
-            resolve_model_path(name), trust_remote_code=cfg.trust_remote_code
-        )
+        model, _ = load_for_mixing(name, cfg.trust_remote_code, cfg.model_kind)
+        path = local_model_path(name)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        template = decoder_template(path, cfg.trust_remote_code, cfg.model_kind, cfg.template,
+                                    cfg.instruction, cfg.yes_token, cfg.no_token)  # fmt: skip
         loss = example_loss(model, tokenizer, groups, cfg.train_group_size, cfg.max_len,
                             cfg.query_max_len, cfg.passage_max_len,
-                            cfg.forward_token_budget)  # fmt: skip
+                            cfg.forward_token_budget, template)  # fmt: skip
         losses.append(loss)
         del model
     weights = torch.softmax(-torch.tensor(losses) / cfg.temperature, dim=0).tolist()
@@ -174,7 +197,8 @@ def run_mix(cfg: MixConfig) -> dict[str, Any]:
         weights, losses = auto_weights(cfg)
     else:
         weights = cfg.weight_values
-    model, tokenizer, partial = mix_models(cfg.models, weights, cfg.trust_remote_code)
+    model, tokenizer, partial = mix_models(cfg.models, weights, cfg.trust_remote_code,
+                                           cfg.model_kind)  # fmt: skip
     summary = {
         "models": cfg.models,
         "weights": [round(w, 6) for w in weights],

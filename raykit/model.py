@@ -30,14 +30,14 @@ def local_model_path(model: str) -> str:
 
     fs, path = pafs.FileSystem.from_uri(model)
     files = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    if not any(f.base_name == "config.json" for f in files):
-        raise FileNotFoundError(f"{model}: no config.json there")
+    if not any(f.base_name in ("config.json", "adapter_config.json") for f in files):
+        raise FileNotFoundError(f"{model}: no config.json or adapter_config.json there")
     # The cache key covers every file's size and mtime: a model re-written at the same URI is
     # copied again, never served stale.
     signature = model + "".join(f"|{f.path}:{f.size}:{f.mtime_ns}" for f in files)
     root = os.path.join(tempfile.gettempdir(), "raykit-models")
     target = os.path.join(root, hashlib.sha1(signature.encode()).hexdigest()[:16])
-    if not os.path.exists(os.path.join(target, "config.json")):
+    if not os.path.isdir(target):  # renamed into place whole, so present means complete
         os.makedirs(root, exist_ok=True)
         partial = tempfile.mkdtemp(dir=root)
         pafs.copy_files(path, partial, source_filesystem=fs)
@@ -54,12 +54,17 @@ def check_model(name_or_path: str, field: str = "model") -> None:
         import pyarrow.fs as pafs
 
         fs, path = pafs.FileSystem.from_uri(name_or_path)
-        if fs.get_file_info(f"{path}/config.json").type == pafs.FileType.NotFound:
-            raise ConfigError(f"{field}: no config.json under {name_or_path}")
+        infos = fs.get_file_info([f"{path}/config.json", f"{path}/adapter_config.json"])
+        if all(info.type == pafs.FileType.NotFound for info in infos):
+            raise ConfigError(f"{field}: no config.json or adapter_config.json in {name_or_path}")
         return
     path = resolve_model_path(name_or_path)
     if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "config.json")):
+        from raykit.lora import adapter_base, is_adapter_dir
+
+        if is_adapter_dir(path):
+            check_model(adapter_base(path), f"{field} (the base named in {path})")
+        elif not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError(f"{field}: {name_or_path} is a folder without a config.json")
         return
     if os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1:
@@ -79,33 +84,45 @@ def check_model(name_or_path: str, field: str = "model") -> None:
         ) from None
 
 
-def load_decoder_and_tokenizer(path: str, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
-    """A causal LM (a decoder reranker) and its tokenizer."""
+def load_model_and_tokenizer(
+    name_or_path: str,
+    trust_remote_code: bool = False,
+    decoder: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[nn.Module, Any]:
+    """A reranker and its tokenizer: a one-logit sequence classifier (a new head is created if
+    missing) or, with `decoder`, a causal LM. An adapter folder (LoRA) is loaded on the base it
+    names and merged, so callers always get a plain transformers model.
+
+    `name_or_path` is a hub id, a local directory, an embedded name or a URI (s3://...);
+    `dtype` is the weights' dtype (a LoRA run keeps its frozen base in bf16/fp16)."""
     from transformers import AutoModelForCausalLM
 
-    path = local_model_path(path)
+    from raykit.lora import adapter_base, is_adapter_dir, load_adapter, merge
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, trust_remote_code=trust_remote_code, dtype=torch.float32
-    )
-    return model, tokenizer
-
-
-def load_model_and_tokenizer(
-    name_or_path: str, trust_remote_code: bool = False
-) -> tuple[nn.Module, Any]:
-    """A one-logit sequence classifier and its tokenizer (a new head is created if missing).
-
-    `name_or_path` is a hub id, a local directory, an embedded name or a URI (s3://...)."""
     path = local_model_path(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if is_adapter_dir(path):
+        base, _ = load_model_and_tokenizer(adapter_base(path), trust_remote_code, decoder, dtype)
+        return merge(load_adapter(base, path)), tokenizer
+    if decoder:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, trust_remote_code=trust_remote_code, dtype=dtype
+        )
+        return model, tokenizer
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, trust_remote_code=trust_remote_code
+        path, num_labels=1, trust_remote_code=trust_remote_code, dtype=dtype
     )
     if model.config.num_labels != 1:
         raise ValueError(f"{name_or_path}: expected a model with one output logit")
     return model, tokenizer
+
+
+def model_config_path(path: str) -> str:
+    """The folder whose config.json describes the model at local `path` (an adapter's base)."""
+    from raykit.lora import adapter_base, is_adapter_dir
+
+    return local_model_path(adapter_base(path)) if is_adapter_dir(path) else path
 
 
 class CrossEncoder(nn.Module):
@@ -136,16 +153,19 @@ class CrossEncoder(nn.Module):
 
 def make_chunks(
     encodings: list[dict[str, list[int]]],
-    token_budget: int,
+    token_budget: int | None,
     pad_id: int,
     device: torch.device,
     left: bool = False,
 ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor, int]:
     """Sort pairs by length into padded chunks (`left`-padded for decoders); returns chunks,
-    the restoring order, pad tokens."""
+    the restoring order, pad tokens. `token_budget` None: all pairs in one chunk."""
     lengths = [len(e["input_ids"]) for e in encodings]
     cost = CHUNK_COST_TOKENS.get(torch.device(device).type, CHUNK_COST_TOKENS["cuda"])
-    chunks_index = chunk_by_length(lengths, token_budget, chunk_cost=cost)
+    if token_budget is None:
+        chunks_index = [list(range(len(lengths)))]
+    else:
+        chunks_index = chunk_by_length(lengths, token_budget, chunk_cost=cost)
     chunks, flat, padded = [], [], 0
     for index in chunks_index:
         batch = pad_encodings([encodings[i] for i in index], pad_id, left=left)

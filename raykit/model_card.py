@@ -68,8 +68,10 @@ from raykit import Reranker
 
 reranker = Reranker("{name}")
 reranker.rerank("what is ray?", ["a fruit", "a distributed compute engine"])
+# A decoder (causal LM) reranker scores logit("yes") - logit("no") at the last token of its
+# prompt; Reranker builds the prompt (see raykit.prompts) and merges a LoRA adapter folder.
 
-# transformers: the score is the one logit of a sequence classifier
+# transformers, for a one-logit encoder: the score is the logit of a sequence classifier
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 tokenizer = AutoTokenizer.from_pretrained("{name}")
@@ -96,12 +98,14 @@ def render_card(
     data_lines: Sequence[str],
     settings: Mapping[str, Any],
     tags: Sequence[str] = (),
+    library: str = "transformers",
 ) -> str:
-    """The card's text. `results` are the table's columns; `final` goes into `model-index`."""
+    """The card's text. `results` are the table's columns; `final` goes into `model-index`;
+    `library` is `peft` for an adapter."""
     from raykit import __version__
 
     metadata: dict[str, Any] = {
-        "library_name": "transformers",
+        "library_name": library,
         "pipeline_tag": "text-ranking",
         "tags": ["raykit", "reranker", "cross-encoder", *tags],
     }
@@ -134,7 +138,7 @@ def render_card(
 
 def finetune_card(
     cfg: Any, summary: Mapping[str, Any], best: Mapping[str, float], data_lines: Sequence[str],
-    summary_line: str = "A cross-encoder reranker fine-tuned",
+    summary_line: str = "A reranker fine-tuned",
 ) -> str:
     """The card of a fine-tune (or of a sweep's best trial, `summary_line` saying so)."""
     name = os.path.basename(os.path.normpath(cfg.output_dir)) or "reranker"
@@ -142,12 +146,19 @@ def finetune_card(
     measures = list(getattr(cfg, "metrics", []) or [])
     best = {k: v for k, v in best.items() if k in measures} if measures else dict(best)
     step = summary.get("steps")
+    tags, library = ["fine-tuned"], "transformers"
+    if getattr(cfg, "use_lora", False):
+        summary_line += f" with LoRA (rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g})"
+        tags.append("lora")
+        if not cfg.save_merged_model:
+            summary_line = "A LoRA adapter: " + summary_line[0].lower() + summary_line[1:]
+            library = "peft"
     results = {"before training": before, f"best checkpoint (of {step} steps)" if step
                else "best checkpoint": best}  # fmt: skip
     dataset = ", ".join(os.path.basename(p) for p in cfg.eval_data) or None
     return render_card(name=name, summary_line=summary_line, base_models=[cfg.model_name_or_path],
                        results=results, final=best, eval_dataset=dataset, data_lines=data_lines,
-                       settings=changed_settings(cfg), tags=["fine-tuned"])  # fmt: skip
+                       settings=changed_settings(cfg), tags=tags, library=library)  # fmt: skip
 
 
 def mix_card(cfg: Any, summary: Mapping[str, Any]) -> str:

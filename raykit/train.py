@@ -34,6 +34,7 @@ from ray.train import (
     ScalingConfig,
 )
 from ray.train.torch import TorchTrainer
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from transformers import get_linear_schedule_with_warmup
 
 from raykit.cluster import hold_run_lock, init_ray
@@ -48,12 +49,20 @@ from raykit.engine import (
     torch_dtype,
 )
 from raykit.evaluate import mean_metrics, metric_sums
+from raykit.fsdp import full_model_state, full_optimizer_state, load_optimizer_state, shard_model
+from raykit.lora import (
+    add_lora,
+    base_model_name,
+    is_adapter_dir,
+    load_adapter,
+    save_merged,
+    trainable_summary,
+)
 from raykit.model import (
     CrossEncoder,
     check_model,
     distillation_loss,
     group_softmax_loss,
-    load_decoder_and_tokenizer,
     load_model_and_tokenizer,
     local_model_path,
     make_chunks,
@@ -160,8 +169,12 @@ def _save_checkpoint(
     tokenizer: Any,
     cfg: FinetuneConfig,
     state: dict[str, Any],
+    model_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    encoder.hf_model.save_pretrained(directory, safe_serialization=True)
+    """The model (the adapter alone with LoRA), tokenizer, trainer state and config;
+    `model_state` is the full state dict gathered from FSDP shards."""
+    extra = {"state_dict": model_state} if model_state is not None else {}
+    encoder.hf_model.save_pretrained(directory, safe_serialization=True, **extra)
     tokenizer.save_pretrained(directory)
     torch.save(state, os.path.join(directory, TRAINER_STATE_FILE))
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
@@ -262,7 +275,12 @@ class FinetuneRecipe:
             yes_no = (token_id(self.tokenizer, self.template.yes_token, "yes_token"),
                       token_id(self.tokenizer, self.template.no_token, "no_token"))  # fmt: skip
         encoder = CrossEncoder(hf_model, yes_no)
-        params = [(n, p) for n, p in encoder.named_parameters() if p.requires_grad]
+        if cfg.fsdp:  # shards over the workers (FSDP2)
+            self.model = shard_model(encoder, self.device)
+        else:  # moves to the device, and wraps in DDP when there is more than one worker
+            self.model = ray.train.torch.prepare_model(encoder)
+        self.encoder: CrossEncoder = getattr(self.model, "module", self.model)
+        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": [p for n, p in params if not n.endswith(NO_DECAY)],
@@ -274,19 +292,17 @@ class FinetuneRecipe:
         self.scheduler = get_linear_schedule_with_warmup(
             self.optimizer, self.plan.warmup_steps, self.plan.total_steps
         )
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "float16")
+        scaler = ShardedGradScaler if cfg.fsdp else torch.amp.GradScaler
+        self.scaler = scaler(self.device.type, enabled=self.precision == "float16")
         if state:
             self._restore(state)
-        # Moves the model to the device and wraps it in DDP when there is more than one worker.
-        self.model = ray.train.torch.prepare_model(encoder)
-        self.encoder: CrossEncoder = getattr(self.model, "module", self.model)
         # Evaluation scores through the inference engine, under the training precision.
         self.eval_engine = InferenceEngine(
             self.encoder.hf_model, self.tokenizer, device=self.device, precision=self.precision,
             autocast_dtype=self.autocast_dtype, max_len=cfg.max_len,
             query_max_len=cfg.query_max_len, passage_max_len=cfg.passage_max_len,
             token_budget=cfg.forward_token_budget, max_batch_size=cfg.eval_batch_size,
-            template=self.template,
+            template=self.template, inference_mode=not cfg.fsdp,
         )  # fmt: skip
         self.worker_nodes = self._gather_node_ids()
         self.eval_groups = self._read_eval_groups() if "eval" in datasets else []
@@ -301,21 +317,51 @@ class FinetuneRecipe:
             )  # fmt: skip
 
     def _load_model(self, model_path: str) -> tuple[Any, Any, dict[str, Any]]:
-        """The model to train and the trainer state: from the latest checkpoint if there is one."""
+        """The model to train and the trainer state: from the latest checkpoint if there is one.
+        With LoRA the checkpoint holds the adapter, which is loaded onto the base."""
+        cfg, decoder = self.cfg, self.template is not None
         checkpoint = ray.train.get_checkpoint()
-        load = load_model_and_tokenizer if self.template is None else load_decoder_and_tokenizer
-        if not checkpoint:
-            return (*load(model_path, self.cfg.trust_remote_code), {})
-        with checkpoint.as_directory() as folder:
-            hf_model, tokenizer = load(folder, self.cfg.trust_remote_code)
-            state = torch.load(os.path.join(folder, TRAINER_STATE_FILE), weights_only=False)
+        if checkpoint and not cfg.use_lora:
+            with checkpoint.as_directory() as folder:
+                hf_model, tokenizer = load_model_and_tokenizer(folder, cfg.trust_remote_code,
+                                                               decoder)  # fmt: skip
+                state = torch.load(os.path.join(folder, TRAINER_STATE_FILE), weights_only=False)
+            return hf_model, tokenizer, state
+        # LoRA trains only the adapters: the frozen base can stay in the autocast dtype (half
+        # the memory), while the trainable parameters are kept in fp32.
+        base_dtype = (self.autocast_dtype or torch.float32) if cfg.use_lora else torch.float32
+        hf_model, tokenizer = load_model_and_tokenizer(model_path, cfg.trust_remote_code, decoder,
+                                                       base_dtype)  # fmt: skip
+        if not cfg.use_lora:
+            return hf_model, tokenizer, {}
+        state: dict[str, Any] = {}
+        if checkpoint:
+            with checkpoint.as_directory() as folder:
+                hf_model = load_adapter(hf_model, folder, trainable=True)
+                state = torch.load(os.path.join(folder, TRAINER_STATE_FILE), weights_only=False)
+        else:
+            hf_model = add_lora(
+                hf_model, decoder=decoder, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules,
+                base_name=base_model_name(cfg.model_name_or_path),
+            )  # fmt: skip
+            self.log(f"LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha:g}: "
+                     f"{trainable_summary(hf_model)}")  # fmt: skip
+        for param in hf_model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
         return hf_model, tokenizer, state
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.cfg.fsdp:
+            load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
+        # One state per rank; a run resumed on a different number of workers reuses rank 0's.
+        states = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        _set_rng_state(states[self.rank] if len(states) == self.world_size else states[0])
         self.step = self.resumed_from_step = self.last_saved = self.last_evaluated = state["step"]
         self.history = state["history"]
 
@@ -352,10 +398,14 @@ class FinetuneRecipe:
             cfg.query_max_len,
             cfg.passage_max_len,
         )
+        # Under FSDP every forward is collective: one chunk per micro-batch on every rank.
+        budget = None if cfg.fsdp else cfg.forward_token_budget
         chunks, order, pad_tokens = make_chunks(
-            encodings, cfg.forward_token_budget, self.eval_engine.pad_id, self.device,
+            encodings, budget, self.eval_engine.pad_id, self.device,
             left=self.template is not None,
         )  # fmt: skip
+        if cfg.fsdp:
+            self.encoder.hf_model.set_requires_gradient_sync(sync)
         no_sync = self.model is not self.encoder and not sync
         with self.model.no_sync() if no_sync else nullcontext():
             enabled = self.autocast_dtype is not None
@@ -396,9 +446,10 @@ class FinetuneRecipe:
             tracker.log_metrics(metrics, self.step)
 
     def evaluate(self, label: str) -> dict[str, float]:
-        """Each worker ranks its share of the eval groups; the metric sums are all-reduced."""
-        device = self.device
-        mine = self.eval_groups[self.rank :: self.world_size]
+        """Each worker ranks its share of the eval groups; the metric sums are all-reduced.
+        Under FSDP, whose forwards are collective, every worker ranks every group."""
+        device, fsdp = self.device, self.cfg.fsdp
+        mine = self.eval_groups if fsdp else self.eval_groups[self.rank :: self.world_size]
         self.encoder.eval()
 
         def score(pairs: list[list[str]]) -> list[float]:
@@ -406,9 +457,10 @@ class FinetuneRecipe:
 
         sums = metric_sums(mine, score, self.cfg.metrics)
         names = list(sums)  # the same measures, in the same order, on every worker
-        reduced = dict(zip(names, _all_reduce_sum([sums[n] for n in names], device), strict=True))
+        if not fsdp:
+            sums = dict(zip(names, _all_reduce_sum([sums[n] for n in names], device), strict=True))
         self.encoder.train()
-        metrics = mean_metrics(reduced)
+        metrics = mean_metrics(sums)
         self.history["eval"].append({"step": self.step, **metrics})
         self.last_evaluated = self.step
         self.events.send("eval", label=label, step=self.step, metrics=metrics)
@@ -433,15 +485,26 @@ class FinetuneRecipe:
                 "eta_s": eta}  # fmt: skip
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """Everything besides the model that a resumed run needs to continue bit for bit."""
+        """Everything besides the model that a resumed run needs to continue bit for bit
+        (collective under FSDP: every rank calls it)."""
+        fsdp = self.cfg.fsdp
         return {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": (full_optimizer_state(self.model, self.optimizer) if fsdp
+                          else self.optimizer.state_dict()),  # fmt: skip
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "history": self.history,
-            "rng": _rng_state(),
+            "rng": self._gather_rng_states(),
         }
+
+    def _gather_rng_states(self) -> list[dict[str, Any]]:
+        """Every rank's RNG state (dropout differs per rank), so each resumes its own stream."""
+        if not torch.distributed.is_initialized():
+            return [_rng_state()]
+        states: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(states, _rng_state())
+        return states
 
     def report(self, metrics: dict[str, Any], save: bool) -> None:
         """One `ray.train.report` with the latest eval metrics, and a checkpoint when `save`."""
@@ -452,11 +515,12 @@ class FinetuneRecipe:
         if not save:
             ray.train.report(metrics)
             return
+        # Under FSDP gathering the full model and optimizer state is collective.
+        model_state = full_model_state(self.model) if self.cfg.fsdp else None
+        state = self.checkpoint_state()  # collective: every rank's RNG state
         with tempfile.TemporaryDirectory() as folder:
             if self.rank == 0:
-                _save_checkpoint(
-                    folder, self.encoder, self.tokenizer, self.cfg, self.checkpoint_state()
-                )
+                _save_checkpoint(folder, self.encoder, self.tokenizer, self.cfg, state, model_state)
             checkpoint = Checkpoint.from_directory(folder) if self.rank == 0 else None
             ray.train.report(metrics, checkpoint=checkpoint)
         self.last_saved = self.step
@@ -551,6 +615,8 @@ class FinetuneRecipe:
                 self.first_step_at - self.launched_at if self.first_step_at else None
             ),
             "worker_nodes": self.worker_nodes,  # Ray node id of each rank
+            "peak_gpu_memory_gb": (torch.cuda.max_memory_allocated(self.device) / 2**30
+                                   if self.device.type == "cuda" else None),  # fmt: skip
         }
 
 
@@ -599,18 +665,28 @@ class FinetuneResult:
 
 
 def export_model(
-    checkpoint: Checkpoint, output_dir: str, summary: dict[str, Any], card: str | None = None
+    checkpoint: Checkpoint,
+    output_dir: str,
+    summary: dict[str, Any],
+    card: str | None = None,
+    merge_adapter: bool = True,
+    trust_remote_code: bool = False,
 ) -> None:
     """Publish a checkpoint's Hugging Face files (not the optimizer state) as `output_dir`, with
     `train_summary.json` (loss and eval history, throughput) and the model card `card`. The
-    folder is replaced as a whole and appears complete or not at all (see `publish_dir`)."""
+    folder is replaced as a whole and appears complete or not at all (see `publish_dir`).
+
+    A LoRA checkpoint is exported merged into its base (`merge_adapter`), else as the adapter."""
 
     def write(folder: str) -> None:
         with checkpoint.as_directory() as ckpt_dir:
+            merged = merge_adapter and is_adapter_dir(ckpt_dir)
+            if merged:
+                save_merged(ckpt_dir, folder, trust_remote_code)
             for name in os.listdir(ckpt_dir):
                 src = os.path.join(ckpt_dir, name)
-                if name == TRAINER_STATE_FILE:
-                    continue
+                if name == TRAINER_STATE_FILE or (merged and name.startswith("adapter_")):
+                    continue  # (the merged model's tokenizer files are the checkpoint's)
                 if os.path.isdir(src):
                     shutil.copytree(src, os.path.join(folder, name))
                 else:
@@ -762,7 +838,8 @@ def _train_and_export(
     data_lines.append(f"{summary.get('pairs_trained', 0)} (query, passage) pairs trained in "
                       f"{summary.get('steps', 0)} steps, groups of {cfg.train_group_size}")
     card = finetune_card(cfg, summary, best_metrics, data_lines)
-    export_model(checkpoint, cfg.output_dir, {**summary, "best_metrics": best_metrics}, card)
+    export_model(checkpoint, cfg.output_dir, {**summary, "best_metrics": best_metrics}, card,
+                 cfg.save_merged_model, cfg.trust_remote_code)  # fmt: skip
     logger.info(f"best model written to {cfg.output_dir}")
     logging_dir = tracking_dir(cfg) if cfg.backends else None
     return FinetuneResult(cfg.output_dir, best_metrics, summary, checkpoint.path, logging_dir)

@@ -254,9 +254,10 @@ def run_sweep(cfg: TuneConfig) -> dict[str, Any]:
     trial_cfg = FinetuneConfig(**{**base, **params, "output_dir": best_dir})
     data = [f"training: {', '.join(cfg.train_data)}", f"evaluation: {', '.join(cfg.eval_data)}",
             f"sweep: {len(rows)} trials over {', '.join(sorted(space))} (see trials.csv)"]
-    line = f"The best of {len(rows)} trials of a sweep: a cross-encoder reranker fine-tuned"
+    line = f"The best of {len(rows)} trials of a sweep: a reranker fine-tuned"
     card = finetune_card(trial_cfg, {"steps": metrics.get("step")}, metrics, data, line)
-    export_model(checkpoint, best_dir, {"best_metrics": metrics, "trials": rows}, card)
+    export_model(checkpoint, best_dir, {"best_metrics": metrics, "trials": rows}, card,
+                 trial_cfg.save_merged_model, trial_cfg.trust_remote_code)  # fmt: skip
     metric = cfg.metric_for_best_model
     logger.info(f"best {metric}={metrics[metric]:.4f}; model written to {best_dir}")
     return {"trials": rows, "best_metrics": metrics, "best_dir": best_dir}

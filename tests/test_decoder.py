@@ -40,14 +40,15 @@ def decoders(tmp_path_factory):
     return {family: build_tiny_decoder(root / family, family) for family in families}
 
 
-def qwen3_reference(path: str, pairs: list[list[str]], max_length: int = 8192):
+def qwen3_reference(path: str, pairs: list[list[str]], max_length: int = 8192, model=None):
     """Qwen3-Reranker's model-card code, as published: formatted pairs truncated to fit between
     the prefix and suffix tokens, left padding, yes/no logits at the last position; returns
-    (logit(yes) - logit(no), P(yes))."""
+    (logit(yes) - logit(no), P(yes)). `model`: another causal LM (a base with an adapter) to
+    run with the tokenizer at `path`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    model = (model or AutoModelForCausalLM.from_pretrained(path)).eval()
     yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
     prefix_tokens = tokenizer.encode(QWEN3_PREFIX, add_special_tokens=False)
     suffix_tokens = tokenizer.encode(QWEN3_SUFFIX, add_special_tokens=False)
