@@ -7,10 +7,12 @@ fixed time each, then 2x the saturating load against raykit to count non-429 err
 
 naive: one uvicorn process, an `async def` route that runs the model inline (one request at a
   time, no batching), the request's 20 documents padded to the longest, 2 torch threads.
-raykit: Ray Serve, an ingress + model replicas with one token-budgeted queue of pairs per replica,
-  length-sorted chunks of 1024 padded tokens, no per-request access log (uvicorn's is off too).
+raykit: `raykit serve` on its defaults (Ray Serve, an ingress + model replicas that compile their
+  model, one token-budgeted queue of pairs per replica); raykit-eager: the same, --compile off.
+  Measuring starts once `raykit serve` prints "ready in" (every replica compiled).
 
-Run: python bench/serve_cqa.py [--seconds 90 --warmup 20]   (writes bench/results/serve_cqa.json)
+Run: python bench/serve_cqa.py [--rounds 2 --seconds 60 --warmup 15]
+(writes bench/results/serve_cqa.json)
 """
 
 from __future__ import annotations
@@ -151,9 +153,20 @@ def bench(
     return rows
 
 
-def start_server(command: list[str], env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(command, env={**os.environ, **(env or {})}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+def start_server(command: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    with log.open("w") as out:
+        return subprocess.Popen(command, env={**os.environ, **(env or {})}, start_new_session=True,
+                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def wait_logged(log: Path, text: str, timeout: float = 600) -> None:
+    """Wait for `text` in a server's output: `raykit serve` prints "ready in" once every
+    replica is up (its /health answers as soon as one is)."""
+    deadline = time.time() + timeout
+    while text not in log.read_text():
+        if time.time() > deadline:
+            raise TimeoutError(f"no {text!r} in {log}")
+        time.sleep(0.5)
 
 
 def stop_server(server: subprocess.Popen) -> None:
@@ -178,13 +191,19 @@ def main() -> None:
                         help="infinity_emb of the peers' venv (skipped when missing)")
     parser.add_argument("--servers", default="infinity,raykit,raykit-bf16",
                         help="comma-separated: infinity, raykit, raykit-bf16 (the defaults), "
-                        "raykit-1x2[-bf16], raykit-2x1[-bf16] (replicas x threads), naive")
+                        "raykit-eager[-bf16] (--compile off), raykit-1x2[-bf16], "
+                        "raykit-2x1[-bf16] (replicas x threads), naive")
+    parser.add_argument("--levels", default="1,8,32", help="concurrent clients, comma-separated")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the servers this many times in turn: this machine's speed "
+                        "drifts by 10-20%% within minutes, so ratios are taken within a round "
+                        "and the median round is reported")  # fmt: skip
     args = parser.parse_args()
     from raykit.config import resolve_model_path
 
     model = resolve_model_path(args.model)
     bodies = requests_from(Path(args.data) / "dev.jsonl")
-    levels = [1, 8, 32]
+    levels = [int(n) for n in args.levels.split(",")]
     results: dict = {"args": vars(args), "requests": len(bodies), "documents_per_request": 20,
                      "cpus": os.cpu_count()}  # fmt: skip
     raykit_cli = [sys.executable, "-m", "raykit.cli", "serve", "--model", model]
@@ -193,6 +212,9 @@ def main() -> None:
     commands = {
         "raykit": (raykit_cli, "/v1/rerank"),
         "raykit-bf16": ([*raykit_cli, "--dtype", "bfloat16"], "/v1/rerank"),
+        "raykit-eager": ([*raykit_cli, "--compile", "off"], "/v1/rerank"),
+        "raykit-eager-bf16": ([*raykit_cli, "--compile", "off", "--dtype", "bfloat16"],
+                              "/v1/rerank"),
         "raykit-1x2": ([*raykit_cli, *one_by_two], "/v1/rerank"),
         "raykit-1x2-bf16": ([*raykit_cli, *one_by_two, "--dtype", "bfloat16"], "/v1/rerank"),
         "raykit-2x1": ([*raykit_cli, *two_by_one], "/v1/rerank"),
@@ -201,7 +223,8 @@ def main() -> None:
                       "--device", "cpu"], "/rerank"),  # fmt: skip
     }
     rows = []
-    for name in args.servers.split(","):
+    servers = args.servers.split(",")
+    for round_no, name in ((r, n) for r in range(args.rounds) for n in servers):
         port = free_port()
         if name == "naive":
             script = Path("/tmp") / f"raykit_naive_server_{port}.py"
@@ -214,29 +237,41 @@ def main() -> None:
             command, route = commands[name]
             command = [*command, "--port", str(port)]
         started = time.perf_counter()
-        server = start_server(command, {"TOKENIZERS_PARALLELISM": "false"})
+        log = Path("/tmp") / f"raykit_bench_{name}_{port}.log"
+        server = start_server(command, log, {"TOKENIZERS_PARALLELISM": "false"})
         try:
             url = f"http://127.0.0.1:{port}"
             wait_healthy(url)
+            if name.startswith("raykit"):
+                wait_logged(log, "ready in")
             ready = time.perf_counter() - started
             print(json.dumps({"server": name, "ready_s": round(ready, 1)}), flush=True)
-            rows += bench(name, url, bodies, levels, args.seconds, args.warmup, route)
+            rows += [{**row, "round": round_no} for row in
+                     bench(name, url, bodies, levels, args.seconds, args.warmup, route)]
             if name.startswith("raykit"):
                 results[f"{name}_info"] = httpx.get(url + "/info").json()
         finally:
             stop_server(server)
 
     results["rows"] = rows
-    by = {(r["server"], r["clients"]): r for r in rows}
+    by = {(r["server"], r["clients"], r["round"]): r for r in rows}
+    rounds = range(args.rounds)
     summary = {}
-    for name in sorted({r["server"] for r in rows} - {"infinity"}):
+    for name in sorted({r["server"] for r in rows}):
         for clients in levels:
-            if ("infinity", clients) in by:
-                summary[f"{name}_over_infinity_at_{clients}"] = round(
-                    by[(name, clients)]["documents_per_s"]
-                    / by[("infinity", clients)]["documents_per_s"], 2)  # fmt: skip
-        r32 = by[(name, 32)]
-        summary[f"{name}_p99_over_p50_at_32"] = round(r32["p99_ms"] / r32["p50_ms"], 2)
+            docs = [by[(name, clients, r)]["documents_per_s"] for r in rounds]
+            summary[f"{name}_docs_per_s_at_{clients}"] = docs
+            if name != "infinity" and ("infinity", clients, 0) in by:
+                ratios = [d / by[("infinity", clients, r)]["documents_per_s"]
+                          for d, r in zip(docs, rounds, strict=True)]  # fmt: skip
+                summary[f"{name}_over_infinity_at_{clients}"] = [round(x, 2) for x in ratios]
+                summary[f"{name}_over_infinity_at_{clients}_median"] = round(
+                    float(np.median(ratios)), 2
+                )
+        if (name, 32, 0) in by:
+            summary[f"{name}_p99_over_p50_at_32"] = [
+                round(by[(name, 32, r)]["p99_ms"] / by[(name, 32, r)]["p50_ms"], 2) for r in rounds
+            ]
     results["summary"] = summary
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)

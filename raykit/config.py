@@ -533,6 +533,10 @@ class ServeConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
     max_queued_requests: int = _opt(
         256, "Requests waiting for a model replica; beyond that a JSON 429 + Retry-After."
     )
+    compile: str = _opt(
+        "auto", "auto|on|off: torch.compile each replica's model before it serves (~1 min of "
+        "start-up; +15% fp32 / +11% bf16 docs/s measured on CPU). auto: on CPU, not int8.",
+    )
     access_log: bool = _opt(True, "Log one line per request on each replica (off saves CPU).")
     retry_after_s: int = _opt(1, "Retry-After seconds on 429.")
     max_documents: int = _opt(1000, "Most documents per request (413 beyond).")
@@ -561,6 +565,15 @@ class ServeConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
             raise ConfigError("max_ongoing_requests: must be > 0")
         if not self.route_prefix.startswith("/"):
             raise ConfigError("route_prefix: must start with '/'")
+        if self.compile not in ("auto", "on", "off"):
+            raise ConfigError(f"compile: expected auto, on or off, got {self.compile!r}")
+
+    def compiles(self, device_type: str) -> bool:
+        """Whether a replica on `device_type` compiles its model (`auto`: on CPU, where it was
+        measured, and not int8, whose torchao kernels were not)."""
+        if self.compile == "auto":
+            return device_type == "cpu" and self.precision != "int8"
+        return self.compile == "on"
 
     def sized_for(self, node_cpus: int, gpus: int) -> ServeConfig:
         """A copy with every unset replica count and CPU share filled in so that the replicas

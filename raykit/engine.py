@@ -14,6 +14,11 @@ all but its classification head, which stays fp32 so that scores do not tie. A m
 handed (training-time evaluation) runs under autocast and is never modified.
 `int8` is torchao's dynamic int8 quantisation of the linear layers (opt-in).
 
+`compile_model` runs the model through `torch.compile` with inductor's freezing (weights become
+constants, so GEMMs use prepacked weights and pointwise ops fuse): on this project's reference
+CPU +15% pairs/s at fp32 and +11% at bf16, scores within 1e-7 of eager at fp32. It costs ~50 s
+per process, so only long-lived processes (Serve replicas) do it by default.
+
 Tokenisation helpers import no torch, so Ray Data's tokenising tasks stay light.
 """
 
@@ -267,6 +272,7 @@ class InferenceEngine:
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
         self.stats = EngineStats()
+        self.compiled = False
 
     @classmethod
     def load(
@@ -331,6 +337,42 @@ class InferenceEngine:
             query_max_len=cfg.query_max_len, passage_max_len=cfg.passage_max_len,
             token_budget=cfg.forward_token_budget, max_batch_size=max_batch_size,
         )  # fmt: skip
+
+    def compile_model(self) -> bool:
+        """`torch.compile` the model (dynamic shapes, inductor freezing) and compile it now on
+        the shapes scoring meets (one pair; several, padded and not), so no request waits for a
+        compile. On failure (no C++ compiler, an op inductor cannot take) it logs why and keeps
+        the eager model: returns whether the model is compiled."""
+        import torch
+        import torch._inductor.config as inductor_config
+
+        eager = self.model
+        # Process-wide, and read when the graph is compiled (a `torch.compile(options=)` patch
+        # is not): without freezing, compiling measured slower than eager on CPU.
+        inductor_config.freezing = True
+        self.model = torch.compile(eager, dynamic=True)
+        started = time.perf_counter()
+        try:
+            self.warm_up()
+        except Exception as exc:  # any compile failure leaves eager scoring
+            logger.warning(f"torch.compile failed, scoring eagerly: {type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}")  # fmt: skip
+            self.model = eager
+            return False
+        finally:
+            self.stats = EngineStats()  # the warm-up is not traffic
+        logger.info(f"compiled the model in {time.perf_counter() - started:.0f} s")
+        self.compiled = True
+        return True
+
+    def warm_up(self) -> None:
+        """Score a few made-up pairs: one alone (batch size 1 is its own graph), two of equal
+        length (no padding) and three of different lengths (padding)."""
+        text = "the quick brown fox jumps over the lazy dog near the river bank"
+        passages = [text[:n] for n in (9, 30, 62)]
+        self.score_pairs([("a warm-up query", passages[0])])
+        self.score_pairs([("a warm-up query", passages[1])] * 2)
+        self.score_pairs([("a warm-up query", p) for p in passages])
 
     # ------------------------------------------------------------------ scoring
 

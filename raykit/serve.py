@@ -10,9 +10,11 @@ Two deployments, as in Ray's model-composition examples:
   the transfer encoding, validation with JSON errors (never a 500 for a JSON body), and the
   mapping of Serve's failures: a full queue is a JSON 429, a request lost with a model replica is
   retried once and then a JSON 503, both with Retry-After.
-- `RerankerModel` (autoscaled, one GPU or `cpus_per_replica` CPUs each): tokenises off the event
-  loop and scores through one token-budgeted queue (`raykit.serve_queue.BatchQueue`), so pairs of
-  concurrent requests share forward passes; a disconnected client's pairs are dropped.
+- `RerankerModel` (autoscaled, one GPU or `cpus_per_replica` CPUs each): compiles its model
+  before it serves (`--compile`, on CPU by default), tokenises off the event loop and scores
+  through one token-budgeted queue (`raykit.serve_queue.BatchQueue`), so pairs of concurrent
+  requests share forward passes; a disconnected client's pairs are dropped. The ingress's
+  /health is 503 until a model replica answers.
 
 `serve run examples/serve.yaml` uses `app_builder`; `raykit serve` uses `build_app` + `run_serve`.
 No `from __future__ import annotations` here: FastAPI must see the request models as real types
@@ -51,6 +53,7 @@ from raykit.storage import is_uri
 HEALTH_PATH = "/health"
 ROUTES = ("/v1/rerank", "/v2/rerank", "/rerank", "/info", "/metrics", HEALTH_PATH)
 OTHER_ROUTE = "other"  # the metrics label of every path that is not a route
+HEALTH_PROBE_S = 2.0  # how long /health waits for a model replica before answering 503
 
 
 # ---------------------------------------------------------------------------- API shapes
@@ -235,6 +238,8 @@ class RerankerModel:
             cfg, cfg.model, use_gpu=use_gpu, threads=cfg.cpus_per_replica,
             max_batch_size=cfg.max_batch_size,
         )  # fmt: skip
+        if cfg.compiles(self.engine.device.type):
+            self.engine.compile_model()
         # One thread runs the model, one tokenises: the event loop only moves requests in and
         # out of the queue.
         self.model_thread = ThreadPoolExecutor(1, "raykit-model")
@@ -284,9 +289,14 @@ class RerankerModel:
         self.metric_forwards.inc(self.engine.stats.forward_passes - before)
         return scores
 
+    async def ready(self) -> bool:
+        """Answers once this replica's model is loaded (and compiled): the ingress's /health."""
+        return True
+
     async def info(self) -> dict[str, Any]:
         engine = self.engine
         return {"device": str(engine.device), "dtype": engine.precision,
+                "compiled": engine.compiled,
                 "forward_passes": engine.stats.forward_passes,
                 "padding_ratio": round(engine.stats.padding_ratio, 4),
                 "queued_requests": len(self.queue.waiting), **asdict(self.queue.stats)}  # fmt: skip
@@ -321,6 +331,7 @@ class RerankerAPI:
 
         self.cfg = cfg
         self.model = model
+        self.model_ready = False  # set by the first /health a model replica answers
         self.api_key = cfg.api_key or os.environ.get("RAYKIT_API_KEY") or None
         self.model_name = cfg.model_name or public_model_name(cfg.model)
         # Labels come from the route table only: any other path is counted as "other", so no
@@ -350,6 +361,15 @@ class RerankerAPI:
 
     @api.get(HEALTH_PATH)
     async def health(self) -> dict:
+        """200 once a model replica has answered, 503 while the models still load or compile
+        (the proxy routes to this ingress long before): a readiness probe that can be trusted."""
+        if not self.model_ready:
+            try:
+                await asyncio.wait_for(self.model.ready.remote(), HEALTH_PROBE_S)
+            except Exception:  # not answering in time, for whatever reason
+                retry_after = {"Retry-After": str(self.cfg.retry_after_s)}
+                raise ApiError(503, "the model is loading", retry_after) from None
+            self.model_ready = True
         return {"status": "ok"}
 
     @api.get("/info")
@@ -360,7 +380,8 @@ class RerankerAPI:
         replica = await self._call("info")
         fields["dtype_requested"] = fields.pop("dtype")
         return {"model_name": self.model_name, "device": replica.pop("device"),
-                "dtype": replica.pop("dtype"), "auth": bool(self.api_key), **fields,
+                "dtype": replica.pop("dtype"), "compiled": replica.pop("compiled"),
+                "auth": bool(self.api_key), **fields,
                 "replica_stats": replica}  # fmt: skip
 
     @api.get("/metrics")
@@ -522,8 +543,9 @@ def run_serve(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
         each = "1 GPU" if cfg.use_gpu else f"{cfg.cpus_per_replica:g} CPU"
         replicas = (f"{cfg.min_replicas}-{cfg.max_replicas}" if cfg.min_replicas != cfg.max_replicas
                     else str(cfg.max_replicas))  # fmt: skip
+        compiled = "compiled" if cfg.compiles("cuda" if cfg.use_gpu else "cpu") else "eager"
         logger.info(f"ready in {time.perf_counter() - started:.1f} s: {replicas} replica(s) x "
-                    f"{each}, dtype {cfg.precision}")  # fmt: skip
+                    f"{each}, dtype {cfg.precision}, {compiled}")  # fmt: skip
         logger.info(f"serving {cfg.model} at http://{cfg.host}:{cfg.port}{prefix}/v1/rerank "
                     "(Ctrl-C to stop)")  # fmt: skip
         if cfg.detach:

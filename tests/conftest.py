@@ -90,14 +90,15 @@ def served(ray_cluster, tiny_model_dir):
 
 
 def serve_args(model: str, **extra) -> dict:
-    """examples/serve.yaml's app args, small limits for the tests, and `extra`."""
+    """examples/serve.yaml's app args, small limits for the tests, and `extra`. Replicas do not
+    compile (test_serve has one that does, on the defaults)."""
     import yaml
 
     args = yaml.safe_load((ROOT / "examples" / "serve.yaml").read_text())["applications"][0]["args"]
     args.pop("model_name")  # clients see the default: the model folder's name
     args.update(model=model, max_len=64, max_batch_tokens=4096, max_documents=50,
                 max_request_bytes=20_000, batch_wait_timeout_s=0.05, api_key=SERVE_API_KEY,
-                max_replicas=1)  # fmt: skip
+                max_replicas=1, compile="off")  # fmt: skip
     return {**args, **extra}
 
 

@@ -110,6 +110,17 @@ def test_qwen3_scores_equal_the_model_card_formula(decoders):
     assert len(set(np.round(scores, 5))) > len(pairs) // 2  # not a constant
 
 
+def test_a_compiled_decoder_scores_like_eager(decoders):
+    """torch.compile of a causal LM (left padding, `logits_to_keep=1`): the same scores."""
+    from raykit.engine import InferenceEngine
+
+    pairs = sample_pairs()[:24]
+    engine = InferenceEngine.load(decoders["qwen3"], device="cpu", token_budget=512)
+    eager = engine.score_pairs(pairs)
+    assert engine.compile_model()
+    np.testing.assert_allclose(engine.score_pairs(pairs), eager, atol=1e-4, rtol=0)
+
+
 def test_gemma_scores_equal_the_bge_gemma_prompt(decoders):
     pairs = sample_pairs(6)
     reranker = Reranker(decoders["gemma"], device="cpu")

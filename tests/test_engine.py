@@ -89,6 +89,43 @@ def test_a_handed_model_runs_under_autocast_and_is_not_modified(tiny_model_dir):
     close_in_rank(np.array(plain_hf_logits(tiny_model_dir, PAIRS, 64)), scores, 0.05)
 
 
+def test_a_compiled_model_scores_like_eager_and_compiles_only_while_warming_up(tiny_model_dir):
+    """torch.compile (what Serve replicas do on CPU): fp32 scores equal the eager model's, and
+    after `compile_model` no batch shape (one pair, padded or not, chunks of any size, pairs cut
+    at max_len) compiles again: a request never waits for the compiler."""
+    from torch._dynamo.utils import counters
+
+    options = {"device": "cpu", "max_len": 64, "token_budget": 256, "max_batch_size": 5}
+    eager = InferenceEngine.load(tiny_model_dir, **options)
+    engine = InferenceEngine.load(tiny_model_dir, **options)
+    assert not engine.compiled
+    assert engine.compile_model() and engine.compiled
+    assert engine.stats.forward_passes == 0  # the warm-up is not counted as traffic
+    graphs = counters["stats"]["unique_graphs"]
+    for pairs in ([PAIRS[0]], PAIRS[:2], [PAIRS[1]] * 3, PAIRS, sample_pairs()[:40]):
+        np.testing.assert_allclose(engine.score_pairs(pairs), eager.score_pairs(pairs),
+                                   atol=1e-5, rtol=0)  # fmt: skip
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert engine.stats.forward_passes > 5
+
+
+def test_a_failed_compile_keeps_eager_scoring(tiny_model_dir, monkeypatch, caplog):
+    def compiler_missing(model, **options):
+        def fails(**batch):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+        return fails
+
+    engine = InferenceEngine.load(tiny_model_dir, device="cpu", max_len=64)
+    expected = engine.score_pairs(PAIRS)
+    monkeypatch.setattr(torch, "compile", compiler_missing)
+    with caplog.at_level(logging.WARNING, logger="raykit"):
+        assert engine.compile_model() is False
+    assert "torch.compile failed, scoring eagerly: RuntimeError: InvalidCxxCompiler" in caplog.text
+    assert not engine.compiled and engine.stats.forward_passes == 0
+    np.testing.assert_allclose(engine.score_pairs(PAIRS), expected, atol=1e-6, rtol=0)
+
+
 def test_reranker_is_the_engine_with_aliases(tiny_model_dir):
     reranker = Reranker(tiny_model_dir, device="cpu", max_length=64, bf16=True)
     assert reranker.engine.precision == "bfloat16"

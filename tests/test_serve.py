@@ -173,11 +173,58 @@ def test_official_cohere_client_works_unchanged(served, tiny_model_dir):
         assert result.relevance_score == pytest.approx(probs[result.index], abs=1e-4)
 
 
+@pytest.mark.slow
+def test_health_waits_for_a_compiling_replica_that_then_scores_like_reranker(served,
+                                                                           tiny_model_dir):
+    """The default on CPU: the replica compiles its model before serving. Meanwhile the proxy
+    already routes to the ingress, whose /health answers a JSON 503 until a model replica does;
+    then the compiled replica's scores equal `Reranker`'s (eager)."""
+    from ray import serve
+
+    from raykit.serve import app_builder
+
+    app = app_builder(serve_args(tiny_model_dir, cpus_per_replica=0.5, compile="auto"))
+    deploy = threading.Thread(target=serve.run, args=(app,),
+                              kwargs={"name": "compiled", "route_prefix": "/compiled"})  # fmt: skip
+    deploy.start()
+    statuses = []
+    try:
+        while deploy.is_alive():
+            reply = httpx.get(served + "/compiled/health", timeout=30)
+            if reply.status_code == 503:
+                assert reply.json() == {"detail": "the model is loading"}
+                assert reply.headers["retry-after"] == "1"
+            statuses.append(reply.status_code)
+            time.sleep(0.2)
+        deploy.join()
+        assert 503 in statuses and 200 not in statuses[: statuses.index(503)], statuses
+        assert httpx.get(served + "/compiled/health").status_code == 200
+        info = httpx.get(served + "/compiled/info", headers={"Authorization": f"Bearer {API_KEY}"})
+        assert info.json()["compiled"] is True and info.json()["compile"] == "auto"
+        raw = Reranker(tiny_model_dir, device="cpu", max_length=64).compute_score(
+            [[QUERY, d] for d in DOCS]
+        )
+        tei = post(served, "/compiled/rerank", {"query": QUERY, "texts": DOCS, "raw_scores": True})
+        assert tei.status_code == 200, tei.text
+        for t in tei.json():
+            assert t["score"] == pytest.approx(raw[t["index"]], abs=1e-5)
+    finally:
+        deploy.join()
+        serve.delete("compiled")
+
+
 def test_serve_config_validation():
     with pytest.raises(ConfigError, match="min_replicas"):
         ServeConfig(min_replicas=3, max_replicas=2).validate()
     with pytest.raises(ConfigError, match="max_batch_tokens"):
         ServeConfig(max_len=512, max_batch_tokens=256).validate()
+    with pytest.raises(ConfigError, match="compile: expected auto, on or off, got 'yes'"):
+        ServeConfig(compile="yes").validate()
+    # auto compiles on CPU only, and not torchao's int8 kernels; on/off are obeyed anywhere.
+    assert ServeConfig().compiles("cpu") and not ServeConfig().compiles("cuda")
+    assert not ServeConfig(dtype="int8").compiles("cpu")
+    assert ServeConfig(compile="on").compiles("cuda")
+    assert not ServeConfig(compile="off").compiles("cpu")
 
 
 def test_model_name_never_shows_the_server_path(served, tiny_model_dir):
