@@ -155,7 +155,7 @@ def test_lora_on_an_encoder_trains_the_new_head_and_mix_merges_the_adapter(
                          output_dir=str(tmp_path / "adapter"), storage_path=str(tmp_path / "ray"),
                          use_lora=True, lora_rank=8,
                          lora_target_modules=["query", "value", "dense"], save_merged_model=False,
-                         learning_rate=1e-2, train_group_size=4,
+                         lora_dropout=0.0, learning_rate=5e-3, train_group_size=4,
                          max_len=64, max_steps=60, logging_steps=10)  # fmt: skip
     result = finetune(cfg, console=False)
     losses = [e["loss"] for e in result.summary["loss"]]
