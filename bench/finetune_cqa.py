@@ -27,10 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from raykit.config import FinetuneConfig, resolve_model_path  # noqa: E402
-from raykit.data import load_groups, sample_group  # noqa: E402
-from raykit.engine import pad_encodings, tokenize_pairs  # noqa: E402
-from raykit.model import group_softmax_loss, load_model_and_tokenizer  # noqa: E402
+from raykit.config import FinetuneConfig
+from raykit.core.batching import pad_encodings
+from raykit.core.loading import load_model_and_tokenizer, resolve_model_path
+from raykit.core.losses import group_softmax_loss
+from raykit.core.tokenize import tokenize_pairs
+from raykit.data.groups import load_groups, sample_group
 
 
 def plain_loop_pairs_per_second(
@@ -95,12 +97,16 @@ def main() -> None:
     if not args.skip_baseline:
         print("plain loop (1 process, 2 threads, pad to longest) ...", flush=True)
         results["plain_loop"] = plain_loop_pairs_per_second(
-            train_file, args.baseline_steps, args.group_size, args.batch_groups, args.max_len,
+            train_file,
+            args.baseline_steps,
+            args.group_size,
+            args.batch_groups,
+            args.max_len,
             args.learning_rate,
-        )  # fmt: skip
+        )
         print(json.dumps(results["plain_loop"]), flush=True)
 
-    from raykit.train import finetune
+    from raykit.training.launch import finetune
 
     # A Ray instance of its own: never join another cluster running on this machine.
     ray.init(address="local", num_cpus=4, include_dashboard=False)

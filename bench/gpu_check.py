@@ -22,15 +22,14 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from raykit.data import load_groups, sample_group  # noqa: E402
-from raykit.engine import Reranker, tokenize_pairs  # noqa: E402
-from raykit.model import (  # noqa: E402
-    CrossEncoder,
-    group_softmax_loss,
-    load_model_and_tokenizer,
-    make_chunks,
-)
-from tests.tiny_model import build_tiny_reranker  # noqa: E402
+from raykit.core.batching import make_chunks
+from raykit.core.head import CrossEncoder
+from raykit.core.loading import load_model_and_tokenizer
+from raykit.core.losses import group_softmax_loss
+from raykit.core.reranker import Reranker
+from raykit.core.tokenize import tokenize_pairs
+from raykit.data.groups import load_groups, sample_group
+from tests.helpers import build_tiny_reranker  # noqa: E402
 
 
 def emit(check: str, **figures) -> None:
@@ -68,13 +67,23 @@ def amp_training(model_dir: str, fp16: bool, bf16: bool) -> None:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     ok = all(np.isfinite(losses)) and losses[-1] < losses[0]
-    emit("amp_training", fp16=fp16, bf16=bf16, logits_dtype=logits_dtype,
-         first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4), ok=ok)  # fmt: skip
+    emit(
+        "amp_training",
+        fp16=fp16,
+        bf16=bf16,
+        logits_dtype=logits_dtype,
+        first_loss=round(losses[0], 4),
+        last_loss=round(losses[-1], 4),
+        ok=ok,
+    )
 
 
 def inference(model_dir: str) -> None:
-    pairs = [[g["query"], p] for g in load_groups(str(ROOT / "examples/data/dev.jsonl"))
-             for p in g["pos"] + g["neg"]]  # fmt: skip
+    pairs = [
+        [g["query"], p]
+        for g in load_groups(str(ROOT / "examples/data/dev.jsonl"))
+        for p in g["pos"] + g["neg"]
+    ]
     cpu = Reranker(model_dir, device="cpu").compute_score(pairs)
     fp32 = Reranker(model_dir, device="cuda").compute_score(pairs)
     fp16 = Reranker(model_dir, device="cuda", fp16=True).compute_score(pairs)
@@ -94,16 +103,27 @@ H100_H200_BF16_DENSE_TFLOPS = 989.0  # SXM datasheet, dense (no sparsity)
 def base_sized_throughput(tmp: str) -> None:
     """The inference engine on a random BERT-base-sized cross-encoder (110M parameters) at
     fp32 / fp16 / bf16: pairs/s, tokens/s, padding and the fraction of the GPU's bf16 peak."""
-    from raykit.engine import InferenceEngine
+    from raykit.core.engine import InferenceEngine
 
     model_dir = build_tiny_reranker(f"{tmp}/base", hidden_size=768, layers=12)
     rng = np.random.default_rng(0)
     words = ["passage", "text", "about", "eggs", "rays", "and", "the", "sky"]
-    pairs = [["how long should I boil an egg for a soft yolk",
-              " ".join(rng.choice(words, int(rng.integers(20, 200))))] for _ in range(8192)]
+    pairs = [
+        [
+            "how long should I boil an egg for a soft yolk",
+            " ".join(rng.choice(words, int(rng.integers(20, 200)))),
+        ]
+        for _ in range(8192)
+    ]
     for dtype in ("float32", "float16", "bfloat16"):
-        engine = InferenceEngine.load(model_dir, device="cuda", dtype=dtype, max_len=256,
-                                      token_budget=65536, max_batch_size=512)  # fmt: skip
+        engine = InferenceEngine.load(
+            model_dir,
+            device="cuda",
+            dtype=dtype,
+            max_len=256,
+            token_budget=65536,
+            max_batch_size=512,
+        )
         encodings = engine.tokenize([q for q, _ in pairs], [p for _, p in pairs])
         engine.score_encodings(encodings[:1024])
         torch.cuda.synchronize()
@@ -114,34 +134,52 @@ def base_sized_throughput(tmp: str) -> None:
         wall = time.perf_counter() - started
         tokens = engine.stats.tokens
         flops = 2 * 85e6 * engine.stats.padded_tokens  # 2 x encoder weights per padded token
-        emit("engine_base_sized", dtype=dtype, pairs_per_s=round(len(pairs) / wall, 1),
-             tokens_per_s=round(tokens / wall), padding_ratio=round(engine.stats.padding_ratio, 3),
-             forward_passes=engine.stats.forward_passes,
-             fraction_of_bf16_peak=round(flops / wall / (H100_H200_BF16_DENSE_TFLOPS * 1e12), 3))
+        emit(
+            "engine_base_sized",
+            dtype=dtype,
+            pairs_per_s=round(len(pairs) / wall, 1),
+            tokens_per_s=round(tokens / wall),
+            padding_ratio=round(engine.stats.padding_ratio, 3),
+            forward_passes=engine.stats.forward_passes,
+            fraction_of_bf16_peak=round(flops / wall / (H100_H200_BF16_DENSE_TFLOPS * 1e12), 3),
+        )
 
 
 def llm_reranker_inference(tmp: str, device: str = "cuda") -> None:
     """Decoder rerankers: a tiny Qwen3 scores on the GPU (fp32 and bf16) as on the CPU; then
     a random model of Qwen3-Reranker-0.6B's shape (hidden 1024, 28 layers, 16 heads) at bf16:
     pairs/s, tokens/s and the fraction of the GPU's bf16 peak."""
-    from raykit.engine import InferenceEngine
-    from tests.tiny_model import build_tiny_decoder
+    from raykit.core.engine import InferenceEngine
+    from tests.helpers import build_tiny_decoder
 
     tiny = build_tiny_decoder(f"{tmp}/qwen3-tiny", "qwen3")
-    pairs = [[g["query"], p] for g in load_groups(str(ROOT / "examples/data/dev.jsonl"))
-             for p in g["pos"] + g["neg"]]  # fmt: skip
+    pairs = [
+        [g["query"], p]
+        for g in load_groups(str(ROOT / "examples/data/dev.jsonl"))
+        for p in g["pos"] + g["neg"]
+    ]
     cpu = np.array(Reranker(tiny, device="cpu").compute_score(pairs))
     fp32 = np.array(Reranker(tiny, device=device).compute_score(pairs))
     bf16 = np.array(Reranker(tiny, device=device, bf16=True).compute_score(pairs))
-    emit("llm_reranker_tiny", pairs=len(pairs),
-         max_diff_fp32_vs_cpu=float(np.abs(fp32 - cpu).max()),
-         max_diff_bf16_vs_fp32=float(np.abs(bf16 - fp32).max()),
-         same_best_pair_bf16=bool(np.argmax(bf16) == np.argmax(fp32)))  # fmt: skip
+    emit(
+        "llm_reranker_tiny",
+        pairs=len(pairs),
+        max_diff_fp32_vs_cpu=float(np.abs(fp32 - cpu).max()),
+        max_diff_bf16_vs_fp32=float(np.abs(bf16 - fp32).max()),
+        same_best_pair_bf16=bool(np.argmax(bf16) == np.argmax(fp32)),
+    )
 
-    model_dir = build_tiny_decoder(f"{tmp}/qwen3-0.6b-shape", "qwen3", hidden_size=1024,
-                                   layers=28, heads=16)  # fmt: skip
-    engine = InferenceEngine.load(model_dir, device=device, dtype="bfloat16", max_len=512,
-                                  token_budget=65536, max_batch_size=256)  # fmt: skip
+    model_dir = build_tiny_decoder(
+        f"{tmp}/qwen3-0.6b-shape", "qwen3", hidden_size=1024, layers=28, heads=16
+    )
+    engine = InferenceEngine.load(
+        model_dir,
+        device=device,
+        dtype="bfloat16",
+        max_len=512,
+        token_budget=65536,
+        max_batch_size=256,
+    )
     params = sum(p.numel() for n, p in engine.model.named_parameters() if "embed" not in n)
     rng = np.random.default_rng(0)
     words = ["passage", "text", "about", "eggs", "rays", "and", "the", "sky"]
@@ -157,42 +195,79 @@ def llm_reranker_inference(tmp: str, device: str = "cuda") -> None:
         torch.cuda.synchronize()
     wall = time.perf_counter() - started
     flops = 2 * params * engine.stats.padded_tokens
-    emit("llm_reranker_0.6b_shape_bf16", params_non_embedding=params,
-         pairs_per_s=round(len(docs) / wall, 1), tokens_per_s=round(engine.stats.tokens / wall),
-         padding_ratio=round(engine.stats.padding_ratio, 3),
-         fraction_of_bf16_peak=round(flops / wall / (H100_H200_BF16_DENSE_TFLOPS * 1e12), 3))
+    emit(
+        "llm_reranker_0.6b_shape_bf16",
+        params_non_embedding=params,
+        pairs_per_s=round(len(docs) / wall, 1),
+        tokens_per_s=round(engine.stats.tokens / wall),
+        padding_ratio=round(engine.stats.padding_ratio, 3),
+        fraction_of_bf16_peak=round(flops / wall / (H100_H200_BF16_DENSE_TFLOPS * 1e12), 3),
+    )
 
 
 def ray_finetune(model_dir: str, tmp: str, precision: str) -> None:
     out = f"{tmp}/out-{precision}"
-    cmd = [sys.executable, "-m", "raykit.cli", "finetune", "--model_name_or_path", model_dir,
-           "--train_data", str(ROOT / "examples/data/train.jsonl"),
-           "--eval_data", str(ROOT / "examples/data/dev.jsonl"), "--output_dir", out,
-           "--storage_path", f"{tmp}/ray", "--use_gpu", f"--{precision}", "--num_workers", "1",
-           "--max_steps", "20", "--learning_rate", "1e-3", "--train_group_size", "4",
-           "--max_len", "128", "--logging_steps", "5", "--eval_steps", "10"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "raykit.cli",
+        "finetune",
+        "--model_name_or_path",
+        model_dir,
+        "--train_data",
+        str(ROOT / "examples/data/train.jsonl"),
+        "--eval_data",
+        str(ROOT / "examples/data/dev.jsonl"),
+        "--output_dir",
+        out,
+        "--storage_path",
+        f"{tmp}/ray",
+        "--use_gpu",
+        f"--{precision}",
+        "--num_workers",
+        "1",
+        "--max_steps",
+        "20",
+        "--learning_rate",
+        "1e-3",
+        "--train_group_size",
+        "4",
+        "--max_len",
+        "128",
+        "--logging_steps",
+        "5",
+        "--eval_steps",
+        "10",
+    ]
     started = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=400)
     log = proc.stdout + proc.stderr
     lines = [line for line in log.splitlines() if "[raykit]" in line or "dev " in line]
     summary_path = Path(out) / "train_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    emit("ray_finetune_use_gpu", precision=precision, returncode=proc.returncode,
-         seconds=round(time.time() - started, 1), nccl="nccl" in log.lower(),
-         steps=summary.get("steps"), final_eval=(summary.get("eval") or [None])[-1],
-         log=lines[-8:] if proc.returncode == 0 else log[-3000:])  # fmt: skip
+    emit(
+        "ray_finetune_use_gpu",
+        precision=precision,
+        returncode=proc.returncode,
+        seconds=round(time.time() - started, 1),
+        nccl="nccl" in log.lower(),
+        steps=summary.get("steps"),
+        final_eval=(summary.get("eval") or [None])[-1],
+        log=lines[-8:] if proc.returncode == 0 else log[-3000:],
+    )
     if proc.returncode == 0:
         scores = Reranker(out, device="cuda", fp16=True).compute_score([["q", "p"], ["a", "b"]])
         emit("load_exported_on_gpu", precision=precision, scores=scores)
 
 
-def llm_lora_finetune(tmp: str, fsdp: bool, use_gpu: bool = True,
-                      shape: tuple[int, int, int] = (1024, 28, 16)) -> None:  # fmt: skip
+def llm_lora_finetune(
+    tmp: str, fsdp: bool, use_gpu: bool = True, shape: tuple[int, int, int] = (1024, 28, 16)
+) -> None:
     """`raykit finetune --use_gpu --bf16 --use_lora` (and `--fsdp`) of a random model of
     Qwen3-Reranker-0.6B's shape (hidden, layers, heads) on synthetic groups (one GPU worker):
     steps/s, pairs/s, tokens/s, peak GPU memory, and whether the merged export loads and
     scores. `use_gpu=False` and a small `shape` try the same command on a CPU."""
-    from tests.tiny_model import build_tiny_decoder
+    from tests.helpers import build_tiny_decoder
 
     hidden, layers, heads = shape
     model_dir = f"{tmp}/qwen3-{hidden}x{layers}"
@@ -202,32 +277,72 @@ def llm_lora_finetune(tmp: str, fsdp: bool, use_gpu: bool = True,
     words = ["passage", "text", "about", "eggs", "rays", "and", "the", "sky", "yes", "no"]
     text = lambda n: " ".join(rng.choice(words, n))  # noqa: E731
     data = Path(tmp) / "llm-train.jsonl"
-    groups = [{"query": text(8), "pos": [text(120)],
-               "neg": [text(int(rng.integers(40, 200))) for _ in range(7)]}
-              for _ in range(256)]  # fmt: skip
+    groups = [
+        {
+            "query": text(8),
+            "pos": [text(120)],
+            "neg": [text(int(rng.integers(40, 200))) for _ in range(7)],
+        }
+        for _ in range(256)
+    ]
     data.write_text("".join(json.dumps(g) + "\n" for g in groups))
     out = f"{tmp}/llm-out-{'fsdp' if fsdp else 'ddp'}"
-    cmd = [sys.executable, "-m", "raykit.cli", "finetune", "--model_name_or_path", model_dir,
-           "--train_data", str(data), "--output_dir", out, "--storage_path", f"{tmp}/ray",
-           *(["--use_gpu"] if use_gpu else []), "--bf16", "--use_lora", "--lora_rank", "32",
-           "--lora_alpha", "64",
-           "--gradient_checkpointing", "--num_workers", "1", "--max_steps", "30",
-           "--per_device_train_batch_size", "8", "--train_group_size", "8", "--max_len", "512",
-           "--learning_rate", "1e-4", "--logging_steps", "10",
-           *(["--fsdp"] if fsdp else [])]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "raykit.cli",
+        "finetune",
+        "--model_name_or_path",
+        model_dir,
+        "--train_data",
+        str(data),
+        "--output_dir",
+        out,
+        "--storage_path",
+        f"{tmp}/ray",
+        *(["--use_gpu"] if use_gpu else []),
+        "--bf16",
+        "--use_lora",
+        "--lora_rank",
+        "32",
+        "--lora_alpha",
+        "64",
+        "--gradient_checkpointing",
+        "--num_workers",
+        "1",
+        "--max_steps",
+        "30",
+        "--per_device_train_batch_size",
+        "8",
+        "--train_group_size",
+        "8",
+        "--max_len",
+        "512",
+        "--learning_rate",
+        "1e-4",
+        "--logging_steps",
+        "10",
+        *(["--fsdp"] if fsdp else []),
+    ]
     started = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=500)
     summary_path = Path(out) / "train_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     last = (summary.get("loss") or [{}])[-1]
     steps_per_s = summary["steps"] / summary["train_seconds"] if summary else None
-    emit("llm_lora_bf16_finetune", fsdp=fsdp, returncode=proc.returncode,
-         seconds=round(time.time() - started, 1), steps=summary.get("steps"),
-         steps_per_s=steps_per_s and round(steps_per_s, 2),
-         pairs_per_s=last.get("pairs_per_s"), tokens_per_s=last.get("tokens_per_s"),
-         peak_gpu_memory_gb=summary.get("peak_gpu_memory_gb"),
-         losses=[round(e["loss"], 4) for e in summary.get("loss", [])],
-         log=None if proc.returncode == 0 else (proc.stdout + proc.stderr)[-3000:])  # fmt: skip
+    emit(
+        "llm_lora_bf16_finetune",
+        fsdp=fsdp,
+        returncode=proc.returncode,
+        seconds=round(time.time() - started, 1),
+        steps=summary.get("steps"),
+        steps_per_s=steps_per_s and round(steps_per_s, 2),
+        pairs_per_s=last.get("pairs_per_s"),
+        tokens_per_s=last.get("tokens_per_s"),
+        peak_gpu_memory_gb=summary.get("peak_gpu_memory_gb"),
+        losses=[round(e["loss"], 4) for e in summary.get("loss", [])],
+        log=None if proc.returncode == 0 else (proc.stdout + proc.stderr)[-3000:],
+    )
     if proc.returncode == 0:
         device = "cuda" if use_gpu else "cpu"
         scores = Reranker(out, device=device, bf16=True).compute_score([["q", "p"], ["a", "b"]])

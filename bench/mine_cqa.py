@@ -22,11 +22,11 @@ import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from raykit.config import EvaluateConfig, FinetuneConfig, MineConfig, MixConfig  # noqa: E402
-from raykit.evaluate import evaluate_model  # noqa: E402
-from raykit.merge import run_mix  # noqa: E402
-from raykit.mine import run_mine  # noqa: E402
-from raykit.train import finetune  # noqa: E402
+from raykit.config import EvaluateConfig, FinetuneConfig, MineConfig, MixConfig
+from raykit.mining.mine import run_mine
+from raykit.scoring.evaluate import evaluate_model
+from raykit.tools.mix import run_mix
+from raykit.training.launch import finetune
 
 
 def rounded(metrics: dict) -> dict:
@@ -58,13 +58,24 @@ def main() -> None:
         models = {}
         for arm, data in [("given", train), ("bm25_mined", mined), ("given+bm25", both)]:
             cfg = FinetuneConfig(
-                model_name_or_path="minilm-l6", train_data=[data], eval_data=[dev],
-                output_dir=f"{tmp}/{arm}", storage_path=f"{tmp}/ray", run_name=f"mine-{arm}",
-                learning_rate=args.learning_rate, warmup_ratio=0.1, weight_decay=0.01,
-                num_train_epochs=args.epochs, per_device_train_batch_size=2, train_group_size=8,
-                max_len=args.max_len, num_workers=2, logging_steps=20, eval_on_start=False,
+                model_name_or_path="minilm-l6",
+                train_data=[data],
+                eval_data=[dev],
+                output_dir=f"{tmp}/{arm}",
+                storage_path=f"{tmp}/ray",
+                run_name=f"mine-{arm}",
+                learning_rate=args.learning_rate,
+                warmup_ratio=0.1,
+                weight_decay=0.01,
+                num_train_epochs=args.epochs,
+                per_device_train_batch_size=2,
+                train_group_size=8,
+                max_len=args.max_len,
+                num_workers=2,
+                logging_steps=20,
+                eval_on_start=False,
                 forward_token_budget=2048,
-            )  # fmt: skip
+            )
             started = time.time()
             result = finetune(cfg)
             models[arm] = result.output_dir
@@ -81,8 +92,9 @@ def main() -> None:
             out = f"{tmp}/mix-{weight}"
             weights = [str(round(1 - weight, 6)), str(weight)]
             run_mix(MixConfig(models=["minilm-l6", models[best]], weights=weights, output=out))
-            dev_metrics = evaluate_model(EvaluateConfig(model_name_or_path=out, eval_data=[dev],
-                                                        max_len=args.max_len))  # fmt: skip
+            dev_metrics = evaluate_model(
+                EvaluateConfig(model_name_or_path=out, eval_data=[dev], max_len=args.max_len)
+            )
             results["mixes"][f"fine_tuned_{weight}"] = rounded(dev_metrics)
             print(f"[bench] mix {weight}: {results['mixes'][f'fine_tuned_{weight}']}", flush=True)
     ray.shutdown()

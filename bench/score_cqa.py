@@ -30,8 +30,9 @@ sys.path.insert(0, str(ROOT))
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from raykit.config import ScoreConfig, resolve_model_path  # noqa: E402
-from raykit.score import run_score  # noqa: E402
+from raykit.config import ScoreConfig
+from raykit.core.loading import resolve_model_path
+from raykit.scoring.pipeline import run_score
 
 MINILM_LINEAR_FLOPS_PER_TOKEN = 2 * 10.6e6  # 2 x weights outside the embeddings
 MINILM_LAYERS, MINILM_HIDDEN = 6, 384
@@ -89,18 +90,28 @@ def plain_loop(model_dir: str, rows: list[dict], max_len: int) -> dict:
     with torch.inference_mode():
         for start in range(0, len(rows), 32):
             batch = rows[start : start + 32]
-            enc = tokenizer([r["query"] for r in batch], [r["passage"] for r in batch],
-                            padding=True, truncation="only_second", max_length=max_len,
-                            return_tensors="pt")  # fmt: skip
+            enc = tokenizer(
+                [r["query"] for r in batch],
+                [r["passage"] for r in batch],
+                padding=True,
+                truncation="only_second",
+                max_length=max_len,
+                return_tensors="pt",
+            )
             model(**enc)
             real = enc["attention_mask"].sum(dim=1).tolist()
             lengths += real
             tokens += sum(real)
             padded += enc["input_ids"].numel()
     wall = time.perf_counter() - started
-    return {"pairs": len(rows), "wall_s": round(wall, 1), "pairs_per_s": round(len(rows) / wall, 2),
-            "tokens_per_s": round(tokens / wall, 1), "padding_share": round(1 - tokens / padded, 3),
-            "flops": model_flops(lengths)}  # fmt: skip
+    return {
+        "pairs": len(rows),
+        "wall_s": round(wall, 1),
+        "pairs_per_s": round(len(rows) / wall, 2),
+        "tokens_per_s": round(tokens / wall, 1),
+        "padding_share": round(1 - tokens / padded, 3),
+        "flops": model_flops(lengths),
+    }
 
 
 class PeakMemory:
@@ -164,11 +175,15 @@ class PeakMemory:
         """GiB at the peak by kind (anon: private heaps; shmem: Ray's object store) and by the
         biggest processes."""
         gib = 2**30
-        kinds = {k: round(sum(p[k] for p in self.at_peak.values()) / gib, 2)
-                 for k in ("anon", "shmem", "file")}  # fmt: skip
+        kinds = {
+            k: round(sum(p[k] for p in self.at_peak.values()) / gib, 2)
+            for k in ("anon", "shmem", "file")
+        }
         by_process = sorted(self.at_peak.items(), key=lambda kv: -sum(kv[1].values()))[:6]
-        return {**kinds, "processes": {name: round(sum(p.values()) / gib, 2)
-                                       for name, p in by_process}}  # fmt: skip
+        return {
+            **kinds,
+            "processes": {name: round(sum(p.values()) / gib, 2) for name, p in by_process},
+        }
 
     def quarters(self) -> list[float]:
         """GiB: the peak within each quarter of the run. Flat from the second quarter on means
@@ -192,9 +207,16 @@ class PeakMemory:
 def raykit_run(model: str, source: Path, out: Path, max_len: int, actors: int, **options) -> dict:
     """Throughput runs: windows of 256 (the dev set is 2,090 pairs) and CPU-sized forwards."""
     options = {"batch_size": 64, "forward_token_budget": 2048, "sort_window": 256, **options}
-    cfg = ScoreConfig(model=model, input=[str(source)], output=str(out), overwrite=True,
-                      max_len=max_len, num_actors=actors, cpus_per_actor=2 / actors,
-                      **options)  # fmt: skip
+    cfg = ScoreConfig(
+        model=model,
+        input=[str(source)],
+        output=str(out),
+        overwrite=True,
+        max_len=max_len,
+        num_actors=actors,
+        cpus_per_actor=2 / actors,
+        **options,
+    )
     return run_score(cfg)
 
 
@@ -250,25 +272,33 @@ def main() -> None:
             print(json.dumps({f"raykit_{args.large}": summary}), flush=True)
         ray.shutdown()
     if args.memory:
-        from tests.tiny_model import build_tiny_reranker
+        from tests.helpers import build_tiny_reranker
 
         tiny = build_tiny_reranker(tmp / "tiny")
         defaults = ScoreConfig()  # the pipeline's own windows and batches, not the bench's
-        memory_options = {"batch_size": defaults.batch_size, "sort_window": defaults.sort_window,
-                          "forward_token_budget": defaults.forward_token_budget,
-                          "object_store_limit_mib": args.object_store_limit_mib}  # fmt: skip
+        memory_options = {
+            "batch_size": defaults.batch_size,
+            "sort_window": defaults.sort_window,
+            "forward_token_budget": defaults.forward_token_budget,
+            "object_store_limit_mib": args.object_store_limit_mib,
+        }
         for total in args.memory_sizes:
             source = write_pairs(tmp / f"pairs_{total}.jsonl", rows, total)
             with PeakMemory() as memory:
                 # A fresh Ray instance per size: neither run inherits the other's object-store
                 # pages. The store is capped as a deployment would cap it (Ray's default is 30%
                 # of RAM), so its pages are bounded whatever the input size.
-                ray.init(address="local", num_cpus=4, include_dashboard=False,
-                         object_store_memory=int(args.object_store_gib * 2**30))  # fmt: skip
+                ray.init(
+                    address="local",
+                    num_cpus=4,
+                    include_dashboard=False,
+                    object_store_memory=int(args.object_store_gib * 2**30),
+                )
                 ray.data.DataContext.get_current().enable_progress_bars = False
                 try:
-                    summary = raykit_run(tiny, source, tmp / f"out-{total}", 128, args.actors,
-                                         **memory_options)  # fmt: skip
+                    summary = raykit_run(
+                        tiny, source, tmp / f"out-{total}", 128, args.actors, **memory_options
+                    )
                 finally:
                     ray.shutdown()
             summary["peak_pss_gib"] = round(memory.peak / 2**30, 2)
@@ -291,11 +321,12 @@ def main() -> None:
 def model_flops_of(model_dir: str, rows: list[dict], max_len: int) -> float:
     from transformers import AutoTokenizer
 
-    from raykit.engine import tokenize_pairs
+    from raykit.core.tokenize import tokenize_pairs
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    encodings = tokenize_pairs(tokenizer, [r["query"] for r in rows],
-                               [r["passage"] for r in rows], max_len)  # fmt: skip
+    encodings = tokenize_pairs(
+        tokenizer, [r["query"] for r in rows], [r["passage"] for r in rows], max_len
+    )
     return model_flops([len(e["input_ids"]) for e in encodings])
 
 

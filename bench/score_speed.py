@@ -64,8 +64,9 @@ def dev_rows(dev: Path, short: bool) -> list[dict]:
             query = group["query"]
             if short:
                 query, passage = " ".join(query.split()[:12]), " ".join(passage.split()[:20])
-            rows.append({"query_id": q, "doc_id": d, "label": label, "query": query,
-                         "passage": passage})  # fmt: skip
+            rows.append(
+                {"query_id": q, "doc_id": d, "label": label, "query": query, "passage": passage}
+            )
     return rows
 
 
@@ -76,8 +77,11 @@ def cpu_peaks(cores: int) -> dict:
     mhz = [float(x) for x in re.findall(r"cpu MHz\s*:\s*([\d.]+)", info)]
     ghz = max(mhz) / 1000 if mhz else 2.45
     fp32 = cores * ghz * 1e9 * 32
-    return {"ghz": round(ghz, 2), "fp32_gflops": round(fp32 / 1e9, 1),
-            "bf16_gflops": round(2 * fp32 / 1e9, 1)}  # fmt: skip
+    return {
+        "ghz": round(ghz, 2),
+        "fp32_gflops": round(fp32 / 1e9, 1),
+        "bf16_gflops": round(2 * fp32 / 1e9, 1),
+    }
 
 
 def loop(model_dir: str, rows: list[dict], dtype: str, max_len: int = 512) -> dict:
@@ -90,8 +94,12 @@ def loop(model_dir: str, rows: list[dict], dtype: str, max_len: int = 512) -> di
     if dtype == "bfloat16":
         model = model.to(torch.bfloat16)
     started = time.perf_counter()
-    encoded = tokenizer([r["query"] for r in rows], [r["passage"] for r in rows],
-                        truncation="only_second", max_length=max_len)  # fmt: skip
+    encoded = tokenizer(
+        [r["query"] for r in rows],
+        [r["passage"] for r in rows],
+        truncation="only_second",
+        max_length=max_len,
+    )
     lengths = [len(ids) for ids in encoded["input_ids"]]
     order = sorted(range(len(rows)), key=lambda i: lengths[i])
     padded = 0
@@ -99,18 +107,22 @@ def loop(model_dir: str, rows: list[dict], dtype: str, max_len: int = 512) -> di
     with torch.inference_mode():
         for start in range(0, len(order), 64):
             index = order[start : start + 64]
-            batch = tokenizer.pad({k: [encoded[k][i] for i in index] for k in encoded},
-                                  return_tensors="pt")  # fmt: skip
+            batch = tokenizer.pad(
+                {k: [encoded[k][i] for i in index] for k in encoded}, return_tensors="pt"
+            )
             padded += batch["input_ids"].numel()
             logits = model(**batch).logits.view(-1).float().tolist()
             for i, value in zip(index, logits, strict=True):
                 scores[i] = value
     wall = time.perf_counter() - started
-    return {"pairs": len(rows), "wall_s": round(wall, 1),
-            "pairs_per_s": round(len(rows) / wall, 1),
-            "padding_ratio": round(1 - sum(lengths) / padded, 3),
-            "gflops_per_s": round(model_flops(lengths) / wall / 1e9, 1),
-            "scores": scores}  # fmt: skip
+    return {
+        "pairs": len(rows),
+        "wall_s": round(wall, 1),
+        "pairs_per_s": round(len(rows) / wall, 1),
+        "padding_ratio": round(1 - sum(lengths) / padded, 3),
+        "gflops_per_s": round(model_flops(lengths) / wall / 1e9, 1),
+        "scores": scores,
+    }
 
 
 def flag_reranker(python: str, model_dir: str, path: Path) -> dict | None:
@@ -120,8 +132,13 @@ def flag_reranker(python: str, model_dir: str, path: Path) -> dict | None:
     script = path.parent / "flag_bench.py"
     script.write_text(FLAG_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
-    out = subprocess.run([python, str(script), model_dir, str(path)], capture_output=True,
-                         text=True, env=env, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [python, str(script), model_dir, str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
     figures = json.loads(out.strip().splitlines()[-1])
     figures["pairs_per_s"] = round(figures["pairs"] / figures["wall_s"], 1)
     return figures
@@ -129,11 +146,25 @@ def flag_reranker(python: str, model_dir: str, path: Path) -> dict | None:
 
 def raykit_score(model_dir: str, path: Path, out: Path, dtype: str) -> dict:
     """`raykit score` as a user runs it (a fresh local Ray instance, its defaults)."""
-    command = [sys.executable, "-m", "raykit.cli", "score", "--model", model_dir, "--input",
-               str(path), "--output", str(out), "--overwrite", "--dtype", dtype]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "raykit.cli",
+        "score",
+        "--model",
+        model_dir,
+        "--input",
+        str(path),
+        "--output",
+        str(out),
+        "--overwrite",
+        "--dtype",
+        dtype,
+    ]
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True,
-                          env={**os.environ, "RAY_ADDRESS": ""})  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": ""}
+    )
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
@@ -141,15 +172,20 @@ def raykit_score(model_dir: str, path: Path, out: Path, dtype: str) -> dict:
     summary = json.loads(line.split(": ", 1)[1])
     pairs, first = summary["pairs_scored"], summary["first_output_s"]
     steady = (pairs - min(pairs, 1024)) / max(summary["wall_s"] - first, 1e-9)
-    return {"pairs": pairs, "command_s": round(wall, 1), "pairs_per_s": round(pairs / wall, 1),
-            "steady_pairs_per_s": round(steady, 1), "first_output_s": first,
-            "plan": next((x for x in done.stdout.splitlines() if "scoring with" in x), ""),
-            "stderr_lines": len(done.stderr.splitlines())}  # fmt: skip
+    return {
+        "pairs": pairs,
+        "command_s": round(wall, 1),
+        "pairs_per_s": round(pairs / wall, 1),
+        "steady_pairs_per_s": round(steady, 1),
+        "first_output_s": first,
+        "plan": next((x for x in done.stdout.splitlines() if "scoring with" in x), ""),
+        "stderr_lines": len(done.stderr.splitlines()),
+    }
 
 
 def ndcg10(rows: list[dict], scores: list[float]) -> float:
     """Mean nDCG@10 (ir-measures, ties pessimistic) over the queries with a relevant pair."""
-    from raykit.evaluate import group_qrels_and_run, mean_metrics, per_query_sums
+    from raykit.core.metrics import group_qrels_and_run, mean_metrics, per_query_sums
 
     by_query: dict = {}
     for row, score in zip(rows, scores, strict=True):
@@ -202,12 +238,15 @@ def main() -> None:
             whole["steady_over_loop"] = round(whole["steady_pairs_per_s"] / plain["pairs_per_s"], 2)
             if flag:
                 whole["command_over_flagreranker_fp32"] = round(
-                    whole["pairs_per_s"] / flag["pairs_per_s"], 2)  # fmt: skip
+                    whole["pairs_per_s"] / flag["pairs_per_s"], 2
+                )
             part[f"loop_{dtype}"], part[f"raykit_{dtype}"] = plain, whole
-            print(json.dumps({name: {f"loop_{dtype}": plain, f"raykit_{dtype}": whole}}),
-                  flush=True)  # fmt: skip
+            print(
+                json.dumps({name: {f"loop_{dtype}": plain, f"raykit_{dtype}": whole}}), flush=True
+            )
         part["ndcg@10_bf16_minus_fp32"] = round(
-            part["raykit_bfloat16"]["ndcg@10_dev"] - part["raykit_float32"]["ndcg@10_dev"], 4)
+            part["raykit_bfloat16"]["ndcg@10_dev"] - part["raykit_float32"]["ndcg@10_dev"], 4
+        )
         results[name] = part
         big_path.unlink()
     out = ROOT / "bench" / "results"

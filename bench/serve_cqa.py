@@ -83,7 +83,11 @@ def requests_from(dev: Path) -> list[dict]:
 
 
 async def run_load(
-    url: str, bodies: list[dict], clients: int, seconds: float, warmup: float = 0,
+    url: str,
+    bodies: list[dict],
+    clients: int,
+    seconds: float,
+    warmup: float = 0,
     route: str = "/v1/rerank",
 ) -> dict:
     """`clients` closed-loop clients for `warmup` + `seconds`. Figures cover the requests that
@@ -140,7 +144,12 @@ def wait_healthy(url: str, timeout: float = 300) -> None:
 
 
 def bench(
-    name: str, url: str, bodies: list[dict], levels: list[int], seconds: float, warmup: float,
+    name: str,
+    url: str,
+    bodies: list[dict],
+    levels: list[int],
+    seconds: float,
+    warmup: float,
     route: str,
 ) -> list:
     asyncio.run(run_load(url, bodies, 2, 5, route=route))  # first requests: lazy imports
@@ -155,8 +164,13 @@ def bench(
 
 def start_server(command: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
     with log.open("w") as out:
-        return subprocess.Popen(command, env={**os.environ, **(env or {})}, start_new_session=True,
-                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        return subprocess.Popen(
+            command,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def wait_logged(log: Path, text: str, timeout: float = 600) -> None:
@@ -183,29 +197,46 @@ def stop_server(server: subprocess.Popen) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/cqa"))
-    parser.add_argument("--model", default=str(ROOT / "output/minilm-sample"),
-                        help="a one-logit cross-encoder (default: the quickstart's output)")
+    parser.add_argument(
+        "--model",
+        default=str(ROOT / "output/minilm-sample"),
+        help="a one-logit cross-encoder (default: the quickstart's output)",
+    )
     parser.add_argument("--seconds", type=float, default=60, help="measured window per level")
     parser.add_argument("--warmup", type=float, default=15, help="unmeasured ramp-up per level")
-    parser.add_argument("--infinity", default=str(ROOT.parent / "peers/bin/infinity_emb"),
-                        help="infinity_emb of the peers' venv (skipped when missing)")
-    parser.add_argument("--servers", default="infinity,raykit,raykit-bf16",
-                        help="comma-separated: infinity, raykit, raykit-bf16 (the defaults), "
-                        "raykit-eager[-bf16] (--compile off), raykit-1x2[-bf16], "
-                        "raykit-2x1[-bf16] (replicas x threads), naive")
+    parser.add_argument(
+        "--infinity",
+        default=str(ROOT.parent / "peers/bin/infinity_emb"),
+        help="infinity_emb of the peers' venv (skipped when missing)",
+    )
+    parser.add_argument(
+        "--servers",
+        default="infinity,raykit,raykit-bf16",
+        help="comma-separated: infinity, raykit, raykit-bf16 (the defaults), "
+        "raykit-eager[-bf16] (--compile off), raykit-1x2[-bf16], "
+        "raykit-2x1[-bf16] (replicas x threads), naive",
+    )
     parser.add_argument("--levels", default="1,8,32", help="concurrent clients, comma-separated")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="run the servers this many times in turn: this machine's speed "
-                        "drifts by 10-20%% within minutes, so ratios are taken within a round "
-                        "and the median round is reported")  # fmt: skip
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the servers this many times in turn: this machine's speed "
+        "drifts by 10-20%% within minutes, so ratios are taken within a round "
+        "and the median round is reported",
+    )
     args = parser.parse_args()
-    from raykit.config import resolve_model_path
+    from raykit.core.loading import resolve_model_path
 
     model = resolve_model_path(args.model)
     bodies = requests_from(Path(args.data) / "dev.jsonl")
     levels = [int(n) for n in args.levels.split(",")]
-    results: dict = {"args": vars(args), "requests": len(bodies), "documents_per_request": 20,
-                     "cpus": os.cpu_count()}  # fmt: skip
+    results: dict = {
+        "args": vars(args),
+        "requests": len(bodies),
+        "documents_per_request": 20,
+        "cpus": os.cpu_count(),
+    }
     raykit_cli = [sys.executable, "-m", "raykit.cli", "serve", "--model", model]
     one_by_two = ["--min_replicas", "1", "--max_replicas", "1", "--cpus_per_replica", "2"]
     two_by_one = ["--min_replicas", "2", "--max_replicas", "2", "--cpus_per_replica", "1"]
@@ -213,14 +244,18 @@ def main() -> None:
         "raykit": (raykit_cli, "/v1/rerank"),
         "raykit-bf16": ([*raykit_cli, "--dtype", "bfloat16"], "/v1/rerank"),
         "raykit-eager": ([*raykit_cli, "--compile", "off"], "/v1/rerank"),
-        "raykit-eager-bf16": ([*raykit_cli, "--compile", "off", "--dtype", "bfloat16"],
-                              "/v1/rerank"),
+        "raykit-eager-bf16": (
+            [*raykit_cli, "--compile", "off", "--dtype", "bfloat16"],
+            "/v1/rerank",
+        ),
         "raykit-1x2": ([*raykit_cli, *one_by_two], "/v1/rerank"),
         "raykit-1x2-bf16": ([*raykit_cli, *one_by_two, "--dtype", "bfloat16"], "/v1/rerank"),
         "raykit-2x1": ([*raykit_cli, *two_by_one], "/v1/rerank"),
         "raykit-2x1-bf16": ([*raykit_cli, *two_by_one, "--dtype", "bfloat16"], "/v1/rerank"),
-        "infinity": ([args.infinity, "v2", "--model-id", model, "--engine", "torch",
-                      "--device", "cpu"], "/rerank"),  # fmt: skip
+        "infinity": (
+            [args.infinity, "v2", "--model-id", model, "--engine", "torch", "--device", "cpu"],
+            "/rerank",
+        ),
     }
     rows = []
     servers = args.servers.split(",")
@@ -246,8 +281,10 @@ def main() -> None:
                 wait_logged(log, "ready in")
             ready = time.perf_counter() - started
             print(json.dumps({"server": name, "ready_s": round(ready, 1)}), flush=True)
-            rows += [{**row, "round": round_no} for row in
-                     bench(name, url, bodies, levels, args.seconds, args.warmup, route)]
+            rows += [
+                {**row, "round": round_no}
+                for row in bench(name, url, bodies, levels, args.seconds, args.warmup, route)
+            ]
             if name.startswith("raykit"):
                 results[f"{name}_info"] = httpx.get(url + "/info").json()
         finally:
@@ -262,8 +299,10 @@ def main() -> None:
             docs = [by[(name, clients, r)]["documents_per_s"] for r in rounds]
             summary[f"{name}_docs_per_s_at_{clients}"] = docs
             if name != "infinity" and ("infinity", clients, 0) in by:
-                ratios = [d / by[("infinity", clients, r)]["documents_per_s"]
-                          for d, r in zip(docs, rounds, strict=True)]  # fmt: skip
+                ratios = [
+                    d / by[("infinity", clients, r)]["documents_per_s"]
+                    for d, r in zip(docs, rounds, strict=True)
+                ]
                 summary[f"{name}_over_infinity_at_{clients}"] = [round(x, 2) for x in ratios]
                 summary[f"{name}_over_infinity_at_{clients}_median"] = round(
                     float(np.median(ratios)), 2

@@ -18,9 +18,9 @@ import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from raykit.config import EvaluateConfig, TuneConfig  # noqa: E402
-from raykit.evaluate import evaluate_model  # noqa: E402
-from raykit.tune import run_sweep  # noqa: E402
+from raykit.config import EvaluateConfig, TuneConfig
+from raykit.scoring.evaluate import evaluate_model
+from raykit.training.tune import run_sweep
 
 
 def main() -> None:
@@ -62,8 +62,9 @@ def main() -> None:
         started = time.time()
         sweep = run_sweep(cfg)
         wall = time.time() - started
-        best = evaluate_model(EvaluateConfig(model_name_or_path=sweep["best_dir"], eval_data=[dev],
-                                             max_len=256))  # fmt: skip
+        best = evaluate_model(
+            EvaluateConfig(model_name_or_path=sweep["best_dir"], eval_data=[dev], max_len=256)
+        )
     steps_run = sum(row["steps"] for row in sweep["trials"])
     budget = args.max_steps * len(sweep["trials"])
     results = {

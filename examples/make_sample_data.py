@@ -291,8 +291,12 @@ def main() -> None:
     with open(out / "score_pairs.jsonl", "w") as f:
         for q, row in enumerate(groups[40:]):
             for d, passage in enumerate(row["pos"] + row["neg"]):
-                pair = {"query_id": f"q{q}", "doc_id": f"q{q}-d{d}", "query": row["query"],
-                        "passage": passage}  # fmt: skip
+                pair = {
+                    "query_id": f"q{q}",
+                    "doc_id": f"q{q}-d{d}",
+                    "query": row["query"],
+                    "passage": passage,
+                }
                 f.write(json.dumps(pair) + "\n")
     print(f"{out / 'score_pairs.jsonl'}: {len(groups[40:])} queries")
     write_beir(out / "beir", groups[40:])

@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from raykit.cli import main  # noqa: E402
+from raykit.cli import main
 
 if __name__ == "__main__":
     main(["score", *sys.argv[1:]])

@@ -12,7 +12,7 @@ def __getattr__(name: str) -> Any:
     """`raykit.Reranker` imports torch and transformers only when it is used, so that the CLI
     (`raykit --help`, config errors) starts in well under a second."""
     if name == "Reranker":
-        from raykit.engine import Reranker
+        from raykit.core.reranker import Reranker
 
         return Reranker
     raise AttributeError(f"module 'raykit' has no attribute {name!r}")

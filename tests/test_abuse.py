@@ -10,7 +10,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import SERVE_API_KEY
+from tests.helpers import SERVE_API_KEY
 
 AUTH = {"Authorization": f"Bearer {SERVE_API_KEY}"}
 JSON = {**AUTH, "Content-Type": "application/json"}
@@ -27,47 +27,130 @@ def chunked(total: int, piece: int = 64 * 1024):
 
 # (id, method, path, headers, body, expected status, text the detail must contain)
 ROWS = [
-    ("chunked-body-over-limit", "POST", "/v1/rerank", AUTH, lambda: chunked(5_000_000), 413,
-     "over 20000 bytes"),
+    (
+        "chunked-body-over-limit",
+        "POST",
+        "/v1/rerank",
+        AUTH,
+        lambda: chunked(5_000_000),
+        413,
+        "over 20000 bytes",
+    ),
     ("chunked-40mb-tei", "POST", "/rerank", AUTH, lambda: chunked(40_000_000), 413, "over"),
     ("length-over-limit", "POST", "/v1/rerank", AUTH, b"x" * 30_000, 413, "over"),
-    ("lone-surrogate-document", "POST", "/v1/rerank", JSON,
-     b'{"query": "q", "documents": ["\\ud800 x"]}', 422, "documents[0]"),
-    ("lone-surrogate-tei-query", "POST", "/rerank", JSON,
-     b'{"query": "\\udfff", "texts": ["a"]}', 422, "query"),
-    ("lone-surrogate-text-object", "POST", "/v2/rerank", JSON,
-     b'{"query": "q", "documents": ["ok", {"text": "\\ud83d"}]}', 422, "documents[1]"),
-    ("top-n-nan", "POST", "/v1/rerank", JSON,
-     b'{"query": "q", "documents": ["a"], "top_n": NaN}', 422, "top_n"),
-    ("top-n-infinity", "POST", "/v1/rerank", JSON,
-     b'{"query": "q", "documents": ["a"], "top_n": Infinity}', 422, "top_n"),
-    ("top-n-huge-float", "POST", "/v1/rerank", JSON,
-     b'{"query": "q", "documents": ["a"], "top_n": 1e999}', 422, "top_n"),
+    (
+        "lone-surrogate-document",
+        "POST",
+        "/v1/rerank",
+        JSON,
+        b'{"query": "q", "documents": ["\\ud800 x"]}',
+        422,
+        "documents[0]",
+    ),
+    (
+        "lone-surrogate-tei-query",
+        "POST",
+        "/rerank",
+        JSON,
+        b'{"query": "\\udfff", "texts": ["a"]}',
+        422,
+        "query",
+    ),
+    (
+        "lone-surrogate-text-object",
+        "POST",
+        "/v2/rerank",
+        JSON,
+        b'{"query": "q", "documents": ["ok", {"text": "\\ud83d"}]}',
+        422,
+        "documents[1]",
+    ),
+    (
+        "top-n-nan",
+        "POST",
+        "/v1/rerank",
+        JSON,
+        b'{"query": "q", "documents": ["a"], "top_n": NaN}',
+        422,
+        "top_n",
+    ),
+    (
+        "top-n-infinity",
+        "POST",
+        "/v1/rerank",
+        JSON,
+        b'{"query": "q", "documents": ["a"], "top_n": Infinity}',
+        422,
+        "top_n",
+    ),
+    (
+        "top-n-huge-float",
+        "POST",
+        "/v1/rerank",
+        JSON,
+        b'{"query": "q", "documents": ["a"], "top_n": 1e999}',
+        422,
+        "top_n",
+    ),
     ("body-is-array", "POST", "/v1/rerank", JSON, b"[]", 422, "body"),
     ("body-is-null", "POST", "/rerank", JSON, b"null", 422, ""),
     ("body-is-string", "POST", "/v1/rerank", JSON, b'"query"', 422, ""),
     ("body-empty", "POST", "/v1/rerank", JSON, b"", 422, ""),
-    ("not-utf8", "POST", "/v1/rerank", JSON, b'{"query": "\xff\xfe", "documents": ["a"]}', 400,
-     ""),
+    ("not-utf8", "POST", "/v1/rerank", JSON, b'{"query": "\xff\xfe", "documents": ["a"]}', 400, ""),
     ("nested-too-deep", "POST", "/v1/rerank", JSON, b"[" * 100_000 + b"]" * 100_000, 413, ""),
     ("nested-deep-small", "POST", "/v1/rerank", JSON, b"[" * 5_000 + b"]" * 5_000, 400, ""),
-    ("document-text-number", "POST", "/v1/rerank", JSON,
-     b'{"query": "q", "documents": [{"text": 5}]}', 422, "documents"),
+    (
+        "document-text-number",
+        "POST",
+        "/v1/rerank",
+        JSON,
+        b'{"query": "q", "documents": [{"text": 5}]}',
+        422,
+        "documents",
+    ),
     ("query-missing", "POST", "/rerank", JSON, b'{"texts": ["a"]}', 422, "query"),
-    ("documents-empty", "POST", "/v1/rerank", JSON, b'{"query": "q", "documents": []}', 400,
-     "documents"),
-    ("query-blank", "POST", "/v1/rerank", JSON, b'{"query": "  ", "documents": ["a"]}', 400,
-     "query"),
-    ("too-many-documents", "POST", "/v1/rerank", JSON,
-     json.dumps({"query": "q", "documents": ["d"] * 51}).encode(), 413, "max_documents"),
-    ("max-tokens-zero", "POST", "/v1/rerank", JSON,
-     b'{"query": "q", "documents": ["a"], "max_tokens_per_doc": 0}', 422, "max_tokens_per_doc"),
+    (
+        "documents-empty",
+        "POST",
+        "/v1/rerank",
+        JSON,
+        b'{"query": "q", "documents": []}',
+        400,
+        "documents",
+    ),
+    (
+        "query-blank",
+        "POST",
+        "/v1/rerank",
+        JSON,
+        b'{"query": "  ", "documents": ["a"]}',
+        400,
+        "query",
+    ),
+    (
+        "too-many-documents",
+        "POST",
+        "/v1/rerank",
+        JSON,
+        json.dumps({"query": "q", "documents": ["d"] * 51}).encode(),
+        413,
+        "max_documents",
+    ),
+    (
+        "max-tokens-zero",
+        "POST",
+        "/v1/rerank",
+        JSON,
+        b'{"query": "q", "documents": ["a"], "max_tokens_per_doc": 0}',
+        422,
+        "max_tokens_per_doc",
+    ),
     ("wrong-method", "GET", "/v1/rerank", AUTH, None, 405, ""),
     ("unknown-path", "GET", "/admin", AUTH, None, 404, ""),
     ("no-key", "POST", "/v1/rerank", {}, json.dumps(OK_BODY).encode(), 401, "API key"),
     ("wrong-key", "GET", "/metrics", {"Authorization": "Bearer nope"}, None, 401, "API key"),
     ("unknown-path-no-key", "GET", "/x%22%7D%201%0Ainjected", {}, None, 401, ""),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(
@@ -75,8 +158,9 @@ ROWS = [
     [row[1:] for row in ROWS],
     ids=[row[0] for row in ROWS],
 )
-def test_hostile_request_gets_a_clear_json_error(served, method, path, headers, body, status,
-                                                 detail):  # fmt: skip
+def test_hostile_request_gets_a_clear_json_error(
+    served, method, path, headers, body, status, detail
+):
     content = body() if callable(body) else body
     reply = httpx.request(method, served + path, content=content, headers=headers, timeout=120)
     assert reply.status_code == status, reply.text[:500]
@@ -102,7 +186,11 @@ def test_metrics_labels_come_from_the_route_table_only(served):
     families = {f.name: f for f in text_string_to_metric_families(after)}  # still parseable
     routes = {s.labels["route"] for s in families["raykit_requests"].samples}
     assert routes <= {"/v1/rerank", "/v2/rerank", "/rerank", "/info", "other"}
-    other = [s for s in families["raykit_requests"].samples
-             if s.labels["route"] == "other" and s.name.endswith("_total")
-             and s.labels["status"] == "401"]  # fmt: skip
+    other = [
+        s
+        for s in families["raykit_requests"].samples
+        if s.labels["route"] == "other"
+        and s.name.endswith("_total")
+        and s.labels["status"] == "401"
+    ]
     assert other and other[0].value >= 201

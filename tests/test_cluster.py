@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import (
+from tests.helpers import (
     ROOT,
     SAMPLE_DEV,
     SAMPLE_TRAIN,
@@ -54,16 +54,30 @@ class Cluster:
         self.env, self.dashboard, self.temp_dir = env, dashboard, temp_dir
 
     def ray(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-        return subprocess.run([str(VENV_BIN / "ray"), *args], env=self.env, capture_output=True,
-                              text=True, timeout=timeout)  # fmt: skip
+        return subprocess.run(
+            [str(VENV_BIN / "ray"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def submit(self, job: str, *args: str, wait: bool = True, job_id: str | None = None):
         job_id = job_id or f"raykit-{uuid.uuid4().hex[:8]}"
         flags = [] if wait else ["--no-wait"]
         for _ in range(40):  # the job agent comes up a little after `ray start` returns
-            result = self.ray("job", "submit", f"--address={self.dashboard}", *flags,
-                              f"--submission-id={job_id}", f"--working-dir={ROOT}", "--",
-                              "python", job, *args)  # fmt: skip
+            result = self.ray(
+                "job",
+                "submit",
+                f"--address={self.dashboard}",
+                *flags,
+                f"--submission-id={job_id}",
+                f"--working-dir={ROOT}",
+                "--",
+                "python",
+                job,
+                *args,
+            )
             if "No available agent" not in result.stderr:
                 break
             time.sleep(3)
@@ -90,11 +104,19 @@ def s3_env():
     import boto3
 
     (port,) = free_ports(1)
-    server = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
+    server = subprocess.Popen(
+        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # for this process's pyarrow/boto3 clients
     try:
@@ -124,9 +146,15 @@ def cluster(s3_env):
     """`ray start --head` plus a second node, each offering one `trainer_node` resource."""
     marker = uuid.uuid4().hex
     existing = running_pids()
-    env = {**os.environ, **s3_env, "RAY_AUTH_MODE": "disabled", "RAYKIT_TEST_CLUSTER": marker,
-           "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_DEDUP_LOGS": "0",
-           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}  # fmt: skip
+    env = {
+        **os.environ,
+        **s3_env,
+        "RAY_AUTH_MODE": "disabled",
+        "RAYKIT_TEST_CLUSTER": marker,
+        "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+        "RAY_DEDUP_LOGS": "0",
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
+    }
     env.pop("RAY_ADDRESS", None)
     temp_dir = Path(tempfile.mkdtemp(prefix="rk-2n-", dir="/tmp"))  # short: AF_UNIX paths
     # The second node gets its own temp dir: two nodes on one machine sharing one would share
@@ -137,22 +165,35 @@ def cluster(s3_env):
     handle = Cluster(env, f"http://127.0.0.1:{dashboard}", temp_dir)
     try:
         head = handle.ray(
-            "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
+            "start",
+            "--head",
+            f"--port={gcs}",
+            f"--dashboard-port={dashboard}",
             f"--dashboard-agent-listen-port={agent_ports[0]}",
             f"--dashboard-agent-grpc-port={agent_ports[1]}",
-            f"--metrics-export-port={agent_ports[2]}", f"--runtime-env-agent-port={agent_ports[3]}",
-            "--num-cpus=3", '--resources={"trainer_node": 1}', "--include-dashboard=true",
-            "--disable-usage-stats", f"--temp-dir={temp_dir}", timeout=180,
-        )  # fmt: skip
+            f"--metrics-export-port={agent_ports[2]}",
+            f"--runtime-env-agent-port={agent_ports[3]}",
+            "--num-cpus=3",
+            '--resources={"trainer_node": 1}',
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+            f"--temp-dir={temp_dir}",
+            timeout=180,
+        )
         assert head.returncode == 0, head.stdout + head.stderr
         worker = handle.ray(
-            "start", f"--address=127.0.0.1:{gcs}",
+            "start",
+            f"--address=127.0.0.1:{gcs}",
             f"--dashboard-agent-listen-port={agent_ports[4]}",
             f"--dashboard-agent-grpc-port={agent_ports[5]}",
-            f"--metrics-export-port={agent_ports[6]}", f"--runtime-env-agent-port={agent_ports[7]}",
-            "--num-cpus=2", '--resources={"trainer_node": 1}', "--disable-usage-stats",
-            f"--temp-dir={worker_temp_dir}", timeout=180,
-        )  # fmt: skip
+            f"--metrics-export-port={agent_ports[6]}",
+            f"--runtime-env-agent-port={agent_ports[7]}",
+            "--num-cpus=2",
+            '--resources={"trainer_node": 1}',
+            "--disable-usage-stats",
+            f"--temp-dir={worker_temp_dir}",
+            timeout=180,
+        )
         assert worker.returncode == 0, worker.stdout + worker.stderr
         wait_for(lambda: len(handle.nodes()) == 2, 120, "two alive nodes", interval=2)
         yield handle
@@ -181,10 +222,19 @@ def stop_marked_processes(marker: str) -> None:
 
 
 def finetune_args(model: str, **extra: str) -> list[str]:
-    args = {"model_name_or_path": model, "train_data": str(SAMPLE_TRAIN),
-            "eval_data": str(SAMPLE_DEV), "learning_rate": "1e-3", "train_group_size": "4",
-            "per_device_train_batch_size": "2", "max_len": "64", "num_workers": "2",
-            "worker_resources": "trainer_node=1", "eval_on_start": "false", **extra}  # fmt: skip
+    args = {
+        "model_name_or_path": model,
+        "train_data": str(SAMPLE_TRAIN),
+        "eval_data": str(SAMPLE_DEV),
+        "learning_rate": "1e-3",
+        "train_group_size": "4",
+        "per_device_train_batch_size": "2",
+        "max_len": "64",
+        "num_workers": "2",
+        "worker_resources": "trainer_node=1",
+        "eval_on_start": "false",
+        **extra,
+    }
     return [x for k, v in args.items() for x in (f"--{k}", v)]
 
 
@@ -195,11 +245,16 @@ def read_s3_json(uri: str) -> dict:
 
 
 def test_jobs_run_on_two_nodes_with_s3_storage(cluster, tiny_model_dir, tmp_path):
-    from raykit.engine import Reranker
+    from raykit.core.reranker import Reranker
 
     model_uri = f"s3://{BUCKET}/models/two-node"
-    args = finetune_args(tiny_model_dir, max_steps="6", storage_path=f"s3://{BUCKET}/checkpoints",
-                         run_name="two-node", output_dir=model_uri)  # fmt: skip
+    args = finetune_args(
+        tiny_model_dir,
+        max_steps="6",
+        storage_path=f"s3://{BUCKET}/checkpoints",
+        run_name="two-node",
+        output_dir=model_uri,
+    )
     _, result = cluster.submit("jobs/finetune.py", *args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in (result.stdout + result.stderr).lower()
@@ -210,14 +265,23 @@ def test_jobs_run_on_two_nodes_with_s3_storage(cluster, tiny_model_dir, tmp_path
     assert fs.get_file_info(path).type == pafs.FileType.Directory  # Ray Train's run on S3
 
     # Batch scoring on the same cluster: model and input on S3, output to S3.
-    rows = [{"query_id": i, "query": "what is ray", "passage": f"passage number {i}"}
-            for i in range(50)]  # fmt: skip
+    rows = [
+        {"query_id": i, "query": "what is ray", "passage": f"passage number {i}"} for i in range(50)
+    ]
     fs, path = pafs.FileSystem.from_uri(f"s3://{BUCKET}/pairs/part-0.jsonl")
     with fs.open_output_stream(path) as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows).encode())
-    _, result = cluster.submit("jobs/score.py", "--model", model_uri, "--input",
-                               f"s3://{BUCKET}/pairs/", "--output", f"s3://{BUCKET}/scored",
-                               "--max_len", "64")  # fmt: skip
+    _, result = cluster.submit(
+        "jobs/score.py",
+        "--model",
+        model_uri,
+        "--input",
+        f"s3://{BUCKET}/pairs/",
+        "--output",
+        f"s3://{BUCKET}/scored",
+        "--max_len",
+        "64",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     fs, path = pafs.FileSystem.from_uri(f"s3://{BUCKET}/scored/part-0.parquet")
     scored = pq.read_table(path, filesystem=fs).to_pylist()
@@ -232,10 +296,18 @@ def test_sweep_with_s3_storage_and_output(cluster, tiny_model_dir):
     """`jobs/tune.py` with --storage_path and --output_dir on S3: trial checkpoints, the trial
     table and the best model all land in the bucket (none in a local folder named `s3:`)."""
     sweep = f"s3://{BUCKET}/sweep-out"
-    args = finetune_args(tiny_model_dir, max_steps="4", eval_steps="2", num_workers="1",
-                         storage_path=f"s3://{BUCKET}/sweeps", output_dir=sweep,
-                         run_name="s3-sweep", scheduler="fifo", num_samples="1",
-                         search="learning_rate=grid:1e-3,3e-3")  # fmt: skip
+    args = finetune_args(
+        tiny_model_dir,
+        max_steps="4",
+        eval_steps="2",
+        num_workers="1",
+        storage_path=f"s3://{BUCKET}/sweeps",
+        output_dir=sweep,
+        run_name="s3-sweep",
+        scheduler="fifo",
+        num_samples="1",
+        search="learning_rate=grid:1e-3,3e-3",
+    )
     _, result = cluster.submit("jobs/tune.py", *args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = read_s3_json(f"{sweep}/trials.json")
@@ -253,9 +325,17 @@ def test_sweep_with_s3_storage_and_output(cluster, tiny_model_dir):
 @pytest.mark.fault
 def test_killed_training_worker_resumes_from_the_s3_checkpoint(cluster, tiny_model_dir):
     model_uri = f"s3://{BUCKET}/models/fault"
-    args = finetune_args(tiny_model_dir, max_steps="30", save_steps="5", logging_steps="1",
-                         eval_steps="1000", storage_path=f"s3://{BUCKET}/checkpoints",
-                         run_name="fault", output_dir=model_uri, max_failures="1")  # fmt: skip
+    args = finetune_args(
+        tiny_model_dir,
+        max_steps="30",
+        save_steps="5",
+        logging_steps="1",
+        eval_steps="1000",
+        storage_path=f"s3://{BUCKET}/checkpoints",
+        run_name="fault",
+        output_dir=model_uri,
+        max_failures="1",
+    )
     job_id, result = cluster.submit("jobs/finetune.py", *args, wait=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -278,8 +358,12 @@ def test_killed_training_worker_resumes_from_the_s3_checkpoint(cluster, tiny_mod
     assert len(workers) == 2, listed.stdout + listed.stderr
     os.kill(int(workers[1]["pid"]), 9)  # one training worker dies mid-run
 
-    wait_for(lambda: any(s in cluster.status(job_id) for s in ("SUCCEEDED", "FAILED", "STOPPED")),
-             900, "the job to finish", interval=2)  # fmt: skip
+    wait_for(
+        lambda: any(s in cluster.status(job_id) for s in ("SUCCEEDED", "FAILED", "STOPPED")),
+        900,
+        "the job to finish",
+        interval=2,
+    )
     logs = cluster.logs(job_id)
     assert "SUCCEEDED" in cluster.status(job_id), logs[-4000:]
     summary = read_s3_json(f"{model_uri}/train_summary.json")

@@ -21,8 +21,8 @@ from raykit.config import (
     TuneConfig,
     load_config,
     parse_search,
-    resolve_model_path,
 )
+from raykit.core.loading import resolve_model_path
 
 
 def test_yaml_then_flags_override(tmp_path):
@@ -60,13 +60,33 @@ def test_validation_names_the_key(overrides, message):
 
 
 def test_flagembedding_style_argv_is_accepted():
-    argv = ["finetune", "--train_data", "a.jsonl", "b.jsonl", "--fp16",
-            "--dataloader_drop_last", "True", "--gradient_checkpointing=false",
-            "--use_gpu", "false", "--max_len", "64"]  # fmt: skip
+    argv = [
+        "finetune",
+        "--train_data",
+        "a.jsonl",
+        "b.jsonl",
+        "--fp16",
+        "--dataloader_drop_last",
+        "True",
+        "--gradient_checkpointing=false",
+        "--use_gpu",
+        "false",
+        "--max_len",
+        "64",
+    ]
     assert normalize_argv(argv) == [
-        "finetune", "--train_data", "a.jsonl", "--train_data", "b.jsonl", "--fp16",
-        "--dataloader_drop_last", "--no-gradient_checkpointing", "--no-use_gpu", "--max_len", "64",
-    ]  # fmt: skip
+        "finetune",
+        "--train_data",
+        "a.jsonl",
+        "--train_data",
+        "b.jsonl",
+        "--fp16",
+        "--dataloader_drop_last",
+        "--no-gradient_checkpointing",
+        "--no-use_gpu",
+        "--max_len",
+        "64",
+    ]
 
 
 def test_embedded_model_name_resolves_to_a_local_path():
@@ -80,7 +100,7 @@ def test_embedded_model_name_resolves_to_a_local_path():
 
 def test_example_configs_load():
     from raykit.config import MineConfig, MixConfig, TuneConfig
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     finetune = load_config(FinetuneConfig, ROOT / "examples" / "finetune.yaml")
     assert finetune.model_name_or_path == "minilm-l6" and finetune.num_workers == 2
@@ -94,8 +114,11 @@ def test_example_configs_load():
 
 COMMANDS = {
     FinetuneConfig: {"train_data": ["a.jsonl"]},
-    TuneConfig: {"train_data": ["a.jsonl"], "eval_data": ["b.jsonl"],
-                 "search": ["learning_rate=loguniform:1e-6:1e-4"]},  # fmt: skip
+    TuneConfig: {
+        "train_data": ["a.jsonl"],
+        "eval_data": ["b.jsonl"],
+        "search": ["learning_rate=loguniform:1e-6:1e-4"],
+    },
     EvaluateConfig: {"eval_data": ["b.jsonl"]},
     ScoreConfig: {"input": ["pairs.jsonl"]},
     ServeConfig: {},
@@ -132,8 +155,13 @@ def test_help_imports_neither_torch_nor_transformers():
         "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
         "print('heavy:', sorted({'torch', 'transformers', 'ray'} & set(sys.modules)))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env={**os.environ, "COLUMNS": "200"}, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("heavy: []"), result.stdout[-500:]
     # Shared options get their own --help sections.

@@ -10,16 +10,35 @@ import sys
 
 import pytest
 
-from raykit.console import EventSender, RunConsole, event_line, summary_table
-from tests.conftest import SAMPLE_DEV, SAMPLE_TRAIN
+from raykit.runtime.console import EventSender, RunConsole, event_line, summary_table
+from tests.helpers import SAMPLE_DEV, SAMPLE_TRAIN
 
-PROGRESS = {"kind": "progress", "step": 4, "total_steps": 10, "epoch": 0.4, "loss": 1.23456,
-            "lr": 2e-5, "pairs_per_s": 31.25, "tokens_per_s": 1200.4, "padding": 0.087,
-            "eta_s": 75.0}  # fmt: skip
+PROGRESS = {
+    "kind": "progress",
+    "step": 4,
+    "total_steps": 10,
+    "epoch": 0.4,
+    "loss": 1.23456,
+    "lr": 2e-5,
+    "pairs_per_s": 31.25,
+    "tokens_per_s": 1200.4,
+    "padding": 0.087,
+    "eta_s": 75.0,
+}
 # What Ray and transformers print from workers, and what they print on the driver.
-INTERNALS = ("(RayTrainWorker", "(TrainController", "(SplitCoordinator", "Execution plan",
-             "Reporting training result", "LOAD REPORT", "Loading weights", "Writing model",
-             "RayDeprecationWarning", "Token authentication", "Started a local Ray")  # fmt: skip
+INTERNALS = (
+    "(RayTrainWorker",
+    "(TrainController",
+    "(SplitCoordinator",
+    "Execution plan",
+    "Reporting training result",
+    "LOAD REPORT",
+    "Loading weights",
+    "Writing model",
+    "RayDeprecationWarning",
+    "Token authentication",
+    "Started a local Ray",
+)
 
 
 def test_event_lines_are_plain_and_parseable():
@@ -33,8 +52,9 @@ def test_event_lines_are_plain_and_parseable():
 
 
 def test_summary_table_lines_up_before_and_after():
-    table = summary_table({"nDCG@10": 0.5, "AP": 0.25}, {"nDCG@10": 0.75, "AP": 0.5},
-                          [("model", "/out")])  # fmt: skip
+    table = summary_table(
+        {"nDCG@10": 0.5, "AP": 0.25}, {"nDCG@10": 0.75, "AP": 0.5}, [("model", "/out")]
+    )
     lines = table.splitlines()
     assert lines[0].split() == ["nDCG@10", "AP"]
     assert lines[1].split() == ["before", "training", "0.5000", "0.2500"]
@@ -68,15 +88,43 @@ def test_events_reach_the_driver_once_each(ray_cluster, capsys):
 def run_finetune(tmp_path, model: str, ray_address: str, *extra: str):
     """`raykit finetune` in its own process, as a user runs it (joining the test cluster, as
     under `ray job submit`), output captured as a pipe: not a terminal."""
-    args = [sys.executable, "-m", "raykit.cli", "finetune", "--model_name_or_path", model,
-            "--train_data", str(SAMPLE_TRAIN), "--eval_data", str(SAMPLE_DEV),
-            "--output_dir", str(tmp_path / "out"), "--storage_path", str(tmp_path / "ray"),
-            "--max_steps", "6", "--logging_steps", "2", "--eval_steps", "3",
-            "--train_group_size", "4", "--max_len", "64", *extra]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "raykit.cli",
+        "finetune",
+        "--model_name_or_path",
+        model,
+        "--train_data",
+        str(SAMPLE_TRAIN),
+        "--eval_data",
+        str(SAMPLE_DEV),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--storage_path",
+        str(tmp_path / "ray"),
+        "--max_steps",
+        "6",
+        "--logging_steps",
+        "2",
+        "--eval_steps",
+        "3",
+        "--train_group_size",
+        "4",
+        "--max_len",
+        "64",
+        *extra,
+    ]
     env = {**os.environ, "RAY_ADDRESS": ray_address}
     env.pop("RAYKIT_VERBOSE", None)
-    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=400,
-                            cwd=os.path.dirname(os.path.dirname(__file__)))  # fmt: skip
+    result = subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=400,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 
@@ -93,8 +141,9 @@ def test_finetune_prints_each_line_once_and_no_internals(ray_cluster, tiny_model
     # Every event, once, in order: data, eval before, progress with ETA, evals, the table.
     raykit = [line.removeprefix("[raykit] ") for line in lines if line.startswith("[raykit] ")]
     steps = [line.split()[1] for line in raykit if line.startswith("step ")]
-    assert steps == ["2/6", "4/6", "6/6"] and all(" eta " in line for line in raykit
-                                                   if line.startswith("step "))  # fmt: skip
+    assert steps == ["2/6", "4/6", "6/6"] and all(
+        " eta " in line for line in raykit if line.startswith("step ")
+    )
     evals = [line.split(":")[0] for line in raykit if line.startswith("eval ") and " step " in line]
     assert evals == ["eval before training step 0", "eval step 3", "eval final step 6"]
     assert raykit[0].startswith("train data: 40 valid groups")
@@ -113,7 +162,7 @@ def test_score_progress_has_an_eta_when_the_row_count_is_cheap(tmp_path, capsys)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from raykit.score_output import Progress, RunStats, count_input_rows
+    from raykit.scoring.outputs import RunStats, count_input_rows, score_progress, update_progress
 
     pairs = tmp_path / "a.jsonl"
     pairs.write_text('{"query": "q", "passage": "p"}\n' * 5)
@@ -121,18 +170,18 @@ def test_score_progress_has_an_eta_when_the_row_count_is_cheap(tmp_path, capsys)
     assert count_input_rows([str(pairs), str(tmp_path / "b.parquet")]) == 8
     assert count_input_rows([str(pairs), str(tmp_path / "c.jsonl.gz")]) is None  # unknown
 
-    progress = Progress(2, total_rows=8)  # not a terminal: a line every 30 s
+    progress = score_progress(2, total_rows=8)  # not a terminal: a line every 30 s
     progress.started -= 2.0
     progress.last_log -= 31
     stats = RunStats(rows_in=4, pairs_scored=4)
-    progress.update(4, stats)
+    update_progress(progress, stats)
     progress.close()
     line = capsys.readouterr().out.strip()
     assert line.startswith("[raykit] scored 4 pairs (2.0 pairs/s), 4/8 rows, eta 0:00:0"), line
 
 
 def test_row_progress_lines_carry_rate_and_eta(capsys):
-    from raykit.console import RowProgress
+    from raykit.runtime.console import RowProgress
 
     progress = RowProgress(100, "mine: PairFilterScorer", every=0)
     progress.started -= 5.0

@@ -4,9 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from raykit.data import DataError, check_file, expand_paths, read_groups, sample_group
-from raykit.engine import chunk_by_length, tokenize_pairs
-from tests.conftest import write_jsonl
+from raykit.core.batching import chunk_by_length
+from raykit.core.tokenize import tokenize_pairs
+from raykit.data.groups import DataError, check_file, expand_paths, read_groups, sample_group
+from tests.helpers import write_jsonl
 
 GOOD = {"query": "what is ray", "pos": ["ray is a framework"], "neg": ["a ray of light"]}
 
@@ -24,12 +25,18 @@ GOOD = {"query": "what is ray", "pos": ["ray is a framework"], "neg": ["a ray of
         ('{"query": "  ", "pos": ["p"], "neg": ["n"]}', "query", "empty_query"),
         ('{"query": "q", "pos": [], "neg": ["n"]}', "pos", "empty_pos"),
         ('{"query": "q", "pos": ["p"], "neg": []}', "neg", "empty_neg"),
-        ('{"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [1], "neg_scores": []}',
-         "neg_scores", "scores_length"),
-        ('{"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [1]}',
-         "neg_scores", "missing_field"),
+        (
+            '{"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [1], "neg_scores": []}',
+            "neg_scores",
+            "scores_length",
+        ),
+        (
+            '{"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [1]}',
+            "neg_scores",
+            "missing_field",
+        ),
     ],
-)  # fmt: skip
+)
 def test_validation_names_file_line_and_field(tmp_path, line, field, reason):
     path = write_jsonl(tmp_path / "train.jsonl", [GOOD, "", line, GOOD])
     report = check_file(str(path))
@@ -45,8 +52,13 @@ def test_read_groups_fails_before_training_with_location(ray_cluster, tmp_path):
 
 
 def test_skip_invalid_drops_and_counts_per_reason(ray_cluster, tmp_path):
-    rows = [GOOD, "{broken", {"query": "", "pos": ["p"], "neg": ["n"]}, GOOD,
-            {"query": "q", "pos": ["p"], "neg": []}]  # fmt: skip
+    rows = [
+        GOOD,
+        "{broken",
+        {"query": "", "pos": ["p"], "neg": ["n"]},
+        GOOD,
+        {"query": "q", "pos": ["p"], "neg": []},
+    ]
     path = write_jsonl(tmp_path / "mixed.jsonl", rows)
     dataset, report = read_groups([str(path)], skip_invalid=True)
     assert report.valid_rows == 2
@@ -87,8 +99,13 @@ def test_missing_path_is_a_clear_error(tmp_path):
 
 
 def test_sample_group_puts_positive_first_and_aligns_teacher_scores():
-    record = {"query": "q", "pos": ["p0", "p1"], "neg": [f"n{i}" for i in range(10)],
-              "pos_scores": [10.0, 11.0], "neg_scores": [float(i) for i in range(10)]}  # fmt: skip
+    record = {
+        "query": "q",
+        "pos": ["p0", "p1"],
+        "neg": [f"n{i}" for i in range(10)],
+        "pos_scores": [10.0, 11.0],
+        "neg_scores": [float(i) for i in range(10)],
+    }
     group = sample_group(record, 5, np.random.default_rng(0))
     assert group.passages[0] in ("p0", "p1")
     assert len(group.passages) == 5 and len(set(group.passages[1:])) == 4  # no repeats
@@ -159,8 +176,13 @@ def test_text_that_is_not_unicode_is_a_bad_row_with_its_line(tmp_path):
 
 
 def test_reading_agrees_with_validation_on_every_row(ray_cluster, tmp_path):
-    rows = [GOOD, '{"query": "q", "pos": ["\\ud800"], "neg": ["n"]}', {**GOOD, "query": "second"},
-            '{"query": "q", "pos": ["p"], "neg": ["n"]} trailing', {**GOOD, "query": "third"}]
+    rows = [
+        GOOD,
+        '{"query": "q", "pos": ["\\ud800"], "neg": ["n"]}',
+        {**GOOD, "query": "second"},
+        '{"query": "q", "pos": ["p"], "neg": ["n"]} trailing',
+        {**GOOD, "query": "third"},
+    ]
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
     with pytest.raises(DataError, match=r"rows\.jsonl:2: pos\[0\]: not valid Unicode"):
         read_groups([str(path)])

@@ -8,29 +8,19 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from raykit.config import ConfigError, EvaluateConfig, FinetuneConfig, ScoreConfig
-from raykit.engine import Reranker
-from raykit.prompts import TEMPLATES, model_kind, resolve_template
-from tests.conftest import SAMPLE_DEV, write_jsonl
-from tests.tiny_model import build_tiny_decoder
-
-QWEN3_PREFIX = (
-    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query "
-    'and the Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n'
-    "<|im_start|>user\n"
+from raykit.core.prompts import TEMPLATES, model_kind, resolve_template
+from raykit.core.reranker import Reranker
+from tests.helpers import (
+    QWEN3_SUFFIX,
+    SAMPLE_DEV,
+    build_tiny_decoder,
+    gemma_reference,
+    qwen3_reference,
+    sample_pairs,
+    write_jsonl,
 )
-QWEN3_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
-QWEN3_TASK = "Given a web search query, retrieve relevant passages that answer the query"
-
-
-def sample_pairs(n: int = 12) -> list[list[str]]:
-    pairs = []
-    for line in SAMPLE_DEV.read_text().splitlines():
-        row = json.loads(line)
-        pairs += [[row["query"], p] for p in row["pos"] + row["neg"]]
-    return pairs[:n]
 
 
 @pytest.fixture(scope="module")
@@ -38,52 +28,6 @@ def decoders(tmp_path_factory):
     root = tmp_path_factory.mktemp("decoders")
     families = ("qwen3", "gemma", "llama")
     return {family: build_tiny_decoder(root / family, family) for family in families}
-
-
-def qwen3_reference(path: str, pairs: list[list[str]], max_length: int = 8192, model=None):
-    """Qwen3-Reranker's model-card code, as published: formatted pairs truncated to fit between
-    the prefix and suffix tokens, left padding, yes/no logits at the last position; returns
-    (logit(yes) - logit(no), P(yes)). `model`: another causal LM (a base with an adapter) to
-    run with the tokenizer at `path`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    model = (model or AutoModelForCausalLM.from_pretrained(path)).eval()
-    yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
-    prefix_tokens = tokenizer.encode(QWEN3_PREFIX, add_special_tokens=False)
-    suffix_tokens = tokenizer.encode(QWEN3_SUFFIX, add_special_tokens=False)
-    texts = [f"<Instruct>: {QWEN3_TASK}\n<Query>: {q}\n<Document>: {d}" for q, d in pairs]
-    inputs = tokenizer(texts, padding=False, truncation="longest_first",
-                       return_attention_mask=False,
-                       max_length=max_length - len(prefix_tokens) - len(suffix_tokens))  # fmt: skip
-    inputs["input_ids"] = [prefix_tokens + ids + suffix_tokens for ids in inputs["input_ids"]]
-    batch = tokenizer.pad(inputs, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        logits = model(**batch).logits[:, -1, :]
-    stacked = torch.stack([logits[:, no], logits[:, yes]], dim=1)
-    p_yes = torch.nn.functional.log_softmax(stacked, dim=1)[:, 1].exp()
-    return (logits[:, yes] - logits[:, no]).numpy(), p_yes.numpy(), batch["input_ids"]
-
-
-def gemma_reference(path: str, pairs: list[list[str]]) -> np.ndarray:
-    """bge-reranker-v2-gemma's prompt as FlagEmbedding builds it (BOS, 'A: query', separator,
-    'B: passage', separator, the question), one pair at a time, scored yes - no."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    prompt = ("Given a query A and a passage B, determine whether the passage contains an answer "
-              "to the query by providing a prediction of either 'Yes' or 'No'.")  # fmt: skip
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    yes, no = encode("Yes")[0], encode("No")[0]
-    scores = []
-    for query, passage in pairs:
-        ids = ([tokenizer.bos_token_id] + encode(f"A: {query}") + encode("\n")
-               + encode(f"B: {passage}") + encode("\n") + encode(prompt))  # fmt: skip
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
-        scores.append(float(logits[yes] - logits[no]))
-    return np.array(scores)
 
 
 def test_kind_comes_from_the_architecture_and_the_template_from_the_model_type():
@@ -110,9 +54,10 @@ def test_qwen3_scores_equal_the_model_card_formula(decoders):
     assert len(set(np.round(scores, 5))) > len(pairs) // 2  # not a constant
 
 
+@pytest.mark.slow  # inductor compiles for tens of seconds
 def test_a_compiled_decoder_scores_like_eager(decoders):
     """torch.compile of a causal LM (left padding, `logits_to_keep=1`): the same scores."""
-    from raykit.engine import InferenceEngine
+    from raykit.core.engine import InferenceEngine
 
     pairs = sample_pairs()[:24]
     engine = InferenceEngine.load(decoders["qwen3"], device="cpu", token_budget=512)
@@ -124,8 +69,9 @@ def test_a_compiled_decoder_scores_like_eager(decoders):
 def test_gemma_scores_equal_the_bge_gemma_prompt(decoders):
     pairs = sample_pairs(6)
     reranker = Reranker(decoders["gemma"], device="cpu")
-    np.testing.assert_allclose(reranker.compute_score(pairs), gemma_reference(decoders["gemma"],
-                               pairs), atol=1e-4)  # fmt: skip
+    np.testing.assert_allclose(
+        reranker.compute_score(pairs), gemma_reference(decoders["gemma"], pairs), atol=1e-4
+    )
 
 
 def test_a_model_type_without_a_default_template_needs_one(decoders):
@@ -176,42 +122,57 @@ def test_finetuning_a_decoder_learns_and_exports_a_causal_lm(ray_cluster, decode
     """Full fine-tuning of a tiny Qwen3 reranker on its prompts (group softmax over
     logit(yes) - logit(no)) raises NDCG@10 on marked data; the export is a causal LM that scores
     as the final evaluation did."""
-    from raykit.evaluate import evaluate_model
-    from raykit.train import finetune
-    from tests.conftest import marked_train_file
+    from raykit.scoring.evaluate import evaluate_model
+    from raykit.training.launch import finetune
+    from tests.helpers import marked_train_file
 
     dev = str(marked_train_file(tmp_path, SAMPLE_DEV))
-    cfg = FinetuneConfig(model_name_or_path=decoders["qwen3"],
-                         train_data=[str(marked_train_file(tmp_path))], eval_data=[dev],
-                         output_dir=str(tmp_path / "out"), storage_path=str(tmp_path / "ray"),
-                         learning_rate=2e-3, train_group_size=4, per_device_train_batch_size=4,
-                         num_train_epochs=4, max_len=160, logging_steps=5,
-                         eval_steps=10)  # fmt: skip
+    cfg = FinetuneConfig(
+        model_name_or_path=decoders["qwen3"],
+        train_data=[str(marked_train_file(tmp_path))],
+        eval_data=[dev],
+        output_dir=str(tmp_path / "out"),
+        storage_path=str(tmp_path / "ray"),
+        learning_rate=2e-3,
+        train_group_size=4,
+        per_device_train_batch_size=4,
+        num_train_epochs=4,
+        max_len=160,
+        logging_steps=5,
+        eval_steps=10,
+    )
     result = finetune(cfg, console=False)
     before, after = result.summary["eval_before"], result.summary["eval"][-1]
     assert after["nDCG@10"] > before["nDCG@10"] + 0.1, (before, after)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["architectures"] == ["Qwen3ForCausalLM"]
-    again = evaluate_model(EvaluateConfig(model_name_or_path=str(tmp_path / "out"), max_len=160,
-                                          eval_data=[dev]))  # fmt: skip
+    again = evaluate_model(
+        EvaluateConfig(model_name_or_path=str(tmp_path / "out"), max_len=160, eval_data=[dev])
+    )
     assert again["nDCG@10"] == pytest.approx(result.best_metrics["nDCG@10"], abs=1e-4)
 
 
 @pytest.mark.slow
 def test_score_and_evaluate_take_a_decoder(ray_cluster, decoders, tmp_path):
-    from raykit.evaluate import evaluate_model
-    from raykit.score import run_score
+    from raykit.scoring.evaluate import evaluate_model
+    from raykit.scoring.pipeline import run_score
 
     pairs = sample_pairs()
-    source = write_jsonl(tmp_path / "pairs.jsonl",
-                         [{"query": q, "passage": p} for q, p in pairs])  # fmt: skip
-    run_score(ScoreConfig(model=decoders["qwen3"], input=[str(source)],
-                          output=str(tmp_path / "scored"), format="jsonl",
-                          num_actors=1))  # fmt: skip
+    source = write_jsonl(tmp_path / "pairs.jsonl", [{"query": q, "passage": p} for q, p in pairs])
+    run_score(
+        ScoreConfig(
+            model=decoders["qwen3"],
+            input=[str(source)],
+            output=str(tmp_path / "scored"),
+            format="jsonl",
+            num_actors=1,
+        )
+    )
     rows = [json.loads(line) for line in (tmp_path / "scored" / "pairs.jsonl").open()]
     expected, _, _ = qwen3_reference(decoders["qwen3"], pairs)
     np.testing.assert_allclose([r["score"] for r in rows], expected, atol=1e-4)
 
-    metrics = evaluate_model(EvaluateConfig(model_name_or_path=decoders["qwen3"],
-                                            eval_data=[str(SAMPLE_DEV)]))  # fmt: skip
+    metrics = evaluate_model(
+        EvaluateConfig(model_name_or_path=decoders["qwen3"], eval_data=[str(SAMPLE_DEV)])
+    )
     assert 0.0 < metrics["nDCG@10"] <= 1.0

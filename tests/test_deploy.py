@@ -11,7 +11,7 @@ import yaml
 
 from raykit.cli import app, normalize_argv
 from raykit.config import FinetuneConfig, ServeConfig, load_config
-from tests.tiny_model import ROOT
+from tests.helpers import ROOT
 
 
 def test_cluster_yaml_passes_ray_cluster_launcher_validation():
@@ -72,7 +72,7 @@ def test_rayjob_runs_jobs_finetune_with_valid_flags(monkeypatch):
 def test_rayservice_embeds_a_serve_config_that_serve_run_accepts():
     from ray.serve.schema import ServeDeploySchema
 
-    from raykit.serve import app_builder
+    from raykit.serving.app import app_builder
 
     service = manifest("rayservice.yaml")
     assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")

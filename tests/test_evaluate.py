@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 
 from raykit.cli import app, normalize_argv
 from raykit.config import EvaluateConfig, TuneConfig, load_config
+from raykit.core.metrics import evaluate_groups, evaluate_run, parse_metrics
+from raykit.data.trec import read_qrels, read_run
 from raykit.errors import ConfigError, DataError
-from raykit.evaluate import evaluate_groups, evaluate_run, parse_metrics
-from raykit.trec import read_qrels, read_run
 
 
 def const_scorer(values: dict[str, float]):
@@ -49,8 +49,12 @@ def test_ties_are_ranked_pessimistically_for_every_provider():
     # ir-measures provider computes the measure (they break ties differently on their own).
     group = {"query": "q", "pos": ["p"], "neg": ["a", "b"]}
     metrics = evaluate_groups([group], const_scorer({}), ["RR@10", "AP", "P@1", "nDCG@1"])
-    assert metrics == {"RR@10": pytest.approx(1 / 3), "AP": pytest.approx(1 / 3), "P@1": 0.0,
-                       "nDCG@1": 0.0}  # fmt: skip
+    assert metrics == {
+        "RR@10": pytest.approx(1 / 3),
+        "AP": pytest.approx(1 / 3),
+        "P@1": 0.0,
+        "nDCG@1": 0.0,
+    }
 
 
 def test_evaluate_groups_scores_every_candidate_once():
@@ -127,8 +131,18 @@ def test_evaluate_command_on_a_run_prints_and_writes_json(tmp_path):
     (tmp_path / "run.trec").write_text(RUN)
     (tmp_path / "qrels.txt").write_text(QRELS)
     out = tmp_path / "eval" / "metrics.json"
-    argv = ["evaluate", "--run", str(tmp_path / "run.trec"), "--qrels", str(tmp_path / "qrels.txt"),
-            "--metrics", "nDCG@3", "AP", "--output", str(out)]  # fmt: skip
+    argv = [
+        "evaluate",
+        "--run",
+        str(tmp_path / "run.trec"),
+        "--qrels",
+        str(tmp_path / "qrels.txt"),
+        "--metrics",
+        "nDCG@3",
+        "AP",
+        "--output",
+        str(out),
+    ]
     result = CliRunner().invoke(app, normalize_argv(argv))
     assert result.exit_code == 0, result.output
     written = json.loads(out.read_text())
@@ -166,19 +180,26 @@ def test_bad_qrels_line_is_named(tmp_path):
 
 
 def test_measure_names_are_checked_and_legacy_names_read():
-    assert parse_metrics(["ndcg@10", "mrr@10", "map", "R@100"]) == ["nDCG@10", "RR@10", "AP",
-                                                                     "R@100"]  # fmt: skip
+    assert parse_metrics(["ndcg@10", "mrr@10", "map", "R@100"]) == [
+        "nDCG@10",
+        "RR@10",
+        "AP",
+        "R@100",
+    ]
     with pytest.raises(ConfigError, match="metrics: unknown measure 'NDGC@10'"):
         load_config(EvaluateConfig, eval_data=["x.jsonl"], metrics=["NDGC@10"])
-    cfg = load_config(EvaluateConfig, eval_data=["x.jsonl"], metrics=["AP"],
-                      metric_for_best_model="RR@5")  # fmt: skip
+    cfg = load_config(
+        EvaluateConfig, eval_data=["x.jsonl"], metrics=["AP"], metric_for_best_model="RR@5"
+    )
     assert cfg.metrics == ["AP", "RR@5"]
 
 
 def test_tune_metric_key_still_works(tmp_path, capsys):
     path = tmp_path / "tune.yaml"
-    path.write_text("train_data: [a.jsonl]\neval_data: [b.jsonl]\nmetric: map\n"
-                    "search: {learning_rate: 'loguniform:1e-6:1e-4'}\n")  # fmt: skip
+    path.write_text(
+        "train_data: [a.jsonl]\neval_data: [b.jsonl]\nmetric: map\n"
+        "search: {learning_rate: 'loguniform:1e-6:1e-4'}\n"
+    )
     cfg = load_config(TuneConfig, path)
     assert cfg.metric_for_best_model == "AP" and "AP" in cfg.metrics
     assert "'metric' is now 'metric_for_best_model'" in capsys.readouterr().err

@@ -16,21 +16,40 @@ import pytest
 from huggingface_hub import ModelCard
 
 from raykit.config import ConfigError, FinetuneConfig
-from raykit.engine import Reranker
-from tests.conftest import SAMPLE_DEV, actor_pids, marked_train_file, wait_for
-from tests.test_decoder import qwen3_reference, sample_pairs
-from tests.tiny_model import build_tiny_decoder
+from raykit.core.reranker import Reranker
+from tests.helpers import (
+    SAMPLE_DEV,
+    actor_pids,
+    build_tiny_decoder,
+    marked_train_file,
+    qwen3_reference,
+    sample_pairs,
+    wait_for,
+)
 
 
 def lora_config(model: str, tmp_path: Path, name: str, **extra) -> FinetuneConfig:
     options = dict(
-        model_name_or_path=model, train_data=[str(marked_train_file(tmp_path))],
+        model_name_or_path=model,
+        train_data=[str(marked_train_file(tmp_path))],
         eval_data=[str(marked_train_file(tmp_path, SAMPLE_DEV))],
-        output_dir=str(tmp_path / name / "out"), storage_path=str(tmp_path / "ray"),
-        run_name=name, num_workers=2, use_lora=True, lora_rank=8, lora_alpha=16,
-        lora_dropout=0.1, learning_rate=3e-3, train_group_size=4, per_device_train_batch_size=2,
-        max_len=160, max_steps=30, logging_steps=1, save_steps=3, eval_steps=15,
-    )  # fmt: skip
+        output_dir=str(tmp_path / name / "out"),
+        storage_path=str(tmp_path / "ray"),
+        run_name=name,
+        num_workers=2,
+        use_lora=True,
+        lora_rank=8,
+        lora_alpha=16,
+        lora_dropout=0.1,
+        learning_rate=3e-3,
+        train_group_size=4,
+        per_device_train_batch_size=2,
+        max_len=160,
+        max_steps=30,
+        logging_steps=1,
+        save_steps=3,
+        eval_steps=15,
+    )
     return FinetuneConfig(**{**options, **extra})
 
 
@@ -38,7 +57,7 @@ def run_and_kill_a_worker(cfg: FinetuneConfig, run_dir: Path):
     """`finetune(cfg)` in a thread; once its second checkpoint exists (so the first one is
     registered), one training worker is killed: Ray Train restarts the group from the latest
     registered checkpoint."""
-    from raykit.train import finetune
+    from raykit.training.launch import finetune
 
     outcome: dict = {}
 
@@ -50,8 +69,12 @@ def run_and_kill_a_worker(cfg: FinetuneConfig, run_dir: Path):
 
     thread = threading.Thread(target=target)
     thread.start()
-    wait_for(lambda: len(list(run_dir.glob("checkpoint_*"))) >= 2 or not thread.is_alive(), 300,
-             "the second checkpoint", interval=0.05)  # fmt: skip
+    wait_for(
+        lambda: len(list(run_dir.glob("checkpoint_*"))) >= 2 or not thread.is_alive(),
+        300,
+        "the second checkpoint",
+        interval=0.05,
+    )
     workers = actor_pids("RayTrainWorker")
     assert thread.is_alive() and len(workers) == 2, "the run ended before a worker was killed"
     os.kill(workers[-1], signal.SIGKILL)
@@ -68,15 +91,23 @@ def test_fsdp_computes_the_losses_of_ddp_and_exports_a_plain_model(ray_cluster, 
     every weight, take the same steps (without dropout, whose masks depend on how a batch is
     chunked), with gradient checkpointing on the sharded side; the export is the (merged)
     causal LM."""
-    from raykit.train import finetune
+    from raykit.training.launch import finetune
 
     base = build_tiny_decoder(tmp_path / "qwen3", "qwen3")
-    same = {"max_steps": 4, "eval_steps": 2, "save_steps": 2, "lora_dropout": 0.0,
-            "use_lora": use_lora, "learning_rate": 3e-3 if use_lora else 1e-3}  # fmt: skip
+    same = {
+        "max_steps": 4,
+        "eval_steps": 2,
+        "save_steps": 2,
+        "lora_dropout": 0.0,
+        "use_lora": use_lora,
+        "learning_rate": 3e-3 if use_lora else 1e-3,
+    }
     ddp = finetune(lora_config(base, tmp_path, "ddp", **same), console=False)
     # Recomputing activations (gradient checkpointing) must not change a step either.
-    fsdp = finetune(lora_config(base, tmp_path, "fsdp", fsdp=True, gradient_checkpointing=True,
-                                **same), console=False)  # fmt: skip
+    fsdp = finetune(
+        lora_config(base, tmp_path, "fsdp", fsdp=True, gradient_checkpointing=True, **same),
+        console=False,
+    )
     expected = [e["loss"] for e in ddp.summary["loss"]]
     assert [e["loss"] for e in fsdp.summary["loss"]] == pytest.approx(expected, abs=1e-4)
     assert expected[-1] < expected[0]
@@ -100,13 +131,12 @@ def test_sharded_lora_run_resumes_after_a_killed_worker_and_exports_the_adapter(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from raykit.lora import save_merged
-    from raykit.train import finetune
+    from raykit.core.loading import save_merged
+    from raykit.training.launch import finetune
 
     base = build_tiny_decoder(tmp_path / "qwen3", "qwen3")
     reference = finetune(lora_config(base, tmp_path, "reference", fsdp=True), console=False)
-    cfg = lora_config(base, tmp_path, "killed", fsdp=True, max_failures=1,
-                      save_merged_model=False)  # fmt: skip
+    cfg = lora_config(base, tmp_path, "killed", fsdp=True, max_failures=1, save_merged_model=False)
     killed = run_and_kill_a_worker(cfg, tmp_path / "ray" / "killed")
 
     resumed = killed.summary["resumed_from_step"]
@@ -121,8 +151,9 @@ def test_sharded_lora_run_resumes_after_a_killed_worker_and_exports_the_adapter(
     adapter = Path(cfg.output_dir)
     assert (adapter / "adapter_model.safetensors").exists()
     assert not (adapter / "model.safetensors").exists()
-    assert json.loads((adapter / "adapter_config.json").read_text())[
-        "base_model_name_or_path"] == base  # fmt: skip
+    assert (
+        json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == base
+    )
     card = ModelCard.load(adapter / "README.md")
     assert card.data.library_name == "peft" and "lora" in card.data.tags
     assert "A LoRA adapter: a reranker fine-tuned with LoRA (rank 8, alpha 16)" in card.text
@@ -134,10 +165,12 @@ def test_sharded_lora_run_resumes_after_a_killed_worker_and_exports_the_adapter(
     expected_scores, _, _ = qwen3_reference(base, pairs, model=unmerged)
     merged = tmp_path / "merged"
     save_merged(str(adapter), str(merged))
-    np.testing.assert_allclose(Reranker(str(merged)).compute_score(pairs), expected_scores,
-                               atol=1e-4)  # fmt: skip
-    np.testing.assert_allclose(Reranker(str(adapter)).compute_score(pairs), expected_scores,
-                               atol=1e-4)  # fmt: skip
+    np.testing.assert_allclose(
+        Reranker(str(merged)).compute_score(pairs), expected_scores, atol=1e-4
+    )
+    np.testing.assert_allclose(
+        Reranker(str(adapter)).compute_score(pairs), expected_scores, atol=1e-4
+    )
 
 
 @pytest.mark.slow
@@ -147,16 +180,25 @@ def test_lora_on_an_encoder_trains_the_new_head_and_mix_merges_the_adapter(
     """An encoder's LoRA run also trains its (new) classification head; `mix` takes the
     adapter folder, merging it into its base first."""
     from raykit.config import MixConfig
-    from raykit.merge import run_mix
-    from raykit.train import finetune
+    from raykit.tools.mix import run_mix
+    from raykit.training.launch import finetune
 
-    cfg = FinetuneConfig(model_name_or_path=tiny_model_dir,
-                         train_data=[str(marked_train_file(tmp_path))],
-                         output_dir=str(tmp_path / "adapter"), storage_path=str(tmp_path / "ray"),
-                         use_lora=True, lora_rank=8,
-                         lora_target_modules=["query", "value", "dense"], save_merged_model=False,
-                         lora_dropout=0.0, learning_rate=5e-3, train_group_size=4,
-                         max_len=64, max_steps=60, logging_steps=10)  # fmt: skip
+    cfg = FinetuneConfig(
+        model_name_or_path=tiny_model_dir,
+        train_data=[str(marked_train_file(tmp_path))],
+        output_dir=str(tmp_path / "adapter"),
+        storage_path=str(tmp_path / "ray"),
+        use_lora=True,
+        lora_rank=8,
+        lora_target_modules=["query", "value", "dense"],
+        save_merged_model=False,
+        lora_dropout=0.0,
+        learning_rate=5e-3,
+        train_group_size=4,
+        max_len=64,
+        max_steps=60,
+        logging_steps=10,
+    )
     result = finetune(cfg, console=False)
     losses = [e["loss"] for e in result.summary["loss"]]
     assert losses[-1] < losses[0] - 0.2, losses
@@ -166,17 +208,23 @@ def test_lora_on_an_encoder_trains_the_new_head_and_mix_merges_the_adapter(
 
     pairs = sample_pairs()
     tuned = Reranker(str(tmp_path / "adapter")).compute_score(pairs)
-    run_mix(MixConfig(models=[str(tmp_path / "adapter"), tiny_model_dir], weights=["1", "0"],
-                      output=str(tmp_path / "mixed")))  # fmt: skip
+    run_mix(
+        MixConfig(
+            models=[str(tmp_path / "adapter"), tiny_model_dir],
+            weights=["1", "0"],
+            output=str(tmp_path / "mixed"),
+        )
+    )
     # All the weight on the adapter: the mix is the merged fine-tuned model.
-    np.testing.assert_allclose(Reranker(str(tmp_path / "mixed")).compute_score(pairs), tuned,
-                               atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        Reranker(str(tmp_path / "mixed")).compute_score(pairs), tuned, atol=1e-5
+    )
 
 
 def test_lora_settings_are_checked():
     with pytest.raises(ConfigError, match="lora_rank: must be > 0"):
-        FinetuneConfig(train_data=["x"], use_lora=True, lora_rank=0).validate()
+        FinetuneConfig(train_data=["x"], use_lora=True, lora_rank=0)
     with pytest.raises(ConfigError, match="lora_dropout"):
-        FinetuneConfig(train_data=["x"], use_lora=True, lora_dropout=1.0).validate()
+        FinetuneConfig(train_data=["x"], use_lora=True, lora_dropout=1.0)
     with pytest.raises(ConfigError, match="only used with --use_lora"):
-        FinetuneConfig(train_data=["x"], lora_target_modules=["q_proj"]).validate()
+        FinetuneConfig(train_data=["x"], lora_target_modules=["q_proj"])

@@ -11,11 +11,10 @@ from typer.testing import CliRunner
 
 from raykit.cli import app, normalize_argv
 from raykit.config import ConfigError, MixConfig
-from raykit.engine import Reranker
-from raykit.merge import example_loss, run_mix
-from raykit.model import group_softmax_loss
-from tests.conftest import SAMPLE_DEV, plain_hf_logits, write_jsonl
-from tests.tiny_model import build_tiny_reranker, train_tiny
+from raykit.core.losses import group_softmax_loss
+from raykit.core.reranker import Reranker
+from raykit.tools.mix import example_loss, run_mix
+from tests.helpers import SAMPLE_DEV, build_tiny_reranker, plain_hf_logits, train_tiny, write_jsonl
 
 
 def state(path: str) -> dict[str, torch.Tensor]:
@@ -83,7 +82,7 @@ def test_mismatched_architectures_name_the_first_differing_tensor(two_models, tm
 )
 def test_bad_weights_fail_before_loading(weights, message):
     with pytest.raises(ConfigError, match=message):
-        MixConfig(models=["x", "y"], weights=weights).validate()
+        MixConfig(models=["x", "y"], weights=weights)
 
 
 def test_auto_weights_favour_the_model_with_lower_loss(two_models, tmp_path, capsys):
@@ -94,9 +93,15 @@ def test_auto_weights_favour_the_model_with_lower_loss(two_models, tmp_path, cap
     trained = train_tiny(two_models[0], groups, tmp_path / "trained")
     untrained = two_models[1]
 
-    cfg = MixConfig(models=[untrained, trained], weights=["auto"], train_group_size=4,
-                    example_data=[str(tmp_path / "few.jsonl")], max_len=64, temperature=0.5,
-                    output=str(tmp_path / "m"))  # fmt: skip
+    cfg = MixConfig(
+        models=[untrained, trained],
+        weights=["auto"],
+        train_group_size=4,
+        example_data=[str(tmp_path / "few.jsonl")],
+        max_len=64,
+        temperature=0.5,
+        output=str(tmp_path / "m"),
+    )
     summary = run_mix(cfg)
     losses = []
     for path in (untrained, trained):

@@ -11,11 +11,11 @@ from typer.testing import CliRunner
 
 from raykit.cli import app, normalize_argv
 from raykit.config import ConfigError, MineConfig
-from raykit.data import check_file
-from raykit.engine import Reranker
-from raykit.mine import TextEmbedder, retrieve_dense, run_mine
-from tests.conftest import write_jsonl
-from tests.tiny_model import ROOT, train_tiny
+from raykit.core.reranker import Reranker
+from raykit.data.groups import check_file
+from raykit.mining.dense import TextEmbedder, retrieve_dense
+from raykit.mining.mine import run_mine
+from tests.helpers import ROOT, train_tiny, write_jsonl
 
 PERMIT_POS = "Renew your residence permit at the immigration department with your passport."
 BEACH_POS = "Sealine beach is the best beach for kids near Doha."
@@ -42,9 +42,14 @@ def corpus_file(tmp_path: Path, extra: list[str] = ()) -> Path:
 
 
 def mine(tmp_path: Path, **overrides) -> tuple[list[dict], dict]:
-    values = {"input": [str(write_jsonl(tmp_path / "in.jsonl", GROUPS))],
-              "corpus": [str(corpus_file(tmp_path))], "output": str(tmp_path / "out.jsonl"),
-              "range": "0-10", "negatives": 2, **overrides}  # fmt: skip
+    values = {
+        "input": [str(write_jsonl(tmp_path / "in.jsonl", GROUPS))],
+        "corpus": [str(corpus_file(tmp_path))],
+        "output": str(tmp_path / "out.jsonl"),
+        "range": "0-10",
+        "negatives": 2,
+        **overrides,
+    }
     summary = run_mine(MineConfig(**values))
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     return rows, summary
@@ -81,11 +86,20 @@ def test_replace_range_and_shortfalls_are_reported(tmp_path, capsys):
 
 
 def test_default_corpus_pools_the_input_texts_and_drops_teacher_scores(tmp_path):
-    groups = [dict(GROUPS[0], pos_scores=[0.9], neg_scores=[0.1]), GROUPS[1],
-              {"query": "qatar beach permit", "pos": ["unrelated answer text"]}]  # fmt: skip
+    groups = [
+        dict(GROUPS[0], pos_scores=[0.9], neg_scores=[0.1]),
+        GROUPS[1],
+        {"query": "qatar beach permit", "pos": ["unrelated answer text"]},
+    ]
     write_jsonl(tmp_path / "in.jsonl", groups)
-    summary = run_mine(MineConfig(input=[str(tmp_path / "in.jsonl")], range="0-10",
-                                  output=str(tmp_path / "out.jsonl"), negatives=5))  # fmt: skip
+    summary = run_mine(
+        MineConfig(
+            input=[str(tmp_path / "in.jsonl")],
+            range="0-10",
+            output=str(tmp_path / "out.jsonl"),
+            negatives=5,
+        )
+    )
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert summary["corpus_texts"] == 4  # 3 positives + 1 negative, each once
     assert summary["teacher_scores_removed"] == 1 and "pos_scores" not in rows[0]
@@ -114,15 +128,16 @@ def test_bad_rows_name_file_and_line_or_are_skipped_and_counted(tmp_path):
     assert summary["skipped_reasons"] == {"missing_field": 1, "invalid_json": 1}
 
     bad_corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": "ok"}, {"id": 3}])
-    result = CliRunner().invoke(app, normalize_argv([*args, "--skip_invalid",
-                                                     "--corpus", str(bad_corpus)]))  # fmt: skip
+    result = CliRunner().invoke(
+        app, normalize_argv([*args, "--skip_invalid", "--corpus", str(bad_corpus)])
+    )
     assert result.exit_code == 1 and f"{bad_corpus}:2: text" in result.output
 
 
 @pytest.mark.parametrize("value", ["10", "5-5", "a-b", "-1-4"])
 def test_bad_range_is_a_config_error(value):
     with pytest.raises(ConfigError, match="range"):
-        MineConfig(input=["x"], range=value).validate()
+        MineConfig(input=["x"], range=value)
 
 
 def test_filter_drops_a_planted_false_negative(ray_cluster, tiny_model_dir, tmp_path):
@@ -134,10 +149,17 @@ def test_filter_drops_a_planted_false_negative(ray_cluster, tiny_model_dir, tmp_
     filter_model = train_tiny(tiny_model_dir, groups, tmp_path / "filter", steps=40)
     planted = PERMIT_POS.upper()
     write_jsonl(tmp_path / "in.jsonl", GROUPS)
-    cfg = MineConfig(input=[str(tmp_path / "in.jsonl")], output=str(tmp_path / "out.jsonl"),
-                     corpus=[str(corpus_file(tmp_path, [planted]))], range="0-10",
-                     negatives=50, replace_neg=True, filter_model=filter_model,
-                     filter_margin=0.95, num_actors=2)  # fmt: skip
+    cfg = MineConfig(
+        input=[str(tmp_path / "in.jsonl")],
+        output=str(tmp_path / "out.jsonl"),
+        corpus=[str(corpus_file(tmp_path, [planted]))],
+        range="0-10",
+        negatives=50,
+        replace_neg=True,
+        filter_model=filter_model,
+        filter_margin=0.95,
+        num_actors=2,
+    )
     summary = run_mine(cfg)
     rows = {r["query"]: r for r in map(json.loads, (tmp_path / "out.jsonl").open())}
 
@@ -162,8 +184,14 @@ def test_filter_drops_a_planted_false_negative(ray_cluster, tiny_model_dir, tmp_
 def test_dense_retrieval_matches_brute_force_and_excludes_positives(
     ray_cluster, tiny_model_dir, tmp_path
 ):
-    cfg = MineConfig(input=["unused"], retriever="dense", embedder=tiny_model_dir, max_len=64,
-                     num_actors=2, query_instruction="query: ")  # fmt: skip
+    cfg = MineConfig(
+        input=["unused"],
+        retriever="dense",
+        embedder=tiny_model_dir,
+        max_len=64,
+        num_actors=2,
+        query_instruction="query: ",
+    )
     corpus = [PERMIT_POS, BEACH_POS, *PERMIT_HARD, *BEACH_HARD, *UNRELATED]
     queries = [g["query"] for g in GROUPS]
     hits = retrieve_dense(queries, corpus, 5, cfg)
@@ -176,8 +204,14 @@ def test_dense_retrieval_matches_brute_force_and_excludes_positives(
     sims = vectors[: len(queries)] @ vectors[len(queries) :].T
     assert hits == [list(np.argsort(-row, kind="stable")[:5]) for row in sims]
 
-    rows, summary = mine(tmp_path, retriever="dense", embedder=tiny_model_dir, max_len=64,
-                         negatives=3, replace_neg=True)  # fmt: skip
+    rows, summary = mine(
+        tmp_path,
+        retriever="dense",
+        embedder=tiny_model_dir,
+        max_len=64,
+        negatives=3,
+        replace_neg=True,
+    )
     assert summary["negatives_mined"] == 6
     for row in rows:
         assert not set(row["neg"]) & {*row["pos"], row["query"]}
@@ -210,21 +244,35 @@ def test_beir_layout_mines_like_the_same_groups(tmp_path):
     rows = [json.loads(line) for line in corpus_file(tmp_path).read_text().splitlines()]
     ids = {row["text"]: row["id"] for row in rows}
     write_jsonl(beir / "corpus.jsonl", [{"_id": i, "title": "", "text": t} for t, i in ids.items()])
-    write_jsonl(beir / "queries.jsonl", [{"_id": "permit", "text": GROUPS[0]["query"]},
-                                         {"_id": "beach", "text": GROUPS[1]["query"]}])  # fmt: skip
+    write_jsonl(
+        beir / "queries.jsonl",
+        [
+            {"_id": "permit", "text": GROUPS[0]["query"]},
+            {"_id": "beach", "text": GROUPS[1]["query"]},
+        ],
+    )
     (beir / "test.tsv").write_text(
         "query-id\tcorpus-id\tscore\n"
         f"permit\t{ids[PERMIT_POS]}\t1\nbeach\t{ids[BEACH_POS]}\t2\nbeach\t{ids[UNRELATED[0]]}\t0\n"
         "beach\tmissing-doc\t1\nmissing-query\td0\t1\n"
     )
     out = tmp_path / "beir_out.jsonl"
-    summary = run_mine(MineConfig(queries=str(beir / "queries.jsonl"), qrels=str(beir / "test.tsv"),
-                                  corpus=[str(beir / "corpus.jsonl")], output=str(out),
-                                  range="0-10", negatives=2))  # fmt: skip
+    summary = run_mine(
+        MineConfig(
+            queries=str(beir / "queries.jsonl"),
+            qrels=str(beir / "test.tsv"),
+            corpus=[str(beir / "corpus.jsonl")],
+            output=str(out),
+            range="0-10",
+            negatives=2,
+        )
+    )
     permit, beach = [json.loads(line) for line in out.read_text().splitlines()]
     assert permit["pos"] == [PERMIT_POS] and sorted(permit["neg"]) == sorted(PERMIT_HARD)
     assert beach["pos"] == [BEACH_POS] and sorted(beach["neg"]) == sorted(BEACH_HARD)
-    assert summary["skipped_reasons"] == {"qrels: document not in --corpus": 1,
-                                          "qrels: query not in --queries": 1}  # fmt: skip
+    assert summary["skipped_reasons"] == {
+        "qrels: document not in --corpus": 1,
+        "qrels: query not in --queries": 1,
+    }
     with pytest.raises(ConfigError, match="needs --queries, --qrels and --corpus"):
-        MineConfig(queries=str(beir / "queries.jsonl"), qrels=str(beir / "test.tsv")).validate()
+        MineConfig(queries=str(beir / "queries.jsonl"), qrels=str(beir / "test.tsv"))

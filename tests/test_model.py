@@ -3,14 +3,12 @@ import math
 import pytest
 import torch
 
-from raykit.engine import Reranker, pad_encodings, tokenize_pairs
-from raykit.model import (
-    CrossEncoder,
-    distillation_loss,
-    group_softmax_loss,
-    load_model_and_tokenizer,
-    make_chunks,
-)
+from raykit.core.batching import make_chunks, pad_encodings
+from raykit.core.head import CrossEncoder
+from raykit.core.loading import load_model_and_tokenizer
+from raykit.core.losses import distillation_loss, group_softmax_loss
+from raykit.core.reranker import Reranker
+from raykit.core.tokenize import tokenize_pairs
 
 
 def test_group_softmax_loss_matches_hand_computation():

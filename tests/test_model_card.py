@@ -3,7 +3,7 @@
 from huggingface_hub import ModelCard
 
 from raykit.config import FinetuneConfig, MixConfig
-from raykit.model_card import finetune_card, hub_id, mix_card
+from raykit.tools.model_card import finetune_card, hub_id, mix_card
 
 
 def card_of(text: str, tmp_path) -> ModelCard:
@@ -13,9 +13,14 @@ def card_of(text: str, tmp_path) -> ModelCard:
 
 
 def test_finetune_card_metadata_results_and_settings(tmp_path):
-    cfg = FinetuneConfig(model_name_or_path="BAAI/bge-reranker-base", train_data=["/d/train.jsonl"],
-                         eval_data=["/d/dev.jsonl"], output_dir="/o/my-reranker",
-                         learning_rate=2e-5, metrics=["nDCG@10", "AP"])  # fmt: skip
+    cfg = FinetuneConfig(
+        model_name_or_path="BAAI/bge-reranker-base",
+        train_data=["/d/train.jsonl"],
+        eval_data=["/d/dev.jsonl"],
+        output_dir="/o/my-reranker",
+        learning_rate=2e-5,
+        metrics=["nDCG@10", "AP"],
+    )
     summary = {"steps": 30, "eval_before": {"nDCG@10": 0.5, "AP": 0.4}}
     best = {"nDCG@10": 0.75, "AP": 0.625, "step": 20, "epoch": 1.0, "loss": 0.3}
     card = card_of(finetune_card(cfg, summary, best, ["training: 40 valid groups"]), tmp_path)

@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 
 from raykit.cli import app, normalize_argv
 from raykit.config import ConfigError, ScoreConfig
-from raykit.engine import Reranker
-from raykit.score import run_score
-from raykit.score_output import output_names, rank_within_queries
-from tests.conftest import SAMPLE_DEV, SAMPLE_TRAIN, actor_pids, write_jsonl
+from raykit.core.reranker import Reranker
+from raykit.scoring.outputs import output_names, rank_within_queries
+from raykit.scoring.pipeline import run_score
+from tests.helpers import SAMPLE_DEV, SAMPLE_TRAIN, actor_pids, write_jsonl
 
 
 def dev_groups(source: Path = SAMPLE_DEV) -> list[dict]:
@@ -51,13 +51,21 @@ def test_pairs_groups_and_parquet_inputs_score_like_reranker(ray_cluster, tiny_m
     pairs = pair_rows(groups)
     (tmp_path / "in").mkdir()
     write_jsonl(tmp_path / "in" / "pairs.jsonl", pairs)
-    group_rows = [{"qid": i, "query": g["query"], "candidates": g["pos"] + g["neg"]}
-                  for i, g in enumerate(groups)]  # fmt: skip
+    group_rows = [
+        {"qid": i, "query": g["query"], "candidates": g["pos"] + g["neg"]}
+        for i, g in enumerate(groups)
+    ]
     write_jsonl(tmp_path / "in" / "groups.jsonl", group_rows)
     pq.write_table(pa.Table.from_pylist(pairs), tmp_path / "in" / "ids.parquet")
 
-    cfg = score_config(tiny_model_dir, [tmp_path / "in"], tmp_path / "out",
-                       group_by=None, normalize=True, num_actors=2)  # fmt: skip
+    cfg = score_config(
+        tiny_model_dir,
+        [tmp_path / "in"],
+        tmp_path / "out",
+        group_by=None,
+        normalize=True,
+        num_actors=2,
+    )
     summary = run_score(cfg)
 
     reranker = Reranker(tiny_model_dir, device="cpu", max_length=64)
@@ -65,8 +73,14 @@ def test_pairs_groups_and_parquet_inputs_score_like_reranker(ray_cluster, tiny_m
     for name in ("pairs", "ids"):
         rows = read_output(tmp_path / "out" / f"{name}.parquet")
         assert [r["doc_id"] for r in rows] == [p["doc_id"] for p in pairs]  # all, once, in order
-        assert set(rows[0]) == {"query_id", "doc_id", "query", "passage", "score",
-                                "normalized_score"}  # fmt: skip
+        assert set(rows[0]) == {
+            "query_id",
+            "doc_id",
+            "query",
+            "passage",
+            "score",
+            "normalized_score",
+        }
         for row, score in zip(rows, expected, strict=True):
             assert row["score"] == pytest.approx(score, abs=1e-4)
             assert row["normalized_score"] == pytest.approx(1 / (1 + pow(2.718281828, -score)))
@@ -89,8 +103,9 @@ def test_pairs_groups_and_parquet_inputs_score_like_reranker(ray_cluster, tiny_m
 def test_group_by_top_k_and_jsonl_round_trip(ray_cluster, tiny_model_dir, tmp_path):
     pairs = pair_rows(dev_groups())
     source = write_jsonl(tmp_path / "run.jsonl", pairs)
-    cfg = score_config(tiny_model_dir, [source], tmp_path / "out", format="jsonl",
-                       group_by="query_id", top_k=2)  # fmt: skip
+    cfg = score_config(
+        tiny_model_dir, [source], tmp_path / "out", format="jsonl", group_by="query_id", top_k=2
+    )
     summary = run_score(cfg)
     rows = read_output(tmp_path / "out" / "run.jsonl")
     assert summary["rows_out"] == len(rows) == 2 * len({p["query_id"] for p in pairs})
@@ -108,18 +123,22 @@ def test_mixed_rows_keep_every_column_and_only_keyed_rows_are_ranked(
 ):
     group = dev_groups()[0]
     candidates = group["pos"] + group["neg"]
-    source = write_jsonl(tmp_path / "mixed.jsonl", [
-        {"query": group["query"], "passage": candidates[0]},  # no doc_id: not lost for row 2
-        {"query": group["query"], "passage": candidates[1], "doc_id": "d1"},
-        {"query": group["query"], "candidates": candidates, "qid": 7},
-    ])  # fmt: skip
+    source = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [
+            {"query": group["query"], "passage": candidates[0]},  # no doc_id: not lost for row 2
+            {"query": group["query"], "passage": candidates[1], "doc_id": "d1"},
+            {"query": group["query"], "candidates": candidates, "qid": 7},
+        ],
+    )
     cfg = score_config(tiny_model_dir, [source], tmp_path / "out", format="jsonl", top_k=1)
     summary = run_score(cfg)
     rows = read_output(tmp_path / "out" / "mixed.jsonl")
     assert "top_k does not apply to 2 pair row(s)" in capsys.readouterr().out
     assert [(r["passage"], r["doc_id"], r["rank"]) for r in rows[:2]] == [
-        (candidates[0], None, None), (candidates[1], "d1", None),
-    ]  # fmt: skip
+        (candidates[0], None, None),
+        (candidates[1], "d1", None),
+    ]
     scores = Reranker(tiny_model_dir, device="cpu", max_length=64).compute_score(
         [[group["query"], c] for c in candidates]
     )
@@ -135,13 +154,32 @@ def test_mixed_rows_keep_every_column_and_only_keyed_rows_are_ranked(
 
 def test_bad_rows_go_to_errors_file_and_fail_the_run(ray_cluster, tiny_model_dir, tmp_path):
     good = pair_rows(dev_groups())[:5]
-    source = write_jsonl(tmp_path / "mixed.jsonl", [
-        good[0], "{not json", {"query": "q", "passage": ""}, {"query": "q"},
-        {"query": 3, "passage": "p"}, good[1], {"query": "q", "candidates": ["a", 7]},
-    ])  # fmt: skip
+    source = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [
+            good[0],
+            "{not json",
+            {"query": "q", "passage": ""},
+            {"query": "q"},
+            {"query": 3, "passage": "p"},
+            good[1],
+            {"query": "q", "candidates": ["a", 7]},
+        ],
+    )
     errors = tmp_path / "errors.jsonl"
-    args = ["score", "--model", tiny_model_dir, "--input", str(source), "--output",
-            str(tmp_path / "out"), "--errors_path", str(errors), "--max_len", "64"]  # fmt: skip
+    args = [
+        "score",
+        "--model",
+        tiny_model_dir,
+        "--input",
+        str(source),
+        "--output",
+        str(tmp_path / "out"),
+        "--errors_path",
+        str(errors),
+        "--max_len",
+        "64",
+    ]
     result = CliRunner().invoke(app, normalize_argv(args))
     assert result.exit_code == 1
     assert "5 of 7 rows rejected" in result.output and "Traceback" not in result.output
@@ -155,11 +193,11 @@ def test_bad_rows_go_to_errors_file_and_fail_the_run(ray_cluster, tiny_model_dir
     ]
     assert records[1]["row"] == {"query": "q", "passage": ""} and records[0]["file"] == str(source)
     assert [r["doc_id"] for r in read_output(tmp_path / "out" / "mixed.parquet")] == [
-        good[0]["doc_id"], good[1]["doc_id"],
-    ]  # fmt: skip
+        good[0]["doc_id"],
+        good[1]["doc_id"],
+    ]
     # A tolerated error rate passes; a missing model or file is one line, not a traceback.
-    ok = CliRunner().invoke(app, normalize_argv(
-        args + ["--overwrite", "--max_error_rate", "0.8"]))  # fmt: skip
+    ok = CliRunner().invoke(app, normalize_argv(args + ["--overwrite", "--max_error_rate", "0.8"]))
     assert ok.exit_code == 0, ok.output
     for bad_args, message in (
         (["--model", str(tmp_path / "nope")], "is neither a local folder nor a model"),
@@ -187,8 +225,21 @@ def test_undecodable_rows_go_to_the_errors_file_and_the_rest_is_scored(
     source = tmp_path / "dirty.jsonl"
     source.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(lines) + b"\r\n")  # BOM, CRLF
     out, errors = tmp_path / "out", tmp_path / "errors.jsonl"
-    args = ["score", "--model", tiny_model_dir, "--input", str(source), "--output", str(out),
-            "--errors_path", str(errors), "--max_len", "64", "--max_error_rate", "0.5"]  # fmt: skip
+    args = [
+        "score",
+        "--model",
+        tiny_model_dir,
+        "--input",
+        str(source),
+        "--output",
+        str(out),
+        "--errors_path",
+        str(errors),
+        "--max_len",
+        "64",
+        "--max_error_rate",
+        "0.5",
+    ]
     result = CliRunner().invoke(app, normalize_argv(args))
     assert result.exit_code == 0, result.output
     rows = read_output(out / "dirty.parquet")
@@ -215,11 +266,21 @@ def test_truncated_gzip_and_unwritable_output_are_one_line_errors(
     rows = [{"query": f"q {i}", "passage": os.urandom(24).hex()} for i in range(40_000)]
     whole = gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in rows))
     (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])  # a download cut short
-    args = ["score", "--model", tiny_model_dir, "--input", str(tmp_path / "cut.jsonl.gz"),
-            "--output", str(tmp_path / "out"), "--max_len", "64"]  # fmt: skip
+    args = [
+        "score",
+        "--model",
+        tiny_model_dir,
+        "--input",
+        str(tmp_path / "cut.jsonl.gz"),
+        "--output",
+        str(tmp_path / "out"),
+        "--max_len",
+        "64",
+    ]
     (tmp_path / "file").write_text("not a folder")
-    result = CliRunner().invoke(app, normalize_argv(args[:-4] + ["--output",
-                                                                 str(tmp_path / "file" / "o")]))
+    result = CliRunner().invoke(
+        app, normalize_argv(args[:-4] + ["--output", str(tmp_path / "file" / "o")])
+    )
     assert result.exit_code == 1
     assert "output: cannot create" in result.output and "is a file" in result.output
     assert len(result.output.strip().splitlines()) == 1
@@ -283,9 +344,9 @@ def test_output_names_and_config_errors():
     assert output_names(["/a/x.jsonl.gz", "/b/y.parquet"], ".parquet") == ["x.parquet", "y.parquet"]
     assert output_names(["/r/a/x.jsonl", "/r/b/x.jsonl"], ".jsonl") == ["a/x.jsonl", "b/x.jsonl"]
     with pytest.raises(ConfigError, match="format"):
-        ScoreConfig(input=["x"], format="csv").validate()
+        ScoreConfig(input=["x"], format="csv")
     with pytest.raises(ConfigError, match="min_actors"):
-        ScoreConfig(input=["x"], min_actors=3, max_actors=2).validate()
+        ScoreConfig(input=["x"], min_actors=3, max_actors=2)
     assert ScoreConfig(input=["x"], min_actors=1, max_actors=4).actor_pool_size == (1, 4)
     assert ScoreConfig(input=["x"], num_actors=3).actor_pool_size == (3, 3)
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from raykit.config import ConfigError, ServeConfig
-from raykit.engine import Reranker
-from raykit.serve_queue import BatchQueue
-from tests.conftest import SERVE_API_KEY, serve_args
+from raykit.core.reranker import Reranker
+from raykit.serving.queue import BatchQueue
+from tests.helpers import SERVE_API_KEY, serve_args
 
 API_KEY = SERVE_API_KEY
 QUERY = "When is the best time to plant tulip bulbs?"
@@ -32,12 +32,18 @@ def slow_app(served, tmp_path_factory):
     """A third app with a wider model, so that a big request takes seconds: its URL."""
     from ray import serve
 
-    from raykit.serve import app_builder
-    from tests.tiny_model import build_tiny_reranker
+    from raykit.serving.app import app_builder
+    from tests.helpers import build_tiny_reranker
 
     wide = build_tiny_reranker(tmp_path_factory.mktemp("wide-bert"), hidden_size=256, layers=4)
-    args = serve_args(wide, max_documents=2000, max_request_bytes=4_000_000, max_batch_size=16,
-                      max_batch_tokens=1024, cpus_per_replica=0.5)  # fmt: skip
+    args = serve_args(
+        wide,
+        max_documents=2000,
+        max_request_bytes=4_000_000,
+        max_batch_size=16,
+        max_batch_tokens=1024,
+        cpus_per_replica=0.5,
+    )
     serve.run(app_builder(args), name="slow", route_prefix="/slow")
     yield served + "/slow"
     serve.delete("slow")
@@ -53,8 +59,12 @@ def test_both_api_shapes_match_reranker(served, tiny_model_dir):
     raw = reranker.compute_score([[QUERY, d] for d in DOCS])
     probs = reranker.compute_score([[QUERY, d] for d in DOCS], normalize=True)
     for path in ("/v1/rerank", "/v2/rerank"):
-        body = {"query": QUERY, "documents": [DOCS[0], {"text": DOCS[1]}, DOCS[2]], "top_n": 2,
-                "return_documents": True}  # fmt: skip
+        body = {
+            "query": QUERY,
+            "documents": [DOCS[0], {"text": DOCS[1]}, DOCS[2]],
+            "top_n": 2,
+            "return_documents": True,
+        }
         reply = post(served, path, body)
         assert reply.status_code == 200, reply.text
         results = reply.json()["results"]
@@ -66,8 +76,9 @@ def test_both_api_shapes_match_reranker(served, tiny_model_dir):
         assert reply.json()["meta"]["tokens"]["input_tokens"] > 0
     plain = post(served, "/v1/rerank", {"query": QUERY, "documents": DOCS}).json()["results"]
     assert len(plain) == 3 and "document" not in plain[0]
-    tei = post(served, "/rerank", {"query": QUERY, "texts": DOCS, "raw_scores": True,
-                                   "return_text": True}).json()  # fmt: skip
+    tei = post(
+        served, "/rerank", {"query": QUERY, "texts": DOCS, "raw_scores": True, "return_text": True}
+    ).json()
     assert [t["index"] for t in tei] == sorted(range(3), key=lambda i: -raw[i])
     for t in tei:
         assert (
@@ -87,13 +98,18 @@ def test_errors_and_limits(served):
     assert status("/v1/rerank", {"query": QUERY, "documents": []}) == 400
     reply = post(served, "/v1/rerank", {"query": QUERY, "documents": "not a list"})
     assert reply.status_code == 422 and "documents" in reply.text and "Traceback" not in reply.text
-    reply = httpx.post(served + "/v1/rerank", content=b"{not json", timeout=30,
-                       headers={"Authorization": f"Bearer {API_KEY}",
-                                "Content-Type": "application/json"})  # fmt: skip
+    reply = httpx.post(
+        served + "/v1/rerank",
+        content=b"{not json",
+        timeout=30,
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+    )
     assert reply.status_code == 422
     assert status("/v1/rerank", {"query": QUERY, "documents": DOCS, "top_n": 0}) == 422
-    form = {"Authorization": f"Bearer {API_KEY}",  # what plain `curl -d '{...}'` sends
-            "Content-Type": "application/x-www-form-urlencoded"}  # fmt: skip
+    form = {
+        "Authorization": f"Bearer {API_KEY}",  # what plain `curl -d '{...}'` sends
+        "Content-Type": "application/x-www-form-urlencoded",
+    }
     body = json.dumps({"query": QUERY, "documents": DOCS})
     reply = httpx.post(served + "/v1/rerank", content=body, headers=form)
     assert reply.status_code == 200 and len(reply.json()["results"]) == 3
@@ -148,8 +164,9 @@ def test_overload_gets_429_with_retry_after(served):
         headers = {"Authorization": f"Bearer {API_KEY}"}
         async with httpx.AsyncClient(timeout=120, headers=headers) as client:
             body = {"query": QUERY, "documents": DOCS * 16}
-            return await asyncio.gather(*(client.post(served + "/tight/v1/rerank", json=body)
-                                          for _ in range(12)))  # fmt: skip
+            return await asyncio.gather(
+                *(client.post(served + "/tight/v1/rerank", json=body) for _ in range(12))
+            )
 
     replies = asyncio.run(flood())
     codes = sorted(r.status_code for r in replies)
@@ -174,18 +191,20 @@ def test_official_cohere_client_works_unchanged(served, tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_health_waits_for_a_compiling_replica_that_then_scores_like_reranker(served,
-                                                                           tiny_model_dir):
+def test_health_waits_for_a_compiling_replica_that_then_scores_like_reranker(
+    served, tiny_model_dir
+):
     """The default on CPU: the replica compiles its model before serving. Meanwhile the proxy
     already routes to the ingress, whose /health answers a JSON 503 until a model replica does;
     then the compiled replica's scores equal `Reranker`'s (eager)."""
     from ray import serve
 
-    from raykit.serve import app_builder
+    from raykit.serving.app import app_builder
 
     app = app_builder(serve_args(tiny_model_dir, cpus_per_replica=0.5, compile="auto"))
-    deploy = threading.Thread(target=serve.run, args=(app,),
-                              kwargs={"name": "compiled", "route_prefix": "/compiled"})  # fmt: skip
+    deploy = threading.Thread(
+        target=serve.run, args=(app,), kwargs={"name": "compiled", "route_prefix": "/compiled"}
+    )
     deploy.start()
     statuses = []
     try:
@@ -215,11 +234,11 @@ def test_health_waits_for_a_compiling_replica_that_then_scores_like_reranker(ser
 
 def test_serve_config_validation():
     with pytest.raises(ConfigError, match="min_replicas"):
-        ServeConfig(min_replicas=3, max_replicas=2).validate()
+        ServeConfig(min_replicas=3, max_replicas=2)
     with pytest.raises(ConfigError, match="max_batch_tokens"):
-        ServeConfig(max_len=512, max_batch_tokens=256).validate()
+        ServeConfig(max_len=512, max_batch_tokens=256)
     with pytest.raises(ConfigError, match="compile: expected auto, on or off, got 'yes'"):
-        ServeConfig(compile="yes").validate()
+        ServeConfig(compile="yes")
     # auto compiles on CPU only, and not torchao's int8 kernels; on/off are obeyed anywhere.
     assert ServeConfig().compiles("cpu") and not ServeConfig().compiles("cuda")
     assert not ServeConfig(dtype="int8").compiles("cpu")
@@ -248,8 +267,9 @@ def test_max_tokens_per_doc_and_tei_truncate_are_honoured(served, tiny_model_dir
     by_index = {r["index"]: r["relevance_score"] for r in cut["results"]}
     assert by_index[0] == pytest.approx(prefix, abs=1e-4)
 
-    refused = post(served, "/rerank", {"query": QUERY, "texts": [DOCS[0], long_doc],
-                                       "truncate": False})  # fmt: skip
+    refused = post(
+        served, "/rerank", {"query": QUERY, "texts": [DOCS[0], long_doc], "truncate": False}
+    )
     assert refused.status_code == 413 and "texts[1]" in refused.json()["detail"]
     for truncate in (True, None):
         body = {"query": QUERY, "texts": [long_doc]}
@@ -266,17 +286,19 @@ def test_cancelled_request_is_dropped_and_does_not_delay_the_next(slow_app):
     headers = {"Authorization": f"Bearer {API_KEY}"}
 
     def replica_stats() -> dict:
-        return httpx.get(slow_app + "/info", headers=headers, timeout=60).json()[
-            "replica_stats"
-        ]
+        return httpx.get(slow_app + "/info", headers=headers, timeout=60).json()["replica_stats"]
 
     before = replica_stats()
     big = {"query": QUERY, "documents": [f"{d} {i}" for i in range(500) for d in DOCS]}
     started = time.perf_counter()
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(slow_app + "/v1/rerank", json=big, headers=headers, timeout=1.5)
-    small = httpx.post(slow_app + "/v1/rerank", json={"query": QUERY, "documents": DOCS[:1]},
-                       headers=headers, timeout=60)  # fmt: skip
+    small = httpx.post(
+        slow_app + "/v1/rerank",
+        json={"query": QUERY, "documents": DOCS[:1]},
+        headers=headers,
+        timeout=60,
+    )
     waited = time.perf_counter() - started
     assert small.status_code == 200
     after = replica_stats()
@@ -378,12 +400,15 @@ def test_a_decoder_reranker_serves_the_same_routes(served, tmp_path):
     (which test_decoder.py pins to the model card's formula)."""
     from ray import serve
 
-    from raykit.serve import app_builder
-    from tests.tiny_model import build_tiny_decoder
+    from raykit.serving.app import app_builder
+    from tests.helpers import build_tiny_decoder
 
     model = build_tiny_decoder(tmp_path / "qwen3", "qwen3")
-    serve.run(app_builder(serve_args(model, max_len=256, cpus_per_replica=0.5)), name="decoder",
-              route_prefix="/decoder")  # fmt: skip
+    serve.run(
+        app_builder(serve_args(model, max_len=256, cpus_per_replica=0.5)),
+        name="decoder",
+        route_prefix="/decoder",
+    )
     try:
         raw = Reranker(model, device="cpu", max_length=256).compute_score(
             [[QUERY, d] for d in DOCS]
@@ -391,8 +416,9 @@ def test_a_decoder_reranker_serves_the_same_routes(served, tmp_path):
         reply = post(served, "/decoder/v1/rerank", {"query": QUERY, "documents": DOCS})
         assert reply.status_code == 200, reply.text
         for r in reply.json()["results"]:
-            assert r["relevance_score"] == pytest.approx(1 / (1 + np.exp(-raw[r["index"]])),
-                                                         abs=1e-5)  # fmt: skip
+            assert r["relevance_score"] == pytest.approx(
+                1 / (1 + np.exp(-raw[r["index"]])), abs=1e-5
+            )
         tei = post(served, "/decoder/rerank", {"query": QUERY, "texts": DOCS, "raw_scores": True})
         assert {t["index"]: round(t["score"], 4) for t in tei.json()} == {
             i: round(s, 4) for i, s in enumerate(raw)

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from raykit.config import ConfigError
-from raykit.storage import join, prepare_output_dir, publish_dir
+from raykit.errors import ConfigError
+from raykit.runtime.storage import join, prepare_output_dir, publish_dir
 
 
 def test_publish_replaces_the_folder_whole_and_a_failed_write_changes_nothing(tmp_path):

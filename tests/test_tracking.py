@@ -15,11 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from raykit.config import ConfigError, FinetuneConfig, load_config
-from raykit.tracking import parse_report_to, safe_key
-from raykit.train import finetune
-from tests.conftest import SAMPLE_DEV, free_ports, wait_for
-from tests.test_train import tiny_options
+from raykit.config import ConfigError, FinetuneConfig, load_config, parse_report_to
+from raykit.training.launch import finetune
+from raykit.training.tracking import safe_key
+from tests.helpers import SAMPLE_DEV, free_ports, tiny_options, wait_for
 
 
 def test_report_to_values():
@@ -47,12 +46,24 @@ def mlflow_server(tmp_path):
     uri = f"http://127.0.0.1:{port}"
     with open(tmp_path / "mlflow.log", "w") as log:
         server = subprocess.Popen(
-            [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server",
-             "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-             "--default-artifact-root", str(tmp_path / "mlartifacts"),
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [
+                os.path.join(os.path.dirname(sys.executable), "mlflow"),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{tmp_path / 'mlflow.db'}",
+                "--default-artifact-root",
+                str(tmp_path / "mlartifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def healthy() -> bool:
         assert server.poll() is None, (tmp_path / "mlflow.log").read_text()[-2000:]
@@ -88,8 +99,12 @@ def wandb_history(run_file: str) -> list[dict]:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
             if record.WhichOneof("record_type") == "history":
-                rows.append({(item.key or "/".join(item.nested_key)): json.loads(item.value_json)
-                             for item in record.history.item})  # fmt: skip
+                rows.append(
+                    {
+                        (item.key or "/".join(item.nested_key)): json.loads(item.value_json)
+                        for item in record.history.item
+                    }
+                )
     return rows
 
 
@@ -123,9 +138,16 @@ def test_every_backend_receives_the_summary_series(
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     logs = tmp_path / "logs"
-    options = tiny_options(tiny_model_dir, tmp_path, eval_data=str(SAMPLE_DEV), max_steps="6",
-                           logging_steps="2", eval_steps="3", run_name="tracked",
-                           logging_dir=str(logs))  # fmt: skip
+    options = tiny_options(
+        tiny_model_dir,
+        tmp_path,
+        eval_data=str(SAMPLE_DEV),
+        max_steps="6",
+        logging_steps="2",
+        eval_steps="3",
+        run_name="tracked",
+        logging_dir=str(logs),
+    )
     cfg = load_config(FinetuneConfig, **options, report_to=["tensorboard", "mlflow", "wandb"])
     result = finetune(cfg, console=False)
     summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
@@ -150,8 +172,9 @@ def test_every_backend_receives_the_summary_series(
     assert run.data.params["learning_rate"] == "0.001" and run.data.params["max_steps"] == "6"
     assert run.data.tags["raykit.output_dir"] == result.output_dir
     for key, series in expected.items():
-        history = sorted(client.get_metric_history(run.info.run_id, safe_key(key)),
-                         key=lambda m: m.step)  # fmt: skip
+        history = sorted(
+            client.get_metric_history(run.info.run_id, safe_key(key)), key=lambda m: m.step
+        )
         assert_same_series([(m.step, m.value) for m in history], series, key)
 
     # W&B: the offline run's records.

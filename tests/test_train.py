@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,46 +18,26 @@ from typer.testing import CliRunner
 
 from raykit.cli import app, normalize_argv
 from raykit.config import FinetuneConfig, load_config
-from raykit.train import ThroughputWindow, plan_steps
-from tests.conftest import (
+from raykit.training.recipe import ThroughputWindow, plan_steps
+from tests.helpers import (
     SAMPLE_DEV,
     SAMPLE_TRAIN,
     marked_train_file,
+    run_cli,
+    tiny_args,
+    tiny_options,
     wait_for,
 )
 
 
-def run_cli(args: list[str]):
-    result = CliRunner().invoke(app, normalize_argv(args), catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def tiny_options(model: str, tmp_path: Path, **extra: str) -> dict[str, str]:
-    """A short fine-tune of the tiny model on the sample data, as option -> value."""
-    return {
-        "model_name_or_path": model,
-        "train_data": str(SAMPLE_TRAIN),
-        "output_dir": str(tmp_path / "out"),
-        "storage_path": str(tmp_path / "ray"),
-        "learning_rate": "1e-3",
-        "train_group_size": "4",
-        "per_device_train_batch_size": "4",
-        "max_len": "64",
-        "logging_steps": "1",
-        "warmup_ratio": "0.1",
-        **extra,
-    }
-
-
-def tiny_args(model: str, tmp_path: Path, **extra: str) -> list[str]:
-    options = tiny_options(model, tmp_path, **extra)
-    return ["finetune"] + [x for k, v in options.items() for x in (f"--{k}", v)]
-
-
 def test_plan_gives_every_worker_the_same_steps():
-    cfg = FinetuneConfig(train_data=["x"], num_workers=3, per_device_train_batch_size=4,
-                         gradient_accumulation_steps=2, num_train_epochs=2)  # fmt: skip
+    cfg = FinetuneConfig(
+        train_data=["x"],
+        num_workers=3,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_train_epochs=2,
+    )
     plan = plan_steps(cfg, 100)  # 33 groups per worker -> 9 micro-batches -> 5 steps
     assert (plan.groups_per_worker, plan.micro_batches_per_epoch) == (33, 9)
     assert (plan.steps_per_epoch, plan.total_steps) == (5, 10)
@@ -88,9 +67,16 @@ def test_two_worker_cli_finetune_lowers_loss_and_writes_hf_model(
     from huggingface_hub import ModelCard
     from transformers import AutoModelForSequenceClassification
 
-    args = tiny_args(tiny_model_dir, tmp_path, num_workers="2", num_train_epochs="6",
-                     train_data=str(marked_train_file(tmp_path)), learning_rate="3e-3",
-                     eval_data=str(SAMPLE_DEV), eval_steps="10")  # fmt: skip
+    args = tiny_args(
+        tiny_model_dir,
+        tmp_path,
+        num_workers="2",
+        num_train_epochs="6",
+        train_data=str(marked_train_file(tmp_path)),
+        learning_rate="3e-3",
+        eval_data=str(SAMPLE_DEV),
+        eval_steps="10",
+    )
     output = run_cli(args).output
     table = {line.split("  ")[0]: line for line in output.splitlines() if not line.startswith("[")}
     assert {"before training", "after training", "best step", "throughput", "model"} <= set(table)
@@ -133,7 +119,7 @@ from pathlib import Path
 from ray.train import UserCallback
 
 from raykit.config import FinetuneConfig, load_config
-from raykit.train import finetune
+from raykit.training.launch import finetune
 
 
 class PauseAfterCheckpoint(UserCallback):
@@ -174,8 +160,11 @@ def test_killed_driver_resumes_and_reproduces_the_uninterrupted_losses(
     with open(tmp_path / "first_run.log", "w") as log:
         first = subprocess.Popen(
             [sys.executable, "-c", PAUSED_DRIVER, json.dumps(config), "6", str(marker)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             wait_for(lambda: marker.exists() or first.poll() is not None, 300, "the checkpoint")
             assert marker.exists(), (tmp_path / "first_run.log").read_text()[-3000:]

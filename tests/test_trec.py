@@ -11,10 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from raykit.cli import app, normalize_argv
-from raykit.engine import Reranker
-from raykit.evaluate import evaluate_run
-from raykit.trec import read_corpus, read_qrels, read_queries, read_run
-from tests.conftest import ROOT
+from raykit.core.metrics import evaluate_run
+from raykit.core.reranker import Reranker
+from raykit.data.trec import read_corpus, read_qrels, read_queries, read_run
+from tests.helpers import ROOT
 
 BEIR = ROOT / "examples" / "data" / "beir"
 
@@ -43,16 +43,26 @@ def test_readers_take_beir_jsonl_and_tsv(tmp_path):
     assert len(queries) == 12 and queries["q0"].endswith("?")
     (tmp_path / "queries.tsv").write_text("".join(f"{q}\t{t}\n" for q, t in queries.items()))
     assert read_queries(str(tmp_path / "queries.tsv")) == queries
-    (tmp_path / "corpus.jsonl").write_text(json.dumps({"_id": "d1", "title": "Eggs",
-                                                       "text": "Boil them."}) + "\n")  # fmt: skip
+    (tmp_path / "corpus.jsonl").write_text(
+        json.dumps({"_id": "d1", "title": "Eggs", "text": "Boil them."}) + "\n"
+    )
     assert read_corpus([str(tmp_path / "corpus.jsonl")], {"d1", "d9"}) == {"d1": "Eggs Boil them."}
 
 
 @pytest.mark.slow
 def test_bm25_then_rerank_then_evaluate(ray_cluster, tiny_model_dir, tmp_path):
     run = tmp_path / "bm25.trec"
-    cli("bm25", "--queries", str(BEIR / "queries.jsonl"), "--corpus", str(BEIR / "corpus.jsonl"),
-        "--output", str(run), "--top_k", "10")  # fmt: skip
+    cli(
+        "bm25",
+        "--queries",
+        str(BEIR / "queries.jsonl"),
+        "--corpus",
+        str(BEIR / "corpus.jsonl"),
+        "--output",
+        str(run),
+        "--top_k",
+        "10",
+    )
     first_stage = check_trec_lines(run)
     assert set(first_stage) == set(read_queries(str(BEIR / "queries.jsonl")))
     # BM25 finds the answer among its top 10 for at least half of these questions.
@@ -64,10 +74,25 @@ def test_bm25_then_rerank_then_evaluate(ray_cluster, tiny_model_dir, tmp_path):
     with run.open("a") as f:
         f.write("q0 Q0 no-such-doc 11 0.1 bm25\n")
     out = tmp_path / "reranked"
-    output = cli("score", "--model", tiny_model_dir, "--run", str(run),
-                 "--queries", str(BEIR / "queries.jsonl"), "--corpus", str(BEIR / "corpus.jsonl"),
-                 "--output", str(out), "--format", "trec", "--max_len", "64",
-                 "--num_actors", "1")  # fmt: skip
+    output = cli(
+        "score",
+        "--model",
+        tiny_model_dir,
+        "--run",
+        str(run),
+        "--queries",
+        str(BEIR / "queries.jsonl"),
+        "--corpus",
+        str(BEIR / "corpus.jsonl"),
+        "--output",
+        str(out),
+        "--format",
+        "trec",
+        "--max_len",
+        "64",
+        "--num_actors",
+        "1",
+    )
     assert "1 skipped ({'document not in --corpus': 1})" in output
     reranked = check_trec_lines(out / "bm25.trec")
     # Every (qid, docid) of the first stage exactly once, nothing else.
@@ -84,9 +109,19 @@ def test_bm25_then_rerank_then_evaluate(ray_cluster, tiny_model_dir, tmp_path):
     np.testing.assert_allclose([s for _, _, s in reranked["q3"]], expected, atol=1e-4)
 
     metrics_file = tmp_path / "metrics.json"
-    printed = cli("evaluate", "--run", str(out / "bm25.trec"), "--qrels",
-                  str(BEIR / "qrels" / "test.tsv"), "--metrics", "nDCG@10", "RR@10", "R@5",
-                  "--output", str(metrics_file))  # fmt: skip
+    printed = cli(
+        "evaluate",
+        "--run",
+        str(out / "bm25.trec"),
+        "--qrels",
+        str(BEIR / "qrels" / "test.tsv"),
+        "--metrics",
+        "nDCG@10",
+        "RR@10",
+        "R@5",
+        "--output",
+        str(metrics_file),
+    )
     written = json.loads(metrics_file.read_text())
     direct = evaluate_run(read_run(str(out / "bm25.trec")), qrels, ["nDCG@10", "RR@10", "R@5"])
     assert written == pytest.approx(direct)
@@ -97,7 +132,11 @@ def test_bm25_then_rerank_then_evaluate(ray_cluster, tiny_model_dir, tmp_path):
 
 def test_score_run_needs_queries_and_corpus(tmp_path):
     (tmp_path / "run.trec").write_text("q0 Q0 doc1a 1 1.0 t\n")
-    result = CliRunner().invoke(app, normalize_argv(["score", "--run", str(tmp_path / "run.trec"),
-                                                     "--output", str(tmp_path / "o")]))  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        normalize_argv(
+            ["score", "--run", str(tmp_path / "run.trec"), "--output", str(tmp_path / "o")]
+        ),
+    )
     assert result.exit_code == 2
     assert "run: needs --queries and --corpus" in result.output

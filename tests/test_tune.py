@@ -11,16 +11,21 @@ from typer.testing import CliRunner
 
 from raykit.cli import app, normalize_argv
 from raykit.config import ConfigError, EvaluateConfig, parse_search
-from raykit.evaluate import evaluate_model
-from raykit.tune import search_space
-from tests.conftest import SAMPLE_DEV, marked_train_file, wait_for
+from raykit.scoring.evaluate import evaluate_model
+from raykit.training.tune import search_space
+from tests.helpers import SAMPLE_DEV, marked_train_file, wait_for
 
 
 def test_search_specs_become_tune_domains():
-    space = search_space([
-        "learning_rate=loguniform:1e-6:1e-4", "train_group_size=choice:4,8,16",
-        "warmup_ratio=uniform:0:0.2", "max_len=grid:64,128", "fp16=choice:true,false",
-    ])  # fmt: skip
+    space = search_space(
+        [
+            "learning_rate=loguniform:1e-6:1e-4",
+            "train_group_size=choice:4,8,16",
+            "warmup_ratio=uniform:0:0.2",
+            "max_len=grid:64,128",
+            "fp16=choice:true,false",
+        ]
+    )
     assert isinstance(space["learning_rate"], tune.search.sample.Float)
     assert space["learning_rate"].lower == 1e-6 and space["learning_rate"].upper == 1e-4
     assert space["train_group_size"].categories == [4, 8, 16]
@@ -49,10 +54,20 @@ RAY_WORKER_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?\(\w+ pid=\d+")
 
 
 def test_cli_rejects_a_bad_spec_before_starting(tmp_path):
-    result = CliRunner().invoke(app, normalize_argv([
-        "tune", "--train_data", "x.jsonl", "--eval_data", "y.jsonl",
-        "--search", "learning_rate=loguniform:1e-4:1e-6",
-    ]))  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        normalize_argv(
+            [
+                "tune",
+                "--train_data",
+                "x.jsonl",
+                "--eval_data",
+                "y.jsonl",
+                "--search",
+                "learning_rate=loguniform:1e-4:1e-6",
+            ]
+        ),
+    )
     assert result.exit_code == 2
     assert "LO < HI" in result.output
     # Lines a Ray worker left over from an earlier test forwards to this process are not ours.
@@ -68,16 +83,40 @@ def test_sweep_picks_the_better_trial_survives_a_failing_one_and_exports_best(
 ):
     out = tmp_path / "sweep"
     args = [
-        "tune", "--model_name_or_path", tiny_model_dir,
-        "--train_data", str(marked_train_file(tmp_path)),
-        "--eval_data", str(marked_train_file(tmp_path, SAMPLE_DEV)),
-        "--output_dir", str(out), "--max_steps", "12", "--eval_steps", "4",
-        "--per_device_train_batch_size", "4", "--train_group_size", "4", "--max_len", "64",
-        "--logging_steps", "4", "--num_samples", "1", "--scheduler", "asha",
-        "--max_concurrent_trials", "2", "--report_to", "tensorboard",
-        "--search", "learning_rate=grid:1e-9,5e-3",
-        "--search", f"model_name_or_path=grid:{tiny_model_dir},{tmp_path / 'missing-model'}",
-    ]  # fmt: skip
+        "tune",
+        "--model_name_or_path",
+        tiny_model_dir,
+        "--train_data",
+        str(marked_train_file(tmp_path)),
+        "--eval_data",
+        str(marked_train_file(tmp_path, SAMPLE_DEV)),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "12",
+        "--eval_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "4",
+        "--train_group_size",
+        "4",
+        "--max_len",
+        "64",
+        "--logging_steps",
+        "4",
+        "--num_samples",
+        "1",
+        "--scheduler",
+        "asha",
+        "--max_concurrent_trials",
+        "2",
+        "--report_to",
+        "tensorboard",
+        "--search",
+        "learning_rate=grid:1e-9,5e-3",
+        "--search",
+        f"model_name_or_path=grid:{tiny_model_dir},{tmp_path / 'missing-model'}",
+    ]
     result = CliRunner().invoke(app, normalize_argv(args), catch_exceptions=False)
     assert result.exit_code == 0, result.output
 
@@ -127,15 +166,43 @@ def test_rerunning_an_interrupted_sweep_resumes_it(ray_cluster, tiny_model_dir, 
     import sys
 
     out = tmp_path / "sweep"
-    args = normalize_argv([
-        "tune", "--model_name_or_path", tiny_model_dir,
-        "--train_data", str(marked_train_file(tmp_path)), "--eval_data", str(SAMPLE_DEV),
-        "--output_dir", str(out), "--run_name", "resumable", "--max_steps", "24",
-        "--eval_steps", "4", "--per_device_train_batch_size", "4", "--train_group_size", "4",
-        "--max_len", "64", "--logging_steps", "4", "--num_samples", "1", "--scheduler", "fifo",
-        "--max_concurrent_trials", "2", "--eval_on_start", "false",
-        "--search", "learning_rate=grid:3e-3,1e-3",
-    ])  # fmt: skip
+    args = normalize_argv(
+        [
+            "tune",
+            "--model_name_or_path",
+            tiny_model_dir,
+            "--train_data",
+            str(marked_train_file(tmp_path)),
+            "--eval_data",
+            str(SAMPLE_DEV),
+            "--output_dir",
+            str(out),
+            "--run_name",
+            "resumable",
+            "--max_steps",
+            "24",
+            "--eval_steps",
+            "4",
+            "--per_device_train_batch_size",
+            "4",
+            "--train_group_size",
+            "4",
+            "--max_len",
+            "64",
+            "--logging_steps",
+            "4",
+            "--num_samples",
+            "1",
+            "--scheduler",
+            "fifo",
+            "--max_concurrent_trials",
+            "2",
+            "--eval_on_start",
+            "false",
+            "--search",
+            "learning_rate=grid:3e-3,1e-3",
+        ]
+    )
     trials_dir = out / "ray" / "resumable" / "trials"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     with open(tmp_path / "first.log", "w") as log:
@@ -147,8 +214,11 @@ def test_rerunning_an_interrupted_sweep_resumes_it(ray_cluster, tiny_model_dir, 
             start_new_session=True,
         )
         try:
-            wait_for(lambda: list(trials_dir.glob("*/checkpoint_manager_snapshot.json")), 600,
-                      "a trial checkpoint")  # fmt: skip
+            wait_for(
+                lambda: list(trials_dir.glob("*/checkpoint_manager_snapshot.json")),
+                600,
+                "a trial checkpoint",
+            )
             os.killpg(first.pid, signal.SIGKILL)
         finally:
             first.wait(timeout=60)
@@ -159,15 +229,17 @@ def test_rerunning_an_interrupted_sweep_resumes_it(ray_cluster, tiny_model_dir, 
     rows = json.loads((out / "trials.json").read_text())
     assert [r["status"] for r in rows] == ["OK", "OK"]
     assert all(r["steps"] == 24 for r in rows)
-    resumed = [json.loads(p.read_text())["resumed_from_step"]
-               for p in trials_dir.glob("*/model/train_summary.json")]  # fmt: skip
+    resumed = [
+        json.loads(p.read_text())["resumed_from_step"]
+        for p in trials_dir.glob("*/model/train_summary.json")
+    ]
     assert len(resumed) == 2 and max(resumed) > 0  # the interrupted trial went on from its step
 
 
 def test_release_placement_group_frees_a_leftover_worker_group(ray_cluster):
     from ray.util.placement_group import placement_group, placement_group_table
 
-    from raykit.train import release_placement_group
+    from raykit.training.launch import release_placement_group
 
     group = placement_group([{"CPU": 0.01}])
     ray_cluster.get(group.ready(), timeout=60)
@@ -179,13 +251,17 @@ def test_release_placement_group_frees_a_leftover_worker_group(ray_cluster):
 
 def test_sweep_refuses_earlier_results_but_resumes_its_own_state(tmp_path):
     from raykit.config import TuneConfig
-    from raykit.tune import run_sweep
+    from raykit.training.tune import run_sweep
 
     out = tmp_path / "sweep"
     (out / "ray").mkdir(parents=True)  # an interrupted sweep's state only: allowed (resume)
     (out / "trials.csv").write_text("trial\n")  # results of an earlier sweep: refused
-    cfg = TuneConfig(train_data=["x.jsonl"], eval_data=["y.jsonl"], output_dir=str(out),
-                     search=["learning_rate=loguniform:1e-5:1e-4"])  # fmt: skip
+    cfg = TuneConfig(
+        train_data=["x.jsonl"],
+        eval_data=["y.jsonl"],
+        output_dir=str(out),
+        search=["learning_rate=loguniform:1e-5:1e-4"],
+    )
     with pytest.raises(ConfigError, match="is not empty; pass --overwrite_output_dir"):
         run_sweep(cfg)
     (out / "trials.csv").unlink()
@@ -199,19 +275,23 @@ def test_trial_rows_take_the_config_of_a_trial_that_never_reported():
     parameters come from the trial itself instead of crashing the sweep at the very end."""
     from types import SimpleNamespace
 
-    from raykit.tune import _trial_rows
+    from raykit.training.tune import _trial_rows
 
-    reported = SimpleNamespace(config={"learning_rate": 1e-3}, metrics_dataframe=None,
-                               error=None, path="/s/trial_a")  # fmt: skip
+    reported = SimpleNamespace(
+        config={"learning_rate": 1e-3}, metrics_dataframe=None, error=None, path="/s/trial_a"
+    )
     silent = SimpleNamespace(config=None, metrics_dataframe=None, error=None, path="/s/trial_b")
     results = [reported, silent]
-    trials = [SimpleNamespace(path="/s/trial_a", config={"learning_rate": 1e-3}),
-              SimpleNamespace(path="/s/trial_b", config={"learning_rate": 2e-3})]  # fmt: skip
+    trials = [
+        SimpleNamespace(path="/s/trial_a", config={"learning_rate": 1e-3}),
+        SimpleNamespace(path="/s/trial_b", config={"learning_rate": 2e-3}),
+    ]
 
     class Grid(list):
         _experiment_analysis = SimpleNamespace(trials=trials)
 
     rows = _trial_rows(Grid(results), "nDCG@10", ["learning_rate"], max_steps=10)
     assert [(r["trial"], r["learning_rate"], r["status"]) for r in rows] == [
-        ("trial_a", 1e-3, "STOPPED"), ("trial_b", 2e-3, "STOPPED"),
-    ]  # fmt: skip
+        ("trial_a", 1e-3, "STOPPED"),
+        ("trial_b", 2e-3, "STOPPED"),
+    ]

