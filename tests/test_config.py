@@ -175,3 +175,38 @@ def test_search_specs_are_checked_by_the_config_without_ray():
     assert dims["train_group_size"] == SearchDimension("grid", (4, 8))
     with pytest.raises(ConfigError, match="unknown or unsearchable key 'output_dir'"):
         parse_search(["output_dir=choice:a,b"])
+
+
+def test_every_option_group_has_its_help_panel():
+    """`raykit finetune --help` shows each shared group's panel, LoRA and sharding included."""
+    from typer.testing import CliRunner
+
+    from raykit.cli import SHARED_GROUPS, app
+
+    text = CliRunner().invoke(app, ["finetune", "--help"], env={"COLUMNS": "200"}).output
+    for group in SHARED_GROUPS:
+        assert f" {group.panel} " in text, group.panel
+    assert "LoRA and sharding" in text and "--lora_rank" in text
+
+
+def test_configs_reject_bad_values_wherever_they_are_built():
+    """Declared bounds and choices hold for a config built directly (a Tune trial, a worker),
+    not only through load_config, with one line naming the key."""
+    with pytest.raises(ConfigError, match=r"^per_device_train_batch_size: must be > 0, got 0$"):
+        FinetuneConfig(train_data=["a"], per_device_train_batch_size=0)
+    with pytest.raises(ConfigError, match=r"^placement_strategy: expected PACK, SPREAD"):
+        FinetuneConfig(train_data=["a"], placement_strategy="EVERYWHERE")
+    with pytest.raises(ConfigError, match=r"^unknown option 'learnin_rate'$"):
+        FinetuneConfig(train_data=["a"], learnin_rate=1.0)
+    cfg = FinetuneConfig(train_data="a.jsonl", max_len="64", fp16="yes")
+    assert cfg.train_data == ["a.jsonl"] and cfg.max_len == 64 and cfg.fp16 is True
+
+
+def test_a_bad_value_in_the_yaml_file_names_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train_data: [a]\nwarmup_ratio: 2\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: warmup_ratio: must be in \[0, 1\), got 2"):
+        load_config(FinetuneConfig, path)
+    # The same key given as a flag is the flag's error, without the file.
+    with pytest.raises(ConfigError, match=r"^warmup_ratio: must be in"):
+        load_config(FinetuneConfig, path, warmup_ratio=3.0)

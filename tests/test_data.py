@@ -4,8 +4,6 @@ import json
 import numpy as np
 import pytest
 
-from raykit.core.batching import chunk_by_length
-from raykit.core.tokenize import tokenize_pairs
 from raykit.data.groups import DataError, check_file, expand_paths, read_groups, sample_group
 from tests.helpers import write_jsonl
 
@@ -125,32 +123,6 @@ def test_sampling_is_seeded():
     record = {"query": "q", "pos": ["a", "b", "c"], "neg": [str(i) for i in range(20)]}
     draw = [sample_group(record, 6, np.random.default_rng(42)).passages for _ in range(2)]
     assert draw[0] == draw[1]
-
-
-def test_chunk_by_length_bounds_padding():
-    lengths = [100, 10, 12, 95, 11, 50]
-    chunks = chunk_by_length(lengths, token_budget=200)
-    assert sorted(i for c in chunks for i in c) == list(range(6))
-    for chunk in chunks:
-        assert max(lengths[i] for i in chunk) * len(chunk) <= 200 or len(chunk) == 1
-    assert chunk_by_length([500], 100) == [[0]]
-    same = chunk_by_length([5] * 7, 1000, max_items=3)
-    assert len(same) == 3 and max(len(c) for c in same) == 3
-    assert sorted(i for c in same for i in c) == list(range(7))
-
-
-def test_tokenize_pairs_truncates_passage_first(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    query, passage = "how do I boil an egg", "egg water " * 100
-    (encoded,) = tokenize_pairs(tokenizer, [query], [passage], max_len=32)
-    assert len(encoded["input_ids"]) == 32
-    query_ids = tokenizer(query, add_special_tokens=False)["input_ids"]
-    assert encoded["input_ids"][1 : 1 + len(query_ids)] == query_ids  # query kept whole
-    (short,) = tokenize_pairs(tokenizer, ["long query " * 50], ["passage"], max_len=32)
-    assert len(short["input_ids"]) <= 32
-    assert short["token_type_ids"].count(1) >= 2  # the passage survives a long query
 
 
 def test_text_that_is_not_unicode_is_a_bad_row_with_its_line(tmp_path):

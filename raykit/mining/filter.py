@@ -13,6 +13,9 @@ class PairFilterScorer:
 
     def __init__(self, cfg: MineConfig):
         from raykit.core.engine import InferenceEngine
+        from raykit.runtime.console import quiet_ray
+
+        quiet_ray()  # Ray's deprecation notices in this actor, as on the driver
         from raykit.core.head import sigmoid_array
 
         self.sigmoid = sigmoid_array

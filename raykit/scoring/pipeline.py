@@ -78,6 +78,9 @@ class PairScorer:
 
     def __init__(self, cfg: ScoreConfig, model: str):
         from raykit.core.engine import InferenceEngine
+        from raykit.runtime.console import quiet_ray
+
+        quiet_ray()  # Ray's deprecation notices in this actor, as on the driver
 
         self.engine = InferenceEngine.from_config(
             cfg,

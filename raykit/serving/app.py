@@ -229,7 +229,10 @@ class RerankerModel:
 
     def __init__(self, cfg: ServeConfig):
         from raykit.core.engine import InferenceEngine
+        from raykit.runtime.console import quiet_ray
         from raykit.serving.queue import BatchQueue
+
+        quiet_ray()  # Ray's deprecation notices in this actor, as on the driver
 
         self.cfg = cfg
         use_gpu = cfg.use_gpu and _cuda_available()
