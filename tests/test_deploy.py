@@ -86,3 +86,17 @@ def test_rayservice_embeds_a_serve_config_that_serve_run_accepts():
     app_builder(application.args)  # every arg is a valid `raykit serve` flag
     cfg = load_config(ServeConfig, **application.args)
     assert cfg.use_gpu and cfg.model.startswith("s3://")
+
+
+def test_serve_configs_with_the_old_import_path_keep_working():
+    """`raykit.serve:app_builder` (configs written before the sub-packages) is the same builder
+    as `raykit.serving:app_builder`, with a deprecation warning."""
+    import importlib
+    import sys
+
+    import raykit.serving
+
+    sys.modules.pop("raykit.serve", None)
+    with pytest.warns(DeprecationWarning, match="raykit.serving:app_builder"):
+        old = importlib.import_module("raykit.serve")
+    assert old.app_builder is raykit.serving.app_builder

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from raykit.core.batching import CHUNK_COST_TOKENS, chunk_by_length, pad_encodings
+from raykit.core.head import head_scores
 from raykit.core.precision import keep_head_float32, quantize_int8, resolve_dtype, torch_dtype
 from raykit.core.prompts import PromptTemplate, decoder_template, token_id, tokenize_for
 from raykit.core.tokenize import Encoding
@@ -266,11 +267,8 @@ class InferenceEngine:
         autocast = torch.autocast(self.device.type, self.autocast_dtype, enabled=enabled)
         grad_off = torch.inference_mode() if self.inference_mode else torch.no_grad()
         with grad_off, autocast:
-            if self.template is None:
-                scores = self.model(**batch).logits.view(-1).float().cpu().numpy()
-            else:  # left-padded prompts: the last position is every row's last token
-                last = self.model(**batch, logits_to_keep=1).logits[:, -1, :].float()
-                scores = (last[:, self.yes_id] - last[:, self.no_id]).cpu().numpy()
+            yes_no = None if self.template is None else (self.yes_id, self.no_id)
+            scores = head_scores(self.model, batch, yes_no).float().cpu().numpy()
         mask = batch["attention_mask"]
         self.stats.forward_passes += 1
         self.stats.pairs += len(scores)

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from raykit.core.activation import sigmoid_array
 from raykit.core.engine import InferenceEngine
-from raykit.core.head import sigmoid_array
 
 if TYPE_CHECKING:
     import torch

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from raykit.config import MineConfig
+from raykit.core.activation import sigmoid_array
 from raykit.mining.actors import map_on_actors
 
 
@@ -16,9 +17,6 @@ class PairFilterScorer:
         from raykit.runtime.console import quiet_ray
 
         quiet_ray()  # Ray's deprecation notices in this actor, as on the driver
-        from raykit.core.head import sigmoid_array
-
-        self.sigmoid = sigmoid_array
         assert cfg.filter_model is not None
         self.engine = InferenceEngine.from_config(
             cfg,
@@ -30,7 +28,7 @@ class PairFilterScorer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pairs = [[str(q), str(p)] for q, p in zip(batch["query"], batch["passage"], strict=True)]
-        scores = self.sigmoid(self.engine.score_pairs(pairs))
+        scores = sigmoid_array(self.engine.score_pairs(pairs))
         return {"row": batch["row"], "score": scores.astype(np.float32)}
 
 

@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raykit.config import ScoreConfig
-from raykit.core.head import sigmoid
+from raykit.core.activation import sigmoid_array
 from raykit.errors import DataError
 from raykit.runtime.console import RowProgress, format_eta
 from raykit.runtime.logs import logger
@@ -180,7 +180,7 @@ class FileSink:
                 key = ("key", json.dumps(row[cfg.group_by], default=str))
             row["score"] = float(score)
             if cfg.normalize:
-                row["normalized_score"] = sigmoid(float(score))
+                row["normalized_score"] = float(sigmoid_array(score))
             rows.append(row)
             if key is not None and not self.ranked:  # groups, or group_by: a second pass adds rank
                 self.ranked = True

@@ -45,7 +45,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter
 
 from raykit.config import ConfigError, ServeConfig, load_config
-from raykit.core.head import sigmoid
+from raykit.core.activation import sigmoid_array
 from raykit.data.groups import lone_surrogate
 from raykit.runtime.logs import logger
 from raykit.runtime.storage import is_uri
@@ -434,7 +434,7 @@ class RerankerAPI:
         check_texts(body.query, body.texts, "texts", self.cfg.max_documents)
         truncate = True if body.truncate is None else body.truncate
         logits, _ = await self._score(body.query, body.texts, None, truncate)
-        scores = logits if body.raw_scores else [sigmoid(x) for x in logits]
+        scores = logits if body.raw_scores else sigmoid_array(logits).tolist()
         ranked = sorted(range(len(scores)), key=lambda i: -scores[i])
         return [
             {
@@ -451,8 +451,9 @@ class RerankerAPI:
         logits, tokens = await self._score(body.query, texts, body.max_tokens_per_doc, True)
         ranked = sorted(range(len(texts)), key=lambda i: -logits[i])[: body.top_n]
         results = []
+        relevance = sigmoid_array(logits).tolist()
         for i in ranked:
-            result: dict[str, Any] = {"index": i, "relevance_score": sigmoid(logits[i])}
+            result: dict[str, Any] = {"index": i, "relevance_score": relevance[i]}
             if body.return_documents:
                 result["document"] = {"text": texts[i]}
             results.append(result)
