@@ -239,7 +239,7 @@ def test_rerunning_an_interrupted_sweep_resumes_it(ray_cluster, tiny_model_dir, 
 def test_release_placement_group_frees_a_leftover_worker_group(ray_cluster):
     from ray.util.placement_group import placement_group, placement_group_table
 
-    from raykit.training.launch import release_placement_group
+    from raykit.training.tune import release_placement_group
 
     group = placement_group([{"CPU": 0.01}])
     ray_cluster.get(group.ready(), timeout=60)

@@ -10,18 +10,12 @@ import shutil
 from typing import Any
 
 import torch
-from ray.train import (
-    Checkpoint,
-)
+from ray.train import Checkpoint
 
 from raykit.config import FinetuneConfig
-from raykit.core.adapters import (
-    is_adapter_dir,
-)
+from raykit.core.adapters import is_adapter_dir
 from raykit.core.head import CrossEncoder
-from raykit.core.loading import (
-    save_merged,
-)
+from raykit.core.loading import save_merged
 from raykit.runtime.storage import publish_dir
 from raykit.tools.model_card import write_card
 

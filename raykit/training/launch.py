@@ -13,20 +13,11 @@ from typing import Any
 import ray
 import ray.train
 import ray.train.torch
-from ray.train import (
-    CheckpointConfig,
-    DataConfig,
-    FailureConfig,
-    RunConfig,
-    ScalingConfig,
-)
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from raykit.config import ConfigError, FinetuneConfig
-from raykit.core.loading import (
-    check_model,
-    resolve_model_path,
-)
+from raykit.core.loading import check_model, resolve_model_path
 from raykit.data.groups import expand_paths, read_groups
 from raykit.runtime.cluster import hold_run_lock, init_ray
 from raykit.runtime.console import RunConsole
@@ -36,31 +27,6 @@ from raykit.tools.model_card import finetune_card
 from raykit.training.checkpoint import export_model
 from raykit.training.recipe import WORKER_GROUP_KEY, plan_steps, train_loop_per_worker
 from raykit.training.tracking import tracking_dir, tracking_env
-
-
-def release_placement_group(group_hex: str | None) -> None:
-    """Remove a finished run's worker placement group if Ray Train left it behind.
-
-    With Ray 2.60, a run inside a Tune trial can end (or be stopped by ASHA) with its worker
-    group's placement group still reserved: the trial actor exits before the controller's cleanup.
-    In a long-lived driver such as a sweep those CPUs/GPUs would be lost to every later trial.
-    Every report carries the group's id (`WORKER_GROUP_KEY`) so the sweep can free it.
-    """
-    if not group_hex:
-        return
-    from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import (
-        PlacementGroup,
-        placement_group_table,
-        remove_placement_group,
-    )
-
-    group = PlacementGroup(PlacementGroupID(bytes.fromhex(group_hex)))
-    try:
-        if placement_group_table(group).get("state") not in (None, "REMOVED"):
-            remove_placement_group(group)
-    except Exception as exc:  # never fail a finished run over cleanup
-        logger.warning(f"could not release placement group {group_hex}: {exc}")
 
 
 @dataclass

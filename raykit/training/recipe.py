@@ -19,26 +19,16 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import (
-    Checkpoint,
-)
+from ray.train import Checkpoint
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from transformers import get_linear_schedule_with_warmup
 
 from raykit.config import ConfigError, FinetuneConfig
-from raykit.core.adapters import (
-    add_lora,
-    base_model_name,
-    load_adapter,
-    trainable_summary,
-)
+from raykit.core.adapters import add_lora, base_model_name, load_adapter, trainable_summary
 from raykit.core.batching import make_chunks
 from raykit.core.engine import InferenceEngine
 from raykit.core.head import CrossEncoder
-from raykit.core.loading import (
-    load_model_and_tokenizer,
-    local_model_path,
-)
+from raykit.core.loading import load_model_and_tokenizer, local_model_path
 from raykit.core.losses import distillation_loss, group_softmax_loss
 from raykit.core.metrics import mean_metrics, metric_sums
 from raykit.core.precision import resolve_dtype, torch_dtype

@@ -30,10 +30,36 @@ from raykit.runtime.logs import is_verbose, logger
 from raykit.runtime.storage import absolute, filesystem, join, prepare_output_dir
 from raykit.tools.model_card import finetune_card
 from raykit.training.checkpoint import export_model
-from raykit.training.launch import WORKER_GROUP_KEY, finetune, release_placement_group
+from raykit.training.launch import finetune
+from raykit.training.recipe import WORKER_GROUP_KEY
 
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # set by TuneReportCallback on checkpoint reports
 TRIAL_DRIVER_CPU = 0.01  # a trial only waits on its TorchTrainer
+
+
+def release_placement_group(group_hex: str | None) -> None:
+    """Remove a finished run's worker placement group if Ray Train left it behind.
+
+    With Ray 2.60, a run inside a Tune trial can end (or be stopped by ASHA) with its worker
+    group's placement group still reserved: the trial actor exits before the controller's cleanup.
+    In a long-lived driver such as a sweep those CPUs/GPUs would be lost to every later trial.
+    Every report carries the group's id (`WORKER_GROUP_KEY`) so the sweep can free it.
+    """
+    if not group_hex:
+        return
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import (
+        PlacementGroup,
+        placement_group_table,
+        remove_placement_group,
+    )
+
+    group = PlacementGroup(PlacementGroupID(bytes.fromhex(group_hex)))
+    try:
+        if placement_group_table(group).get("state") not in (None, "REMOVED"):
+            remove_placement_group(group)
+    except Exception as exc:  # never fail a finished run over cleanup
+        logger.warning(f"could not release placement group {group_hex}: {exc}")
 
 
 def search_space(specs: list[str]) -> dict[str, Any]:
