@@ -85,7 +85,7 @@ def inference(model_dir: str) -> None:
         for p in g["pos"] + g["neg"]
     ]
     cpu = Reranker(model_dir, device="cpu").compute_score(pairs)
-    fp32 = Reranker(model_dir, device="cuda").compute_score(pairs)
+    fp32 = Reranker(model_dir, device="cuda", dtype="float32").compute_score(pairs)
     fp16 = Reranker(model_dir, device="cuda", fp16=True).compute_score(pairs)
     bf16 = Reranker(model_dir, device="cuda", bf16=True).compute_score(pairs)
     emit(
@@ -159,7 +159,7 @@ def llm_reranker_inference(tmp: str, device: str = "cuda") -> None:
         for p in g["pos"] + g["neg"]
     ]
     cpu = np.array(Reranker(tiny, device="cpu").compute_score(pairs))
-    fp32 = np.array(Reranker(tiny, device=device).compute_score(pairs))
+    fp32 = np.array(Reranker(tiny, device=device, dtype="float32").compute_score(pairs))
     bf16 = np.array(Reranker(tiny, device=device, bf16=True).compute_score(pairs))
     emit(
         "llm_reranker_tiny",

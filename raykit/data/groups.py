@@ -19,16 +19,17 @@ import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import ray
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raykit.errors import DataError
 from raykit.runtime.storage import filesystem, is_uri
+
+if TYPE_CHECKING:
+    import ray
 
 GROUP_SCHEMA = pa.schema(
     [
@@ -244,7 +245,6 @@ def check_file(path: str, require_neg: bool = True, keep: list[dict] | None = No
     return report
 
 
-@ray.remote(num_cpus=0.25)
 def _validate_file_task(path: str) -> DataReport | DataError:
     try:
         return check_file(path)
@@ -254,9 +254,12 @@ def _validate_file_task(path: str) -> DataReport | DataError:
 
 def validate_files(files: Sequence[str]) -> DataReport:
     """Validate files in parallel Ray tasks and sum their reports."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     # An explicit "no placement group" keeps these tasks out of the caller's placement group
     # when called from a Tune trial (whose group holds only a token CPU).
-    task = _validate_file_task.options(
+    task = ray.remote(num_cpus=0.25)(_validate_file_task).options(
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None)
     )
     report = DataReport()
@@ -301,6 +304,8 @@ def read_groups(
     in which case those rows are dropped and counted in the returned report. The read uses
     the same line decoder and checks as the validation pass, so both agree on every row.
     """
+    import ray
+
     files = expand_paths(paths)
     report = validate_files(files)
     if not skip_invalid:
