@@ -230,3 +230,22 @@ def test_unusable_paths_are_one_line_errors_before_anything_starts(
     # Lines Ray forwards from other workers of the shared test cluster are not ours.
     lines = [line for line in result.output.strip().splitlines() if "pid=" not in line]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+def test_linear_schedule_is_transformers_schedule():
+    """The recipe's own warm-up/decay schedule gives transformers' lr at every step."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from raykit.training.recipe import linear_schedule
+
+    def lrs(make) -> list[float]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        scheduler = make(optimizer, 3, 10)
+        values = []
+        for _ in range(12):
+            values.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return values
+
+    assert lrs(linear_schedule) == lrs(get_linear_schedule_with_warmup)

@@ -20,8 +20,6 @@ import ray.train
 import ray.train.torch
 import torch
 from ray.train import Checkpoint
-from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-from transformers import get_linear_schedule_with_warmup
 
 from raykit.config import ConfigError, FinetuneConfig
 from raykit.core.adapters import add_lora, base_model_name, load_adapter, trainable_summary
@@ -81,6 +79,21 @@ def plan_steps(cfg: FinetuneConfig, valid_groups: int) -> TrainPlan:
         epochs=math.ceil(total / steps_per_epoch),
         warmup_steps=int(cfg.warmup_ratio * total),
     )
+
+
+def linear_schedule(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the peak lr, then linear decay to 0: transformers'
+    `get_linear_schedule_with_warmup`, written here because importing transformers' optimization
+    module also imports peft and torchao (seconds of every worker's start)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -266,10 +279,12 @@ class FinetuneRecipe:
             ],
             lr=cfg.learning_rate,
         )
-        self.scheduler = get_linear_schedule_with_warmup(
+        self.scheduler = linear_schedule(
             self.optimizer, self.plan.warmup_steps, self.plan.total_steps
         )
-        scaler = ShardedGradScaler if cfg.fsdp else torch.amp.GradScaler
+        scaler: Any = torch.amp.GradScaler
+        if cfg.fsdp:  # imported only here: torch.distributed.fsdp takes a second to import
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler as scaler
         self.scaler = scaler(self.device.type, enabled=self.precision == "float16")
 
     def _setup_eval(self) -> None:
