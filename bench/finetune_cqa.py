@@ -41,7 +41,10 @@ def plain_loop_pairs_per_second(
     """The loop users write by hand: one process, batches padded to their longest pair."""
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    model, tokenizer = load_model_and_tokenizer(resolve_model_path("minilm-l6"))
+    model, tokenizer = load_model_and_tokenizer(
+        resolve_model_path("minilm-l6"),
+        allow_untrained_head=True,  # a new head, as finetune's
+    )
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     records = load_groups(train_file)

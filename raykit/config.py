@@ -208,6 +208,11 @@ class ModelLoading(_OptionGroup):
     instruction: str | None = _opt(None, "Decoder prompt instruction (qwen3's <Instruct>).")
     yes_token: str | None = _opt(None, "Decoder: the token whose logit says relevant.")
     no_token: str | None = _opt(None, "Decoder: the token whose logit says not relevant.")
+    allow_untrained_head: bool = _opt(
+        False,
+        "Score with a model that has no trained reranker head (a base or embedding model: "
+        "transformers creates a random one, so scores mean nothing). finetune creates the head.",
+    )
 
 
 @options
@@ -281,17 +286,17 @@ class Metrics(_OptionGroup):
 class TokenLimits(_OptionGroup):
     panel = "Token limits"
 
-    max_len: Positive = _opt(512, "Maximum tokens of a (query, passage) pair.")
-    query_max_len: Positive | None = _opt(None, "Maximum query tokens (default: max_len // 2).")
-    passage_max_len: Positive | None = _opt(None, "Maximum passage tokens (default: max_len).")
-
-    @property
-    def effective_query_max_len(self) -> int:
-        return self.query_max_len or self.max_len // 2
-
-    @property
-    def effective_passage_max_len(self) -> int:
-        return self.passage_max_len or self.max_len
+    # None: the model's own (its raykit_reranker.json), else the default; an explicit value
+    # overrides the model's and says so.
+    max_len: Positive | None = _opt(
+        None, "Maximum tokens of a (query, passage) pair (default: the model's, else 512)."
+    )
+    query_max_len: Positive | None = _opt(
+        None, "Maximum query tokens (default: the model's, else max_len // 2)."
+    )
+    passage_max_len: Positive | None = _opt(
+        None, "Maximum passage tokens (default: the model's, else max_len)."
+    )
 
 
 @options
@@ -597,7 +602,7 @@ class ServeConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
             raise ConfigError(
                 f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})"
             )
-        if self.max_len > self.max_batch_tokens:
+        if self.max_len and self.max_len > self.max_batch_tokens:
             raise ConfigError("max_batch_tokens: must be >= max_len (one pair must fit)")
         if not self.route_prefix.startswith("/"):
             raise ConfigError("route_prefix: must start with '/'")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import time
@@ -444,3 +445,21 @@ QWEN3_PREFIX = (
 )
 QWEN3_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 QWEN3_TASK = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+def card_snippets(folder: str) -> list[str]:
+    """The python code blocks of the model card in `folder`."""
+    text = (Path(folder) / "README.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+def run_snippet(code: str, folder: str) -> list[float]:
+    """Run a model card's snippet where it names the model by its folder; its `scores`."""
+    previous = os.getcwd()
+    os.chdir(Path(folder).parent)
+    try:
+        namespace: dict = {}
+        exec(compile(code, "model card", "exec"), namespace)
+    finally:
+        os.chdir(previous)
+    return list(namespace["scores"])

@@ -16,8 +16,10 @@ from tests.helpers import (
     QWEN3_SUFFIX,
     SAMPLE_DEV,
     build_tiny_decoder,
+    card_snippets,
     gemma_reference,
     qwen3_reference,
+    run_snippet,
     sample_pairs,
     write_jsonl,
 )
@@ -120,8 +122,9 @@ def test_instruction_and_yes_no_tokens_are_settings(decoders):
 @pytest.mark.slow
 def test_finetuning_a_decoder_learns_and_exports_a_causal_lm(ray_cluster, decoders, tmp_path):
     """Full fine-tuning of a tiny Qwen3 reranker on its prompts (group softmax over
-    logit(yes) - logit(no)) raises NDCG@10 on marked data; the export is a causal LM that scores
-    as the final evaluation did."""
+    logit(yes) - logit(no)) raises NDCG@10 on marked data; the export is a causal LM that
+    remembers its instruction and max_len: evaluated, scored and loaded with no flag repeated,
+    it scores as the final evaluation did, and its model card's code agrees."""
     from raykit.scoring.evaluate import evaluate_model
     from raykit.training.launch import finetune
     from tests.helpers import marked_train_file
@@ -138,6 +141,7 @@ def test_finetuning_a_decoder_learns_and_exports_a_causal_lm(ray_cluster, decode
         per_device_train_batch_size=4,
         num_train_epochs=4,
         max_len=160,
+        instruction="Judge whether the passage answers the question",
         logging_steps=5,
         eval_steps=10,
     )
@@ -146,10 +150,29 @@ def test_finetuning_a_decoder_learns_and_exports_a_causal_lm(ray_cluster, decode
     assert after["nDCG@10"] > before["nDCG@10"] + 0.1, (before, after)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["architectures"] == ["Qwen3ForCausalLM"]
-    again = evaluate_model(
-        EvaluateConfig(model_name_or_path=str(tmp_path / "out"), max_len=160, eval_data=[dev])
-    )
+    out = str(tmp_path / "out")
+    again = evaluate_model(EvaluateConfig(model_name_or_path=out, eval_data=[dev]))
     assert again["nDCG@10"] == pytest.approx(result.best_metrics["nDCG@10"], abs=1e-4)
+    spec = json.loads((tmp_path / "out" / "raykit_reranker.json").read_text())
+    assert spec["max_len"] == 160 and spec["template"]["instruction"] == cfg.instruction
+    # The card's transformers code (the documented formula, pair by pair) agrees with raykit.
+    pairs = [["what is ray?", "a distributed compute engine"], ["what is ray?", "a fruit"]]
+    by_card = run_snippet(card_snippets(out)[1], out)
+    by_raykit = [Reranker(out).compute_score(p) for p in pairs]
+    np.testing.assert_allclose(by_card, by_raykit, atol=1e-5)
+    wrong = [Reranker(out, instruction="Find recipes").compute_score(p) for p in pairs]
+    assert not np.allclose(wrong, by_raykit, atol=1e-4)
+    # raykit score (Ray Data tokenising tasks and actors), no flag repeated.
+    from raykit.scoring.pipeline import run_score
+
+    pairs = sample_pairs(8)
+    source = write_jsonl(tmp_path / "pairs.jsonl", [{"query": q, "passage": p} for q, p in pairs])
+    scored = tmp_path / "scored"
+    run_score(ScoreConfig(model=out, input=[str(source)], output=str(scored), format="jsonl"))
+    rows = [json.loads(line) for line in (scored / "pairs.jsonl").open()]
+    np.testing.assert_allclose(
+        [r["score"] for r in rows], Reranker(out).compute_score(pairs), atol=1e-4
+    )
 
 
 @pytest.mark.slow

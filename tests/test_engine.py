@@ -12,6 +12,7 @@ from raykit.core.engine import InferenceEngine
 from raykit.core.loading import load_model_and_tokenizer
 from raykit.core.precision import resolve_dtype
 from raykit.core.reranker import Reranker
+from raykit.core.spec import RerankerSpec
 from tests.helpers import SAMPLE_DEV, plain_hf_logits
 
 QUERIES = ["how long to boil an egg", "why is the sky blue", "what is ray"]
@@ -92,7 +93,11 @@ def test_a_handed_model_runs_under_autocast_and_is_not_modified(tiny_model_dir):
     model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
     model.eval()
     engine = InferenceEngine(
-        model, tokenizer, precision="bfloat16", autocast_dtype=torch.bfloat16, max_len=64
+        model,
+        tokenizer,
+        precision="bfloat16",
+        autocast_dtype=torch.bfloat16,
+        spec=RerankerSpec(max_len=64),
     )
     scores = engine.score_pairs(PAIRS)
     assert next(model.parameters()).dtype == torch.float32

@@ -131,7 +131,7 @@ def test_sharded_lora_run_resumes_after_a_killed_worker_and_exports_the_adapter(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from raykit.core.loading import save_merged
+    from raykit.core.export import save_merged
     from raykit.training.launch import finetune
 
     base = build_tiny_decoder(tmp_path / "qwen3", "qwen3")
@@ -162,7 +162,8 @@ def test_sharded_lora_run_resumes_after_a_killed_worker_and_exports_the_adapter(
     # card's formula, and so does the adapter folder itself when raykit loads it.
     pairs = sample_pairs()
     unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
-    expected_scores, _, _ = qwen3_reference(base, pairs, model=unmerged)
+    # Both remember the run's max_len (their raykit_reranker.json).
+    expected_scores, _, _ = qwen3_reference(base, pairs, max_length=160, model=unmerged)
     merged = tmp_path / "merged"
     save_merged(str(adapter), str(merged))
     np.testing.assert_allclose(

@@ -13,8 +13,11 @@ from raykit.cli import app, normalize_argv
 from raykit.config import ConfigError, MixConfig
 from raykit.core.losses import group_softmax_loss
 from raykit.core.reranker import Reranker
+from raykit.core.spec import RerankerSpec
 from raykit.tools.mix import example_loss, run_mix
 from tests.helpers import SAMPLE_DEV, build_tiny_reranker, plain_hf_logits, train_tiny, write_jsonl
+
+SPEC_64 = RerankerSpec(max_len=64)
 
 
 def state(path: str) -> dict[str, torch.Tensor]:
@@ -106,7 +109,9 @@ def test_auto_weights_favour_the_model_with_lower_loss(two_models, tmp_path, cap
     losses = []
     for path in (untrained, trained):
         m = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).eval()
-        losses.append(example_loss(m, AutoTokenizer.from_pretrained(path), examples, 4, 64))
+        losses.append(
+            example_loss(m, AutoTokenizer.from_pretrained(path), examples, 4, spec=SPEC_64)
+        )
     assert losses[1] < losses[0] - 0.2  # the training worked
     expected = torch.softmax(-torch.tensor(losses) / 0.5, 0).tolist()
     assert summary["weights"] == pytest.approx(expected, abs=1e-5)
@@ -115,7 +120,7 @@ def test_auto_weights_favour_the_model_with_lower_loss(two_models, tmp_path, cap
     # example_loss is the group-softmax loss of the first positive + up to 3 negatives.
     g = examples[0]
     logits = plain_hf_logits(m, [[g["query"], p] for p in [g["pos"][0], *g["neg"][:3]]], 64)
-    single = example_loss(m, AutoTokenizer.from_pretrained(trained), [g], 4, 64)
+    single = example_loss(m, AutoTokenizer.from_pretrained(trained), [g], 4, spec=SPEC_64)
     assert single == pytest.approx(group_softmax_loss(torch.tensor(logits), 4).item(), abs=1e-5)
 
 

@@ -3,7 +3,7 @@
 from huggingface_hub import ModelCard
 
 from raykit.config import FinetuneConfig, MixConfig
-from raykit.tools.model_card import finetune_card, hub_id, mix_card
+from raykit.tools.model_card import finetune_card, hub_id, mix_card, write_card
 
 
 def card_of(text: str, tmp_path) -> ModelCard:
@@ -36,7 +36,10 @@ def test_finetune_card_metadata_results_and_settings(tmp_path):
     assert "learning_rate: 2.0e-05" in text  # a changed setting ...
     assert "max_len" not in text  # ... and not the defaults
     assert "training: 40 valid groups" in text
-    assert 'Reranker("my-reranker")' in text and "CrossEncoder(" in text
+    # The usage section is written with the model (it follows the model's spec).
+    write_card(str(tmp_path), finetune_card(cfg, summary, best, []), "my-reranker")
+    written = (tmp_path / "README.md").read_text()
+    assert "Reranker('my-reranker')" in written and "CrossEncoder('my-reranker')" in written
 
 
 def test_local_models_are_not_named_as_hub_base_models(tmp_path):

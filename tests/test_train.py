@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -18,6 +19,8 @@ from typer.testing import CliRunner
 
 from raykit.cli import app, normalize_argv
 from raykit.config import FinetuneConfig, load_config
+from raykit.core.activation import sigmoid_array
+from raykit.core.reranker import Reranker
 from raykit.training.recipe import ThroughputWindow, plan_steps
 from tests.helpers import (
     SAMPLE_DEV,
@@ -98,6 +101,15 @@ def test_two_worker_cli_finetune_lowers_loss_and_writes_hf_model(
     assert model.config.num_labels == 1
     assert not (out / "trainer_state.pt").exists()
     assert (out / "tokenizer.json").exists()
+    # The export knows how it scores, and scores the same in sentence-transformers.
+    spec = json.loads((out / "raykit_reranker.json").read_text())
+    assert spec["kind"] == "encoder" and spec["max_len"] == 64
+    from sentence_transformers import CrossEncoder
+
+    pairs = [["what is ray?", "a distributed compute engine"], ["what is ray?", "a fruit"]]
+    raw = np.array(Reranker(str(out)).compute_score(pairs))
+    predicted = CrossEncoder(str(out), device="cpu").predict(pairs)
+    np.testing.assert_allclose(predicted, sigmoid_array(raw), atol=1e-5)
 
 
 def test_bad_training_data_stops_the_cli_with_file_and_line(ray_cluster, tiny_model_dir, tmp_path):

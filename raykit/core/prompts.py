@@ -189,22 +189,3 @@ def tokenize_for(
     return tokenize_prompts(
         tokenizer, template, list(queries), list(passages), max_len, query_max_len, passage_max_len
     )
-
-
-def decoder_template(
-    path: str,
-    trust_remote_code: bool = False,
-    model_kind: str = "auto",
-    template: str | None = None,
-    instruction: str | None = None,
-    yes_token: str | None = None,
-    no_token: str | None = None,
-) -> PromptTemplate | None:
-    """The prompt template when the checkpoint at `path` is (or is told to be) a decoder."""
-    from transformers import AutoConfig
-
-    from raykit.core.loading import model_config_path
-
-    config_path = model_config_path(path)  # an adapter's prompt is its base's
-    config = AutoConfig.from_pretrained(config_path, trust_remote_code=trust_remote_code)
-    return resolve_template(config, model_kind, template, instruction, yes_token, no_token)

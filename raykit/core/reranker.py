@@ -9,6 +9,8 @@ import numpy as np
 
 from raykit.core.activation import sigmoid_array
 from raykit.core.engine import InferenceEngine
+from raykit.core.spec import SpecRequest
+from raykit.runtime.logs import logger
 
 if TYPE_CHECKING:
     import torch
@@ -23,6 +25,9 @@ class Reranker:
     >>> reranker.rerank("what is ray?", ["a fruit", "a compute engine"], top_n=1)
 
     `dtype` is auto|float32|bfloat16|float16|int8; `fp16`/`bf16` are FlagReranker-style aliases.
+    A model raykit wrote knows its prompt and token limits (its `raykit_reranker.json`); the
+    arguments left None take them from there, given ones override them (logged). A model
+    without a trained head is refused unless `allow_untrained_head`.
     """
 
     def __init__(
@@ -32,7 +37,7 @@ class Reranker:
         dtype: str = "auto",
         fp16: bool = False,
         bf16: bool = False,
-        max_length: int = 512,
+        max_length: int | None = None,
         batch_size: int = 64,
         token_budget: int = 4096,
         trust_remote_code: bool = False,
@@ -44,6 +49,7 @@ class Reranker:
         instruction: str | None = None,
         yes_token: str | None = None,
         no_token: str | None = None,
+        allow_untrained_head: bool = False,
     ):
         if fp16 and bf16:
             raise ValueError("fp16/bf16: choose one")
@@ -53,15 +59,19 @@ class Reranker:
             device=device,
             dtype=dtype,
             threads=threads,
-            trust_remote_code=trust_remote_code,
-            model_kind=model_kind,
-            template=template,
-            instruction=instruction,
-            yes_token=yes_token,
-            no_token=no_token,
-            max_len=max_length,
-            query_max_len=query_max_length,
-            passage_max_len=passage_max_length,
+            request=SpecRequest(
+                model_kind=model_kind,
+                template=template,
+                instruction=instruction,
+                yes_token=yes_token,
+                no_token=no_token,
+                max_len=max_length,
+                query_max_len=query_max_length,
+                passage_max_len=passage_max_length,
+                trust_remote_code=trust_remote_code,
+            ),
+            allow_untrained_head=allow_untrained_head,
+            announce=logger.info,
             token_budget=token_budget,
             max_batch_size=batch_size,
         )

@@ -6,6 +6,7 @@ import numpy as np
 
 from raykit.config import MineConfig
 from raykit.core.loading import resolve_model_path
+from raykit.core.spec import DEFAULT_MAX_LEN
 from raykit.mining.actors import map_on_actors
 
 
@@ -45,7 +46,7 @@ class TextEmbedder:
                 [texts[i] for i in index],
                 padding=True,
                 truncation=True,
-                max_length=self.cfg.max_len,
+                max_length=self.cfg.max_len or DEFAULT_MAX_LEN,
                 return_tensors="pt",
             )
             inputs = {k: v.to(self.device) for k, v in inputs.items()}

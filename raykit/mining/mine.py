@@ -13,6 +13,7 @@ import pyarrow.fs as pafs
 
 from raykit.config import MineConfig
 from raykit.core.loading import check_model
+from raykit.core.spec import check_reranker
 from raykit.data.groups import (
     MAX_REPORTED_ERRORS,
     DataError,
@@ -125,7 +126,7 @@ def run_mine(cfg: MineConfig) -> dict[str, Any]:
     if cfg.retriever == "dense":
         check_model(cfg.embedder, "embedder")
     if cfg.filter_model:
-        check_model(cfg.filter_model, "filter_model")
+        check_reranker(cfg.filter_model, cfg, "filter_model")
     if not is_uri(cfg.output):
         check_writable(os.path.dirname(absolute(cfg.output)), "output")
     if cfg.qrels:

@@ -22,6 +22,7 @@ def evaluate_model(cfg: EvaluateConfig) -> dict[str, float]:
     from raykit.core.engine import InferenceEngine
     from raykit.core.loading import check_model
     from raykit.data.groups import load_groups
+    from raykit.runtime.logs import logger
 
     check_model(cfg.model_name_or_path, "model_name_or_path")
     engine = InferenceEngine.from_config(
@@ -30,6 +31,7 @@ def evaluate_model(cfg: EvaluateConfig) -> dict[str, float]:
         use_gpu=torch.cuda.is_available(),
         threads=None,
         max_batch_size=cfg.eval_batch_size,
+        announce=logger.info,
     )
 
     def score(pairs: list[list[str]]) -> list[float]:

@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raykit.config import ScoreConfig
-from raykit.core.prompts import decoder_template, tokenize_for
+from raykit.core.prompts import tokenize_for
+from raykit.core.spec import RerankerSpec, SpecRequest, resolve_spec
 from raykit.data.groups import lone_surrogate, read_lines
 from raykit.errors import DataError
 from raykit.runtime.storage import filesystem
@@ -33,9 +34,10 @@ def _tokenizer(model_path: str, trust_remote_code: bool) -> Any:
 
 
 @functools.lru_cache(maxsize=4)
-def _template(model_path: str, trust_remote_code: bool, *prompt: str | None) -> Any:
-    """The decoder prompt template of the model (None for a cross-encoder), once per task."""
-    return decoder_template(model_path, trust_remote_code, *prompt)
+def _spec(model_path: str, request: SpecRequest) -> RerankerSpec:
+    """How the model scores (prompt, token limits), once per task (the driver has reported
+    the overrides)."""
+    return resolve_spec(model_path, request)
 
 
 def read_input_file(batch: pa.Table) -> Iterator[pa.Table]:
@@ -146,15 +148,7 @@ def tokenize_rows(batch: pa.Table, cfg: ScoreConfig, model_path: str) -> pa.Tabl
     -1 for a pair row), _error (reason, or null), input_ids, token_type_ids (if the model has them).
     """
     tokenizer = _tokenizer(model_path, cfg.trust_remote_code)
-    template = _template(
-        model_path,
-        cfg.trust_remote_code,
-        cfg.model_kind,
-        cfg.template,
-        cfg.instruction,
-        cfg.yes_token,
-        cfg.no_token,
-    )
+    spec = _spec(model_path, SpecRequest.of(cfg))
     columns_in = ("_file", "_line", "_json", "_problem")
     files, lines, texts, problems = (batch[c].to_pylist() for c in columns_in)
     out: dict[str, list] = {k: [] for k in ("_file", "_line", "_json", "_cand", "_error")}
@@ -184,12 +178,12 @@ def tokenize_rows(batch: pa.Table, cfg: ScoreConfig, model_path: str) -> pa.Tabl
     encodings = (
         tokenize_for(
             tokenizer,
-            template,
+            spec.template,
             [queries[i] for i in valid],
             [passages[i] for i in valid],
-            cfg.max_len,
-            cfg.query_max_len,
-            cfg.passage_max_len,
+            spec.max_len,
+            spec.query_max_len,
+            spec.passage_max_len,
         )
         if valid
         else []

@@ -157,8 +157,11 @@ class FileSink:
         errors = batch["_error"].to_pylist()
         lines, cands = batch["_line"].to_pylist(), batch["_cand"].to_pylist()
         texts, scores = batch["_json"].to_pylist(), batch["score"].to_numpy(zero_copy_only=False)
+        normalized = sigmoid_array(scores) if cfg.normalize else scores  # one vectorised pass
         rows, records = [], []
-        for line, cand, text, score, error in zip(lines, cands, texts, scores, errors, strict=True):
+        for line, cand, text, score, norm, error in zip(
+            lines, cands, texts, scores, normalized, errors, strict=True
+        ):
             if error is not None:
                 self.stats.rows_in += 1
                 self.stats.rejected[error] += 1
@@ -180,7 +183,7 @@ class FileSink:
                 key = ("key", json.dumps(row[cfg.group_by], default=str))
             row["score"] = float(score)
             if cfg.normalize:
-                row["normalized_score"] = float(sigmoid_array(score))
+                row["normalized_score"] = float(norm)
             rows.append(row)
             if key is not None and not self.ranked:  # groups, or group_by: a second pass adds rank
                 self.ranked = True

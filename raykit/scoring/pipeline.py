@@ -26,7 +26,8 @@ import pyarrow.fs as pafs
 import ray
 
 from raykit.config import ConfigError, ScoreConfig
-from raykit.core.loading import check_model, local_model_path
+from raykit.core.loading import local_model_path
+from raykit.core.spec import check_reranker
 from raykit.data.groups import expand_paths
 from raykit.errors import DataError
 from raykit.runtime.cluster import capacity, init_ray
@@ -178,7 +179,7 @@ def _unwrap(exc: BaseException) -> BaseException:
 def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     """Score every input row once; returns (and prints) the run summary."""
     cfg.check_paths()
-    check_model(cfg.model)
+    check_reranker(cfg.model, cfg)
     check_writable(cfg.output, "output")
     if cfg.errors_path:
         check_writable(os.path.dirname(absolute(cfg.errors_path)), "errors_path")

@@ -263,19 +263,23 @@ class RerankerModel:
     def _tokenize(
         self, query: str, texts: list[str], max_tokens_per_doc: int | None, truncate: bool
     ) -> list[dict[str, list[int]]] | str:
-        """Encodings of every pair, or (with `truncate` False) a message naming a pair over
-        `max_len`."""
+        """Encodings of every pair, or (with `truncate` False) a message naming the first pair
+        that the engine's limits would cut: the very encoding that will be scored (a decoder's
+        whole prompt) is measured."""
         queries = [query] * len(texts)
+        encodings = self.engine.tokenize(queries, texts, passage_max_len=max_tokens_per_doc)
         if not truncate:
-            tokenizer = self.engine.tokenizer
-            lengths = [len(ids) for ids in tokenizer(queries, texts)["input_ids"]]
-            over = next((i for i, n in enumerate(lengths) if n > self.cfg.max_len), None)
+            over = self.engine.first_cut(queries, texts, encodings)
             if over is not None:
+                index, length = over
+                what = "prompt" if self.engine.template is not None else "pair"
                 return (
-                    f"texts[{over}]: {lengths[over]} tokens with the query > max_len "
-                    f"{self.cfg.max_len}; send truncate: true to cut it"
+                    f"texts[{index}]: the {what} is {length} tokens, over the model's limits "
+                    f"(max_len {self.engine.max_len}, query_max_len "
+                    f"{self.engine.query_max_len or self.engine.max_len // 2}); send "
+                    "truncate: true to cut it"
                 )
-        return self.engine.tokenize(queries, texts, passage_max_len=max_tokens_per_doc)
+        return encodings
 
     async def score(
         self,
@@ -310,7 +314,16 @@ class RerankerModel:
 
     async def info(self) -> dict[str, Any]:
         engine = self.engine
+        spec = engine.spec
         return {
+            # How the model scores: its spec with the options applied.
+            "scoring": {
+                "model_kind": spec.kind,
+                "max_len": spec.max_len,
+                "query_max_len": spec.query_max_len,
+                "passage_max_len": spec.passage_max_len,
+                "instruction": spec.template.instruction if spec.template else None,
+            },
             "device": str(engine.device),
             "dtype": engine.precision,
             "compiled": engine.compiled,
@@ -412,6 +425,7 @@ class RerankerAPI:
             "compiled": replica.pop("compiled"),
             "auth": bool(self.api_key),
             **fields,
+            **replica.pop("scoring"),
             "replica_stats": replica,
         }
 
@@ -566,14 +580,16 @@ def run_serve(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
     (or, with `detach`, return and leave the app running on the cluster)."""
     import ray
 
-    from raykit.core.loading import check_model
+    from raykit.core.spec import check_reranker
     from raykit.runtime.cluster import init_ray
 
     started = time.perf_counter()
     cfg.check_paths()
     if cfg.cpus_per_replica and cfg.max_replicas and cfg.cpus_per_replica * cfg.max_replicas < 1:
         raise ConfigError("cpus_per_replica x max_replicas must be >= 1")
-    check_model(cfg.model)
+    spec = check_reranker(cfg.model, cfg)
+    if spec and spec.max_len > cfg.max_batch_tokens:
+        raise ConfigError(f"max_batch_tokens: must be >= the model's max_len {spec.max_len}")
     started_ray = not ray.is_initialized()
     explicit = cfg.max_replicas and cfg.cpus_per_replica and cfg.max_replicas * cfg.cpus_per_replica
     local = init_ray(explicit or (os.cpu_count() or 1))

@@ -23,10 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from raykit.config import ConfigError, MixConfig
+from raykit.core.loading import local_model_path
+from raykit.core.spec import RerankerSpec, SpecRequest, resolve_spec, write_spec
 from raykit.data.groups import load_groups
 from raykit.runtime.logs import logger
 from raykit.runtime.storage import prepare_output_dir, publish_dir
-from raykit.tools.model_card import mix_card, write_card
+from raykit.tools.model_card import card_name, mix_card, write_card
 
 # Config keys that decide parameter shapes and meaning; they must agree between models.
 ARCHITECTURE_KEYS = (
@@ -96,10 +98,15 @@ def check_same_architecture(first_name: str, first: nn.Module, name: str, other:
 
 
 def mix_models(
-    names: list[str], weights: list[float], trust_remote_code: bool = False, kind: str = "auto"
+    names: list[str],
+    weights: list[float],
+    trust_remote_code: bool = False,
+    kind: str = "auto",
+    allow_untrained_head: bool = False,
 ) -> tuple[nn.Module, Any, dict[str, list[str]]]:
     """The weighted average as a model of the first model's class, its tokenizer, and for each
-    tensor some checkpoint lacked, the models it was averaged over."""
+    tensor some checkpoint lacked, the models it was averaged over. A tensor no checkpoint
+    has (no model has a trained head) is refused unless `allow_untrained_head`."""
     from transformers import AutoTokenizer
 
     first, first_missing = load_for_mixing(names[0], trust_remote_code, kind)
@@ -133,7 +140,9 @@ def mix_models(
             value = total if len(has[key]) == len(names) else total / mass[key]
             state[key] = value.to(state[key].dtype)
     first.load_state_dict(state)
-    from raykit.core.loading import local_model_path
+    from raykit.core.loading import check_head
+
+    check_head(", ".join(names), [k for k, v in partial.items() if not v], allow_untrained_head)
 
     tokenizer = AutoTokenizer.from_pretrained(
         local_model_path(names[0]), trust_remote_code=trust_remote_code
@@ -146,11 +155,8 @@ def example_loss(
     tokenizer: Any,
     groups: list[dict],
     group_size: int,
-    max_len: int,
-    query_max_len: int | None = None,
-    passage_max_len: int | None = None,
     token_budget: int = 4096,
-    template: Any = None,
+    spec: RerankerSpec | None = None,
 ) -> float:
     """Mean group-softmax loss: each group is its first positive + up to group_size-1 negatives."""
     from raykit.core.engine import InferenceEngine
@@ -164,11 +170,8 @@ def example_loss(
         model,
         tokenizer,
         device=next(model.parameters()).device,
-        max_len=max_len,
-        query_max_len=query_max_len,
-        passage_max_len=passage_max_len,
+        spec=spec,
         token_budget=token_budget,
-        template=template,
     )
     logits = torch.from_numpy(engine.score_pairs(pairs))
     losses, start = [], 0
@@ -183,34 +186,15 @@ def auto_weights(cfg: MixConfig) -> tuple[list[float], list[float]]:
     """(weights, losses): weights = softmax(-loss / temperature) over the models."""
     from transformers import AutoTokenizer
 
-    from raykit.core.loading import local_model_path
-    from raykit.core.prompts import decoder_template
-
     groups = load_groups(cfg.example_data)
     losses = []
     for name in cfg.models:
         model, _ = load_for_mixing(name, cfg.trust_remote_code, cfg.model_kind)
         path = local_model_path(name)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-        template = decoder_template(
-            path,
-            cfg.trust_remote_code,
-            cfg.model_kind,
-            cfg.template,
-            cfg.instruction,
-            cfg.yes_token,
-            cfg.no_token,
-        )
+        spec = resolve_spec(path, SpecRequest.of(cfg))
         loss = example_loss(
-            model,
-            tokenizer,
-            groups,
-            cfg.train_group_size,
-            cfg.max_len,
-            cfg.query_max_len,
-            cfg.passage_max_len,
-            cfg.forward_token_budget,
-            template,
+            model, tokenizer, groups, cfg.train_group_size, cfg.forward_token_budget, spec
         )
         losses.append(loss)
         del model
@@ -228,8 +212,10 @@ def run_mix(cfg: MixConfig) -> dict[str, Any]:
     else:
         weights = cfg.weight_values
     model, tokenizer, partial = mix_models(
-        cfg.models, weights, cfg.trust_remote_code, cfg.model_kind
+        cfg.models, weights, cfg.trust_remote_code, cfg.model_kind, cfg.allow_untrained_head
     )
+    # The mix scores as its first model does (its spec, the options applied).
+    spec = resolve_spec(local_model_path(cfg.models[0]), SpecRequest.of(cfg), logger.info)
     summary = {
         "models": cfg.models,
         "weights": [round(w, 6) for w in weights],
@@ -241,9 +227,10 @@ def run_mix(cfg: MixConfig) -> dict[str, Any]:
     def write(folder: str) -> None:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+        write_spec(folder, spec, tokenizer)
         with open(os.path.join(folder, "mix.json"), "w") as f:
             json.dump(summary, f, indent=2)
-        write_card(folder, mix_card(cfg, summary))
+        write_card(folder, mix_card(cfg, summary), card_name(cfg.output))
 
     publish_dir(cfg.output, write)
     for key, names in partial.items():

@@ -10,6 +10,7 @@ the data summary, the settings that differ from raykit's defaults and how to loa
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -64,28 +65,85 @@ def results_table(columns: Mapping[str, Mapping[str, float] | None]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def usage(name: str) -> str:
-    return f"""```python
-from raykit import Reranker
+PAIRS = '[["what is ray?", "a distributed compute engine"], ["what is ray?", "a fruit"]]'
 
-reranker = Reranker("{name}")
-reranker.rerank("what is ray?", ["a fruit", "a distributed compute engine"])
-# A decoder (causal LM) reranker scores logit("yes") - logit("no") at the last token of its
-# prompt; Reranker builds the prompt (see raykit.core.prompts) and merges a LoRA adapter folder.
 
-# transformers, for a one-logit encoder: the score is the logit of a sequence classifier
+def usage(name: str, folder: str) -> str:
+    """Code that scores pairs with the model in `folder` (named `name` in the code): raykit,
+    and plain transformers (and sentence-transformers for an encoder) as its spec says. The
+    tests run these snippets and compare their scores with raykit's."""
+    from raykit.core.spec import SPEC_FILE
+
+    spec_file = os.path.join(folder, SPEC_FILE)
+    spec = {"kind": "encoder"}
+    if os.path.isfile(spec_file):
+        with open(spec_file) as f:
+            spec = json.load(f)
+    raykit_code = (
+        f"from raykit import Reranker\n\nreranker = Reranker({name!r})\n"
+        f"scores = reranker.compute_score({PAIRS})\n"
+        'reranker.rerank("what is ray?", ["a fruit", "a distributed compute engine"])\n'
+    )
+    blocks = [raykit_code]
+    if spec["kind"] == "decoder":
+        blocks.append(_decoder_code(name, spec))
+    else:
+        blocks += [_encoder_code(name, spec.get("max_len", 512)), _sentence_transformers_code(name)]
+    return "".join(f"```python\n{code}```\n\n" for code in blocks)
+
+
+def _encoder_code(name: str, max_len: int) -> str:
+    return f"""# transformers: the score is the one logit of a sequence classifier
+import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-tokenizer = AutoTokenizer.from_pretrained("{name}")
-model = AutoModelForSequenceClassification.from_pretrained("{name}").eval()
-batch = tokenizer([["what is ray?", "a distributed compute engine"]], return_tensors="pt")
-score = model(**batch).logits[0, 0]
+tokenizer = AutoTokenizer.from_pretrained({name!r})
+model = AutoModelForSequenceClassification.from_pretrained({name!r}).eval()
+pairs = {PAIRS}
+batch = tokenizer(
+    pairs, padding=True, truncation="only_second", max_length={max_len}, return_tensors="pt"
+)
+with torch.no_grad():
+    scores = model(**batch).logits[:, 0].tolist()
+"""
 
-# sentence-transformers
+
+def _sentence_transformers_code(name: str) -> str:
+    return f"""# sentence-transformers: sigmoid(score), as raykit's normalised scores
 from sentence_transformers import CrossEncoder
 
-CrossEncoder("{name}").predict([("what is ray?", "a distributed compute engine")])
-```
+scores = CrossEncoder({name!r}).predict({PAIRS}).tolist()
+"""
+
+
+def _decoder_code(name: str, spec: dict[str, Any]) -> str:
+    template = spec["template"]
+    bos = "[tokenizer.bos_token_id] + " if template.get("add_bos") else ""
+    return f"""# transformers: the score is logit(yes) - logit(no) at the last token of the prompt
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained({name!r})
+model = AutoModelForCausalLM.from_pretrained({name!r}).eval()
+prefix = {template["prefix"]!r}
+pair = {template["pair"]!r}
+suffix = {template["suffix"]!r}
+instruction = {template["instruction"]!r}
+# the ids of {template["yes_token"]!r} and {template["no_token"]!r}
+yes_id, no_id = {spec["yes_token_id"]}, {spec["no_token_id"]}
+
+
+def encode(text):
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+scores = []
+for query, document in {PAIRS}:
+    text = pair.format(instruction=instruction, query=query, document=document)
+    ids = {bos}encode(prefix) + encode(text) + encode(suffix)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1].float()
+    scores.append((logits[yes_id] - logits[no_id]).item())
 """
 
 
@@ -139,7 +197,6 @@ def render_card(
         "## Data\n\n" + "".join(f"- {line}\n" for line in data_lines) + "\n"
         "## Settings\n\nThe settings that differ from raykit's defaults:\n\n"
         f"```yaml\n{settings_yaml}\n```\n\n"
-        "## Usage\n\n" + usage(name)
     )
 
 
@@ -151,7 +208,7 @@ def finetune_card(
     summary_line: str = "A reranker fine-tuned",
 ) -> str:
     """The card of a fine-tune (or of a sweep's best trial, `summary_line` saying so)."""
-    name = os.path.basename(os.path.normpath(cfg.output_dir)) or "reranker"
+    name = card_name(cfg.output_dir)
     before = summary.get("eval_before")
     measures = list(getattr(cfg, "metrics", []) or [])
     best = {k: v for k, v in best.items() if k in measures} if measures else dict(best)
@@ -184,7 +241,7 @@ def finetune_card(
 
 def mix_card(cfg: Any, summary: Mapping[str, Any]) -> str:
     """The card of a `raykit mix` output: the models and their weights."""
-    name = os.path.basename(os.path.normpath(cfg.output)) or "reranker"
+    name = card_name(cfg.output)
     weights = ", ".join(
         f"`{m}` x {w:.4f}" for m, w in zip(summary["models"], summary["weights"], strict=True)
     )
@@ -206,6 +263,13 @@ def mix_card(cfg: Any, summary: Mapping[str, Any]) -> str:
     )
 
 
-def write_card(folder: str, text: str) -> None:
+def card_name(output: str) -> str:
+    """How the card names the model: its output folder's name."""
+    return os.path.basename(os.path.normpath(output)) or "reranker"
+
+
+def write_card(folder: str, text: str, name: str) -> None:
+    """The card `text` with its usage section, written for the model as it is in `folder`
+    (to be published as `name`)."""
     with open(os.path.join(folder, CARD_FILE), "w") as f:
-        f.write(text)
+        f.write(text + "## Usage\n\n" + usage(name, folder))

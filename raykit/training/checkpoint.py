@@ -14,10 +14,11 @@ from ray.train import Checkpoint
 
 from raykit.config import FinetuneConfig
 from raykit.core.adapters import is_adapter_dir
+from raykit.core.export import save_merged
 from raykit.core.head import CrossEncoder
-from raykit.core.loading import save_merged
+from raykit.core.spec import RerankerSpec, write_spec
 from raykit.runtime.storage import publish_dir
-from raykit.tools.model_card import write_card
+from raykit.tools.model_card import card_name, write_card
 
 TRAINER_STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "raykit_finetune.json"
@@ -29,14 +30,16 @@ def _save_checkpoint(
     encoder: CrossEncoder,
     tokenizer: Any,
     cfg: FinetuneConfig,
+    spec: RerankerSpec,
     state: dict[str, Any],
     model_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """The model (the adapter alone with LoRA), tokenizer, trainer state and config;
-    `model_state` is the full state dict gathered from FSDP shards."""
+    """The model (the adapter alone with LoRA), tokenizer, reranker spec, trainer state and
+    config; `model_state` is the full state dict gathered from FSDP shards."""
     extra = {"state_dict": model_state} if model_state is not None else {}
     encoder.hf_model.save_pretrained(directory, safe_serialization=True, **extra)
     tokenizer.save_pretrained(directory)
+    write_spec(directory, spec, tokenizer)
     torch.save(state, os.path.join(directory, TRAINER_STATE_FILE))
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
@@ -72,6 +75,6 @@ def export_model(
         with open(os.path.join(folder, SUMMARY_FILE), "w") as f:
             json.dump(summary, f, indent=2, default=str)
         if card:
-            write_card(folder, card)
+            write_card(folder, card, card_name(output_dir))
 
     publish_dir(output_dir, write)

@@ -17,7 +17,8 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from raykit.config import ConfigError, FinetuneConfig
-from raykit.core.loading import check_model, resolve_model_path
+from raykit.core.loading import resolve_model_path
+from raykit.core.spec import check_reranker
 from raykit.data.groups import expand_paths, read_groups
 from raykit.runtime.cluster import hold_run_lock, init_ray
 from raykit.runtime.console import RunConsole
@@ -44,7 +45,7 @@ def _names(paths: list[str]) -> str:
 
 def check_run_paths(cfg: FinetuneConfig) -> None:
     """One-line errors for a missing model or an output that cannot be written, before Ray."""
-    check_model(cfg.model_name_or_path, "model_name_or_path")
+    check_reranker(cfg.model_name_or_path, cfg, "model_name_or_path", training=True)
     prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
     if cfg.storage_path and not is_uri(cfg.storage_path):
         storage, output = absolute(cfg.storage_path), absolute(cfg.output_dir)

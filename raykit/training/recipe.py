@@ -30,7 +30,8 @@ from raykit.core.loading import load_model_and_tokenizer, local_model_path
 from raykit.core.losses import distillation_loss, group_softmax_loss
 from raykit.core.metrics import mean_metrics, metric_sums
 from raykit.core.precision import resolve_dtype, torch_dtype
-from raykit.core.prompts import decoder_template, token_id, tokenize_for
+from raykit.core.prompts import tokenize_for
+from raykit.core.spec import SpecRequest, resolve_spec
 from raykit.data.groups import rows_from_batch, sample_group
 from raykit.runtime.console import EventSender, quiet_ray
 from raykit.runtime.logs import VERBOSE_ENV, quiet_libraries
@@ -235,28 +236,16 @@ class FinetuneRecipe:
         """Load (or resume) the model and wrap it for the workers (DDP, or FSDP2 with
         `--fsdp`); returns the trainer state of the checkpoint resumed from, if any."""
         cfg = self.cfg
-        # A decoder (causal LM) reranker trains on its prompts, scored logit(yes) - logit(no).
-        self.template = decoder_template(
-            local_model_path(model_path),
-            cfg.trust_remote_code,
-            cfg.model_kind,
-            cfg.template,
-            cfg.instruction,
-            cfg.yes_token,
-            cfg.no_token,
-        )
+        # How the model scores (its saved spec, the options applied; the driver has reported
+        # overrides): a decoder (causal LM) trains on its prompts, scored logit(yes) - logit(no).
+        self.spec = resolve_spec(local_model_path(model_path), SpecRequest.of(cfg))
+        self.template = self.spec.template
         hf_model, self.tokenizer, state = self._load_model(model_path)
         if cfg.gradient_checkpointing:
             hf_model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
-        yes_no = None
-        if self.template is not None:
-            yes_no = (
-                token_id(self.tokenizer, self.template.yes_token, "yes_token"),
-                token_id(self.tokenizer, self.template.no_token, "no_token"),
-            )
-        encoder = CrossEncoder(hf_model, yes_no)
+        encoder = CrossEncoder(hf_model, self.spec.yes_no_ids(self.tokenizer))
         if cfg.fsdp:  # shards over the workers (FSDP2)
             self.model = shard_model(encoder, self.device)
         else:  # moves to the device, and wraps in DDP when there is more than one worker
@@ -296,12 +285,9 @@ class FinetuneRecipe:
             device=self.device,
             precision=self.precision,
             autocast_dtype=self.autocast_dtype,
-            max_len=cfg.max_len,
-            query_max_len=cfg.query_max_len,
-            passage_max_len=cfg.passage_max_len,
+            spec=self.spec,
             token_budget=cfg.forward_token_budget,
             max_batch_size=cfg.eval_batch_size,
-            template=self.template,
             inference_mode=not cfg.fsdp,
         )
 
@@ -334,15 +320,16 @@ class FinetuneRecipe:
         if checkpoint and not cfg.use_lora:
             with checkpoint.as_directory() as folder:
                 hf_model, tokenizer = load_model_and_tokenizer(
-                    folder, cfg.trust_remote_code, decoder
+                    folder, cfg.trust_remote_code, decoder, allow_untrained_head=True, quiet=True
                 )
                 state = torch.load(os.path.join(folder, TRAINER_STATE_FILE), weights_only=False)
             return hf_model, tokenizer, state
         # LoRA trains only the adapters: the frozen base can stay in the autocast dtype (half
         # the memory), while the trainable parameters are kept in fp32.
         base_dtype = (self.autocast_dtype or torch.float32) if cfg.use_lora else torch.float32
+        # Fine-tuning a base model creates its head (the driver has said so).
         hf_model, tokenizer = load_model_and_tokenizer(
-            model_path, cfg.trust_remote_code, decoder, base_dtype
+            model_path, cfg.trust_remote_code, decoder, base_dtype, True, quiet=True
         )
         if not cfg.use_lora:
             return hf_model, tokenizer, {}
@@ -411,9 +398,9 @@ class FinetuneRecipe:
             self.template,
             [g.query for g in groups for _ in g.passages],
             [p for g in groups for p in g.passages],
-            cfg.max_len,
-            cfg.query_max_len,
-            cfg.passage_max_len,
+            self.spec.max_len,
+            self.spec.query_max_len,
+            self.spec.passage_max_len,
         )
         # Under FSDP every forward is collective: one chunk per micro-batch on every rank.
         budget = None if cfg.fsdp else cfg.forward_token_budget
@@ -556,7 +543,9 @@ class FinetuneRecipe:
         state = self.checkpoint_state()  # collective: every rank's RNG state
         with tempfile.TemporaryDirectory() as folder:
             if self.rank == 0:
-                _save_checkpoint(folder, self.encoder, self.tokenizer, self.cfg, state, model_state)
+                _save_checkpoint(
+                    folder, self.encoder, self.tokenizer, self.cfg, self.spec, state, model_state
+                )
             checkpoint = Checkpoint.from_directory(folder) if self.rank == 0 else None
             ray.train.report(metrics, checkpoint=checkpoint)
         self.last_saved = self.step

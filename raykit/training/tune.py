@@ -23,7 +23,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from raykit.config import FinetuneConfig, TuneConfig, parse_search
-from raykit.core.loading import check_model
+from raykit.core.spec import check_reranker
 from raykit.runtime.cluster import init_ray
 from raykit.runtime.console import format_eta, text_table
 from raykit.runtime.logs import is_verbose, logger
@@ -216,7 +216,7 @@ def run_sweep(cfg: TuneConfig) -> dict[str, Any]:
     # results beside it (trials.*, best/) are only replaced with --overwrite_output_dir.
     prepare_output_dir(output_dir, cfg.overwrite_output_dir, keep={"ray"})
     if "model_name_or_path" not in space:
-        check_model(cfg.model_name_or_path, "model_name_or_path")
+        check_reranker(cfg.model_name_or_path, cfg, "model_name_or_path", training=True)
     init_ray(cfg.num_workers * cfg.cpus_per_worker)
     ray.data.DataContext.get_current().enable_progress_bars = False
     base = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(FinetuneConfig)}
