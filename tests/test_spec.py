@@ -133,7 +133,7 @@ def test_a_model_without_a_trained_head_is_refused_everywhere(base, tmp_path):
     from raykit.mining.mine import run_mine
     from raykit.scoring.evaluate import run_evaluate
     from raykit.scoring.pipeline import run_score
-    from raykit.serving.app import run_serve
+    from raykit.serving.app import app_builder, run_serve
 
     rows = write_jsonl(tmp_path / "pairs.jsonl", [{"query": "q", "passage": "p"}])
     refused = f"{base}: has no trained reranker head .* --allow_untrained_head"
@@ -143,6 +143,8 @@ def test_a_model_without_a_trained_head_is_refused_everywhere(base, tmp_path):
         run_score(ScoreConfig(model=base, input=[str(rows)], output=str(tmp_path / "s")))
     with pytest.raises(ConfigError, match=refused):
         run_serve(ServeConfig(model=base))
+    with pytest.raises(ConfigError, match=refused):
+        app_builder({"model": base})  # `serve run` / KubeRay configs
     with pytest.raises(ConfigError, match=refused):
         run_evaluate(EvaluateConfig(model_name_or_path=base, eval_data=[str(SAMPLE_DEV)]))
     with pytest.raises(ConfigError, match=refused):

@@ -571,8 +571,16 @@ def build_app(cfg: ServeConfig) -> serve.Application:
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
-    """`import_path` target for Serve config files: `args` are ServeConfig keys."""
-    return build_app(load_config(ServeConfig, **(args or {})))
+    """`import_path` target for Serve config files: `args` are ServeConfig keys. A local model
+    is checked here (a trained head, its spec's overrides said) before replicas start; one on
+    S3 or the hub is checked by the replicas that fetch it."""
+    from raykit.core.loading import resolve_model_path
+    from raykit.core.spec import check_reranker
+
+    cfg = load_config(ServeConfig, **(args or {}))
+    if os.path.isdir(resolve_model_path(cfg.model)):
+        check_reranker(cfg.model, cfg)
+    return build_app(cfg)
 
 
 def run_serve(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
