@@ -212,11 +212,27 @@ def test_the_model_card_snippets_run_and_agree(kind, encoder, trained_decoder):
     ]
     expected = np.array(Reranker(folder).compute_score(card_pairs))
     results = [np.array(run_snippet(code, folder)) for code in snippets]
-    assert len(results) == (3 if kind == "encoder" else 2)
+    assert len(results) == 3
     np.testing.assert_allclose(results[0], expected, atol=1e-6)  # raykit
     np.testing.assert_allclose(results[1], expected, atol=1e-5)  # transformers
-    if kind == "encoder":  # sentence-transformers: normalised
-        np.testing.assert_allclose(results[2], sigmoid_array(expected), atol=1e-5)
+    # sentence-transformers (for a decoder: the prompt as the chat template), normalised
+    np.testing.assert_allclose(results[2], sigmoid_array(expected), atol=1e-5)
+
+
+def test_sentence_transformers_scores_a_decoder_export_with_its_prompt(trained_decoder):
+    """CrossEncoder builds a causal LM + LogitScore(yes, no); the prompt raykit trained with
+    is the export's chat template, so its scores are raykit's, pair by pair and in batches."""
+    from sentence_transformers import CrossEncoder
+    from torch import nn
+
+    pairs = [PAIRS[0], PAIRS[2], ["a", "b"]]
+    model = CrossEncoder(trained_decoder, device="cpu")
+    raw = np.array([Reranker(trained_decoder).compute_score(p) for p in pairs])
+    alone = [model.predict([p], activation_fn=nn.Identity())[0] for p in pairs]
+    np.testing.assert_allclose(alone, raw, atol=1e-5)
+    np.testing.assert_allclose(model.predict(pairs), sigmoid_array(raw), atol=1e-4)
+    other = Reranker(trained_decoder, instruction="Find recipes").compute_score(pairs[0])
+    assert abs(other - raw[0]) > 1e-4  # the chat template carries the trained instruction
 
 
 # ---------------------------------------------------------------------------- serving

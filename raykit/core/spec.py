@@ -83,30 +83,70 @@ class RerankerSpec:
 
 
 def write_spec(folder: str, spec: RerankerSpec, tokenizer: Any) -> None:
-    """Save `spec` in `folder`, and the same facts where other tools look for them: the
-    tokenizer's `model_max_length` and sentence-transformers' CrossEncoder activation."""
+    """Save `spec` in `folder`, and the same facts where other tools look for them (see
+    `_write_tool_settings`)."""
     with open(os.path.join(folder, SPEC_FILE), "w") as f:
         json.dump(spec.to_json(tokenizer), f, indent=2)
-    _write_tool_settings(folder, spec)
+    _write_tool_settings(folder, spec, tokenizer)
 
 
-def _write_tool_settings(folder: str, spec: RerankerSpec) -> None:
-    """sentence-transformers' CrossEncoder activation (sigmoid, as raykit's normalised scores)
-    in config.json, and `max_len` as the tokenizer's `model_max_length`."""
+def _write_tool_settings(folder: str, spec: RerankerSpec, tokenizer: Any) -> None:
+    """What sentence-transformers' CrossEncoder and transformers read: the activation of
+    normalised scores (sigmoid) in config.json, `max_len` as the tokenizer's `model_max_length`,
+    and for a decoder whose tokens are `yes`/`no` (what CrossEncoder's `LogitScore` reads) the
+    prompt as the tokenizer's chat template, so that `CrossEncoder(folder)` builds raykit's."""
     config_path = os.path.join(folder, "config.json")
-    if os.path.isfile(config_path) and spec.template is None:
+    if os.path.isfile(config_path):
         with open(config_path) as f:
             config = json.load(f)
         config["sentence_transformers"] = {"activation_fn": "torch.nn.modules.activation.Sigmoid"}
         with open(config_path, "w") as f:
             json.dump(config, f, indent=2)
     tokenizer_path = os.path.join(folder, "tokenizer_config.json")
-    if os.path.isfile(tokenizer_path):
-        with open(tokenizer_path) as f:
-            tokenizer_config = json.load(f)
-        tokenizer_config["model_max_length"] = spec.max_len
-        with open(tokenizer_path, "w") as f:
-            json.dump(tokenizer_config, f, indent=2)
+    if not os.path.isfile(tokenizer_path):
+        return
+    with open(tokenizer_path) as f:
+        tokenizer_config = json.load(f)
+    tokenizer_config["model_max_length"] = spec.max_len
+    if spec.template is not None and _sentence_transformers_reads_tokens(spec, tokenizer):
+        tokenizer_config.pop("chat_template", None)  # the file below is the one template
+        with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
+            f.write(pair_chat_template(spec.template))
+    with open(tokenizer_path, "w") as f:
+        json.dump(tokenizer_config, f, indent=2)
+
+
+def _sentence_transformers_reads_tokens(spec: RerankerSpec, tokenizer: Any) -> bool:
+    """Whether CrossEncoder's default `LogitScore` (the tokens `yes` and `no`) reads the spec's
+    yes/no ids."""
+    ids = (tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no"))
+    return ids == spec.yes_no_ids(tokenizer)
+
+
+def pair_chat_template(template: PromptTemplate) -> str:
+    """A Jinja chat template that renders sentence-transformers' (query, document) messages
+    as the decoder prompt: prefix + pair (the instruction filled in) + suffix."""
+    from string import Formatter
+
+    def literal(text: str) -> str:
+        return "{{- " + json.dumps(text, ensure_ascii=False) + " -}}" if text else ""
+
+    fields = {"query": "{{- query -}}", "document": "{{- document -}}"}
+    parts = [
+        "{%- set query = (messages | selectattr('role', 'equalto', 'query') | first).content -%}",
+        "{%- set document = (messages | selectattr('role', 'equalto', 'document') | first)"
+        ".content -%}",
+        "{{- bos_token -}}" if template.add_bos else "",
+        literal(template.prefix),
+    ]
+    for text, field, _, _ in Formatter().parse(template.pair):
+        parts.append(literal(text))
+        if field == "instruction":
+            parts.append(literal(template.instruction))
+        elif field is not None:
+            parts.append(fields[field])
+    parts.append(literal(template.suffix))
+    return "".join(parts)
 
 
 def read_spec(path: str) -> RerankerSpec | None:

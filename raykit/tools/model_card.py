@@ -70,8 +70,9 @@ PAIRS = '[["what is ray?", "a distributed compute engine"], ["what is ray?", "a 
 
 def usage(name: str, folder: str) -> str:
     """Code that scores pairs with the model in `folder` (named `name` in the code): raykit,
-    and plain transformers (and sentence-transformers for an encoder) as its spec says. The
-    tests run these snippets and compare their scores with raykit's."""
+    plain transformers as its spec says, and sentence-transformers (an encoder, or a decoder
+    whose prompt raykit wrote as its chat template). The tests run these snippets and compare
+    their scores with raykit's."""
     from raykit.core.spec import SPEC_FILE
 
     spec_file = os.path.join(folder, SPEC_FILE)
@@ -87,6 +88,8 @@ def usage(name: str, folder: str) -> str:
     blocks = [raykit_code]
     if spec["kind"] == "decoder":
         blocks.append(_decoder_code(name, spec))
+        if os.path.isfile(os.path.join(folder, "chat_template.jinja")):  # the prompt, for it
+            blocks.append(_sentence_transformers_code(name))
     else:
         blocks += [_encoder_code(name, spec.get("max_len", 512)), _sentence_transformers_code(name)]
     return "".join(f"```python\n{code}```\n\n" for code in blocks)
