@@ -463,3 +463,13 @@ def run_snippet(code: str, folder: str) -> list[float]:
     finally:
         os.chdir(previous)
     return list(namespace["scores"])
+
+
+# A line Ray forwards from one of its processes (`(pid=gcs_server) ...`, `(raylet) ...`): on the
+# shared test cluster these arrive whenever they happen, during any command's output.
+RAY_PROCESS_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?\((pid=|raylet|gcs_server)")
+
+
+def raykit_lines(output: str) -> list[str]:
+    """The lines of a command's output that the command printed (not Ray's forwarded logs)."""
+    return [line for line in output.strip().splitlines() if not RAY_PROCESS_LINE.match(line)]

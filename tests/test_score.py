@@ -20,7 +20,7 @@ from raykit.config import ConfigError, ScoreConfig
 from raykit.core.reranker import Reranker
 from raykit.scoring.outputs import output_names, rank_within_queries
 from raykit.scoring.pipeline import run_score
-from tests.helpers import SAMPLE_DEV, SAMPLE_TRAIN, actor_pids, write_jsonl
+from tests.helpers import SAMPLE_DEV, SAMPLE_TRAIN, actor_pids, raykit_lines, write_jsonl
 
 
 def dev_groups(source: Path = SAMPLE_DEV) -> list[dict]:
@@ -283,7 +283,7 @@ def test_truncated_gzip_and_unwritable_output_are_one_line_errors(
     )
     assert result.exit_code == 1
     assert "output: cannot create" in result.output and "is a file" in result.output
-    assert len(result.output.strip().splitlines()) == 1
+    assert len(raykit_lines(result.output)) == 1
     result = CliRunner().invoke(app, normalize_argv(args))
     assert result.exit_code == 1, result.output
     error = [line for line in result.output.splitlines() if line.startswith("error:")]
