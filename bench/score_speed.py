@@ -40,6 +40,7 @@ import torch  # noqa: E402
 
 from bench.score_cqa import model_flops  # noqa: E402
 from bench.score_cqa import write_pairs as write_rows  # noqa: E402
+from raykit.core.precision import cpu_description, cpu_has_native  # noqa: E402
 
 FLAG_SCRIPT = """
 import json, sys, time
@@ -215,6 +216,9 @@ def main() -> None:
     cores = os.cpu_count() or 1
     peaks = cpu_peaks(cores)
     results: dict = {"args": vars(args), "cores": cores, "cpu_peaks": peaks}
+    results["cpu"] = cpu_description()
+    if not cpu_has_native("bfloat16"):
+        results["bfloat16"] = "skipped: this CPU has no native bf16 (raykit refuses it)"
     print(json.dumps(results), flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="raykit-score-speed-"))
     for name in args.datasets.split(","):
@@ -225,7 +229,7 @@ def main() -> None:
         flag = flag_reranker(args.peers_python, args.model, dev_path)
         part["flagreranker_fp32"] = flag
         print(json.dumps({name: {"flagreranker_fp32": flag}}), flush=True)
-        for dtype in ("float32", "bfloat16"):
+        for dtype in ("float32", "bfloat16") if cpu_has_native("bfloat16") else ("float32",):
             plain = loop(args.model, rows, dtype)
             peak = peaks["bf16_gflops" if dtype == "bfloat16" else "fp32_gflops"]
             plain["fraction_of_peak"] = round(plain["gflops_per_s"] / peak, 3)

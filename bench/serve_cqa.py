@@ -227,6 +227,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     from raykit.core.loading import resolve_model_path
+    from raykit.core.precision import cpu_description, cpu_has_native
 
     model = resolve_model_path(args.model)
     bodies = requests_from(Path(args.data) / "dev.jsonl")
@@ -267,6 +268,9 @@ def main() -> None:
             command, route = [sys.executable, str(script), model, "512", str(port)], "/v1/rerank"
         elif name == "infinity" and not os.path.exists(args.infinity):
             print(f"skipping infinity: {args.infinity} not found", flush=True)
+            continue
+        elif name.endswith("-bf16") and not cpu_has_native("bfloat16"):
+            print(f"skipping {name}: no native bf16 on {cpu_description()}", flush=True)
             continue
         else:
             command, route = commands[name]

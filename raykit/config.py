@@ -13,6 +13,7 @@ Checks that read the file system (`check_paths`) run once, in `load_config`, on 
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import field
@@ -30,6 +31,7 @@ from pydantic import (
 )
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
+from raykit.core.precision import check_cpu_precision
 from raykit.errors import ConfigError
 
 
@@ -226,6 +228,11 @@ class Precision(_OptionGroup):
     )
     fp16: bool = _opt(False, "Alias of --dtype float16 (training: autocast + GradScaler).")
     bf16: bool = _opt(False, "Alias of --dtype bfloat16.")
+    allow_slow_precision: bool = _opt(
+        False,
+        "Run bf16/fp16 on a CPU that only emulates it (no avx512_bf16/AMX for bf16: ~40x slower "
+        "than fp32), which is otherwise refused.",
+    )
 
     @model_validator(mode="after")
     def _one_precision(self) -> Any:
@@ -240,6 +247,12 @@ class Precision(_OptionGroup):
     def precision(self) -> str:
         """The requested precision, aliases applied (`auto` is resolved per device later)."""
         return "float16" if self.fp16 else "bfloat16" if self.bf16 else self.dtype
+
+    def check_hardware(self, use_gpu: bool) -> None:
+        """Refuse, before Ray starts, a precision this machine's CPU only emulates. Only for a
+        local CPU run: on a cluster the workers' CPUs may differ, and each worker checks its own."""
+        if not use_gpu and not os.environ.get("RAY_ADDRESS"):
+            check_cpu_precision(self.precision, self.allow_slow_precision)
 
 
 @options

@@ -88,6 +88,23 @@ def test_directories_and_gzip(ray_cluster, tmp_path):
     assert report.valid_rows == 3 and dataset.count() == 3
 
 
+def test_directories_skip_names_starting_with_underscore_or_dot(tmp_path, caplog):
+    """A scoring output folder (its `_errors/`, in-progress files) reads as training data."""
+    (tmp_path / "out" / "_errors").mkdir(parents=True)
+    (tmp_path / "out" / ".cache" / "sub").mkdir(parents=True)
+    write_jsonl(tmp_path / "out" / "train.jsonl", [GOOD])
+    write_jsonl(tmp_path / "out" / "_errors" / "train.jsonl.jsonl", [{"line": 3}])
+    write_jsonl(tmp_path / "out" / ".cache" / "sub" / "x.jsonl", [GOOD])
+    write_jsonl(tmp_path / "out" / "_SUCCESS.jsonl", [GOOD])
+    write_jsonl(tmp_path / "out" / ".train.jsonl.inprogress.jsonl", [GOOD])
+    with caplog.at_level("INFO", logger="raykit"):
+        files = expand_paths(str(tmp_path / "out"))
+    assert [f.rsplit("/", 1)[1] for f in files] == ["train.jsonl"]
+    assert 'skipped 4 file(s) under names starting with "_" or "."' in caplog.text
+    # A file named explicitly is read whatever its name.
+    assert expand_paths(str(tmp_path / "out" / "_SUCCESS.jsonl"))[0].endswith("_SUCCESS.jsonl")
+
+
 def test_missing_path_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="no such file or directory"):
         expand_paths([str(tmp_path / "nope.jsonl")])

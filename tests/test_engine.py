@@ -2,15 +2,17 @@
 stay within stated tolerances, precision and machine-filling defaults resolve as documented."""
 
 import logging
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from raykit.config import ConfigError, FinetuneConfig, ScoreConfig, ServeConfig, load_config
+from raykit.core import precision
 from raykit.core.engine import InferenceEngine
 from raykit.core.loading import load_model_and_tokenizer
-from raykit.core.precision import resolve_dtype
+from raykit.core.precision import describe_precision, resolve_dtype
 from raykit.core.reranker import Reranker
 from raykit.core.spec import RerankerSpec
 from tests.helpers import SAMPLE_DEV, plain_hf_logits
@@ -74,7 +76,9 @@ def close_in_rank(reference: np.ndarray, scores: np.ndarray, tolerance: float) -
 def test_bf16_and_int8_stay_close_and_rank_alike(tiny_model_dir, dtype, tolerance):
     pairs = sample_pairs()
     reference = InferenceEngine.load(tiny_model_dir, device="cpu", max_len=64).score_pairs(pairs)
-    engine = InferenceEngine.load(tiny_model_dir, device="cpu", dtype=dtype, max_len=64)
+    engine = InferenceEngine.load(
+        tiny_model_dir, device="cpu", dtype=dtype, max_len=64, allow_slow_precision=True
+    )
     assert engine.precision == dtype
     if dtype == "bfloat16":  # the engine's own copy runs in bf16 weights on CPU
         assert engine.model.bert.encoder.layer[0].output.dense.weight.dtype == torch.bfloat16
@@ -143,21 +147,69 @@ def test_a_failed_compile_keeps_eager_scoring(tiny_model_dir, monkeypatch, caplo
     np.testing.assert_allclose(engine.score_pairs(PAIRS), expected, atol=1e-6, rtol=0)
 
 
-def test_reranker_is_the_engine_with_aliases(tiny_model_dir):
+ZEN2 = {"cpu_name": "AMD EPYC 7B12", "architecture": "x86_64", "avx2": True}
+ZEN4 = {**ZEN2, "cpu_name": "AMD EPYC 9B14", "avx512_f": True, "avx512_bf16": True}
+GRAVITON = {"cpu_name": "Neoverse-V1", "architecture": "aarch64"}
+
+
+def fake_cpu(monkeypatch, capabilities: dict) -> None:
+    """This process's CPU seen as `capabilities` (torch.cpu.get_capabilities' keys)."""
+    monkeypatch.setattr(precision, "cpu_capabilities", lambda: capabilities)
+
+
+def test_reranker_is_the_engine_with_aliases(tiny_model_dir, monkeypatch):
+    fake_cpu(monkeypatch, ZEN4)
     reranker = Reranker(tiny_model_dir, device="cpu", max_length=64, bf16=True)
     assert reranker.engine.precision == "bfloat16"
-    assert Reranker(tiny_model_dir, device="cpu", fp16=True).engine.precision == "float32"
+    slow = Reranker(tiny_model_dir, device="cpu", fp16=True, allow_slow_precision=True)
+    assert slow.engine.precision == "float16"
     with pytest.raises(ValueError, match="fp16/bf16"):
         Reranker(tiny_model_dir, fp16=True, bf16=True)
 
 
-def test_resolve_dtype(caplog):
-    assert resolve_dtype("auto", "cpu") == "float32"
-    assert resolve_dtype("bfloat16", "cpu") == "bfloat16"
-    assert resolve_dtype("int8", "cpu") == "int8"
+def test_low_precision_the_cpu_only_emulates_is_refused(tiny_model_dir, monkeypatch, caplog):
+    """bf16 on an AVX2-only CPU runs ~40x slower than fp32: refused with the CPU named,
+    in Python and on the command line, unless explicitly allowed."""
+    fake_cpu(monkeypatch, ZEN2)
+    message = (
+        "dtype bfloat16: this CPU, AMD EPYC 7B12 (avx2), has no avx512_bf16 or amx_bf16, so "
+        "bfloat16 runs ~40x slower than float32 here; use --dtype float32"
+    )
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Reranker(tiny_model_dir, device="cpu", bf16=True)
     with caplog.at_level(logging.WARNING, logger="raykit"):
-        assert resolve_dtype("float16", "cpu") == "float32"
-    assert "float16 on CPU" in caplog.text
+        allowed = Reranker(tiny_model_dir, device="cpu", bf16=True, allow_slow_precision=True)
+    assert allowed.engine.precision == "bfloat16" and "running it: --allow_slow_precision" in (
+        caplog.text
+    )
+    with pytest.raises(ConfigError, match="dtype float16: .* has no avx512_fp16 or amx_fp16"):
+        Reranker(tiny_model_dir, device="cpu", dtype="float16")
+    # The driver's check, before Ray starts: every command that loads a model runs it.
+    cfg = load_config(ScoreConfig, input=["x"], model=tiny_model_dir, dtype="bfloat16")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        cfg.check_hardware(use_gpu=False)
+    cfg.check_hardware(use_gpu=True)  # a GPU run: the CPU's bf16 does not matter
+    load_config(ScoreConfig, input=["x"], bf16=True, allow_slow_precision=True).check_hardware(
+        use_gpu=False
+    )
+
+
+def test_resolve_dtype(monkeypatch):
+    fake_cpu(monkeypatch, ZEN2)
+    assert resolve_dtype("auto", "cpu") == "float32"
+    assert resolve_dtype("int8", "cpu") == "int8"
+    assert resolve_dtype("bfloat16", "cuda") == "bfloat16"
+    assert "no native bf16" in describe_precision("auto", "cpu")
+    with pytest.raises(ConfigError, match="bfloat16"):
+        resolve_dtype("bfloat16", "cpu")
+    assert resolve_dtype("bfloat16", "cpu", allow_slow=True) == "bfloat16"
+    fake_cpu(monkeypatch, ZEN4)
+    assert resolve_dtype("bfloat16", "cpu") == "bfloat16"
+    assert "--dtype bfloat16 runs faster" in describe_precision("auto", "cpu")
+    with pytest.raises(ConfigError, match="float16"):
+        resolve_dtype("float16", "cpu")
+    fake_cpu(monkeypatch, GRAVITON)  # torch cannot tell: nothing refused
+    assert resolve_dtype("bfloat16", "cpu") == "bfloat16"
     with pytest.raises(ValueError, match="dtype"):
         resolve_dtype("fp8", "cpu")
 

@@ -116,6 +116,7 @@ class InferenceEngine:
         threads: int | None = None,
         request: SpecRequest | None = None,
         allow_untrained_head: bool = False,
+        allow_slow_precision: bool = False,
         announce: Callable[[str], None] | None = None,
         **options: Any,
     ) -> InferenceEngine:
@@ -126,7 +127,8 @@ class InferenceEngine:
         override reported through `announce`); `options` are the constructor's `token_budget`
         and `max_batch_size`, or fields of a `SpecRequest` when `request` is not given
         (`max_len=64, instruction=...`, `trust_remote_code`). A model whose classification head
-        would be created at random is refused unless `allow_untrained_head`."""
+        would be created at random is refused unless `allow_untrained_head`, and a bf16/fp16 `dtype`
+        the CPU only emulates unless `allow_slow_precision`."""
         import torch
 
         from raykit.core.loading import load_model_and_tokenizer, local_model_path
@@ -137,7 +139,7 @@ class InferenceEngine:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if threads and device.type == "cpu":
             torch.set_num_threads(max(1, int(threads)))
-        precision = resolve_dtype(dtype, device.type)
+        precision = resolve_dtype(dtype, device.type, allow_slow_precision)
         spec_fields = {k: options.pop(k) for k in list(options) if k in SpecRequest.fields()}
         if request is None:
             request = SpecRequest(**spec_fields)
@@ -183,6 +185,7 @@ class InferenceEngine:
             threads=None if use_gpu or not threads else max(1, int(threads)),
             request=SpecRequest.of(cfg),
             allow_untrained_head=cfg.allow_untrained_head,
+            allow_slow_precision=cfg.allow_slow_precision,
             announce=announce,
             token_budget=cfg.forward_token_budget,
             max_batch_size=max_batch_size,

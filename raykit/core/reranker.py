@@ -27,7 +27,8 @@ class Reranker:
     `dtype` is auto|float32|bfloat16|float16|int8; `fp16`/`bf16` are FlagReranker-style aliases.
     A model raykit wrote knows its prompt and token limits (its `raykit_reranker.json`); the
     arguments left None take them from there, given ones override them (logged). A model
-    without a trained head is refused unless `allow_untrained_head`.
+    without a trained head is refused unless `allow_untrained_head`; bf16/fp16 on a CPU that
+    only emulates it (~40x slower than fp32) unless `allow_slow_precision`.
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class Reranker:
         yes_token: str | None = None,
         no_token: str | None = None,
         allow_untrained_head: bool = False,
+        allow_slow_precision: bool = False,
     ):
         if fp16 and bf16:
             raise ValueError("fp16/bf16: choose one")
@@ -71,6 +73,7 @@ class Reranker:
                 trust_remote_code=trust_remote_code,
             ),
             allow_untrained_head=allow_untrained_head,
+            allow_slow_precision=allow_slow_precision,
             announce=logger.info,
             token_budget=token_budget,
             max_batch_size=batch_size,

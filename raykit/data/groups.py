@@ -15,7 +15,6 @@ from __future__ import annotations
 import codecs
 import io
 import json
-import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from raykit.errors import DataError
+from raykit.runtime.logs import logger
 from raykit.runtime.storage import filesystem, is_uri
 
 if TYPE_CHECKING:
@@ -76,12 +76,20 @@ class DataReport:
 # ---------------------------------------------------------------------------- files
 
 
+def _hidden_below(root: str, path: str) -> bool:
+    """Whether a name below `root` starts with "_" or "." (the Hadoop/Spark/Ray Data convention
+    for side output such as a scoring run's `_errors/`, in-progress and checksum files)."""
+    relative = path[len(root) :].strip("/")
+    return any(part.startswith((".", "_")) for part in relative.split("/"))
+
+
 def expand_paths(
     paths: str | Sequence[str], suffixes: tuple[str, ...] = DATA_SUFFIXES
 ) -> list[str]:
     """Files behind a list of files, directories (searched recursively) and URIs, sorted.
 
-    Inside directories only files ending in `suffixes` count (hidden and _-prefixed names never).
+    Inside directories only files ending in `suffixes` count, and never one below a file or folder
+    name starting with "_" or "." (how many were passed over is logged).
     """
     if isinstance(paths, str):
         paths = [paths]
@@ -93,13 +101,17 @@ def expand_paths(
         if info.type == pafs.FileType.File:
             files.append(prefix + fs_path)
         elif info.type == pafs.FileType.Directory:
-            found = sorted(
-                prefix + f.path
+            listed = [
+                f.path
                 for f in fs.get_file_info(pafs.FileSelector(fs_path, recursive=True))
-                if f.type == pafs.FileType.File
-                and f.path.endswith(suffixes)
-                and not os.path.basename(f.path).startswith((".", "_"))
-            )
+                if f.type == pafs.FileType.File and f.path.endswith(suffixes)
+            ]
+            found = sorted(prefix + p for p in listed if not _hidden_below(fs_path, p))
+            if len(found) < len(listed):
+                logger.info(
+                    f"{path}: skipped {len(listed) - len(found)} file(s) under names starting "
+                    'with "_" or "."'
+                )
             if not found:
                 raise DataError(f"{path}: directory has no {', '.join(suffixes)} files")
             files += found

@@ -28,7 +28,7 @@ class TextEmbedder:
         self.model = AutoModel.from_pretrained(path, trust_remote_code=remote)
         self.model.to(self.device).eval()
         self.cfg = cfg
-        precision = resolve_dtype(cfg.precision, self.device.type)
+        precision = resolve_dtype(cfg.precision, self.device.type, cfg.allow_slow_precision)
         if precision == "int8":
             self.model = quantize_int8(self.model)
         self.autocast_dtype = torch_dtype(precision)

@@ -122,6 +122,7 @@ def write_jsonl(path: str, records: list[dict]) -> None:
 def run_mine(cfg: MineConfig) -> dict[str, Any]:
     """Mine negatives for every valid input group; returns (and prints) the run summary."""
     cfg.check_paths()
+    cfg.check_hardware(cfg.use_gpu)
     started = time.time()
     if cfg.retriever == "dense":
         check_model(cfg.embedder, "embedder")

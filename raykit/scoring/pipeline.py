@@ -27,6 +27,7 @@ import ray
 
 from raykit.config import ConfigError, ScoreConfig
 from raykit.core.loading import local_model_path
+from raykit.core.precision import describe_precision
 from raykit.core.spec import check_reranker
 from raykit.data.groups import expand_paths
 from raykit.errors import DataError
@@ -179,6 +180,7 @@ def _unwrap(exc: BaseException) -> BaseException:
 def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     """Score every input row once; returns (and prints) the run summary."""
     cfg.check_paths()
+    cfg.check_hardware(cfg.use_gpu)
     check_reranker(cfg.model, cfg)
     check_writable(cfg.output, "output")
     if cfg.errors_path:
@@ -235,7 +237,8 @@ def _score_files(
     low, high = cfg.actor_pool_size
     device = "GPU" if cfg.use_gpu else f"{cfg.cpus_per_actor:g} CPU"
     actors = f"{low}-{high}" if low != high else str(high)
-    logger.info(f"scoring with {actors} actor(s) x {device}, dtype {cfg.precision}")
+    precision = describe_precision(cfg.precision, "cuda" if cfg.use_gpu else "cpu")
+    logger.info(f"scoring with {actors} actor(s) x {device}, {precision}")
     # Rows must reach the driver in input order: that is how a file is known to be complete.
     context = ray.data.DataContext.get_current()
     options = context.execution_options

@@ -588,11 +588,13 @@ def run_serve(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
     (or, with `detach`, return and leave the app running on the cluster)."""
     import ray
 
+    from raykit.core.precision import describe_precision
     from raykit.core.spec import check_reranker
     from raykit.runtime.cluster import init_ray
 
     started = time.perf_counter()
     cfg.check_paths()
+    cfg.check_hardware(cfg.use_gpu)
     if cfg.cpus_per_replica and cfg.max_replicas and cfg.cpus_per_replica * cfg.max_replicas < 1:
         raise ConfigError("cpus_per_replica x max_replicas must be >= 1")
     spec = check_reranker(cfg.model, cfg)
@@ -613,10 +615,11 @@ def run_serve(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
             if cfg.min_replicas != cfg.max_replicas
             else str(cfg.max_replicas)
         )
-        compiled = "compiled" if cfg.compiles("cuda" if cfg.use_gpu else "cpu") else "eager"
+        device = "cuda" if cfg.use_gpu else "cpu"
+        compiled = "compiled" if cfg.compiles(device) else "eager"
         logger.info(
             f"ready in {time.perf_counter() - started:.1f} s: {replicas} replica(s) x "
-            f"{each}, dtype {cfg.precision}, {compiled}"
+            f"{each}, {describe_precision(cfg.precision, device)}, {compiled}"
         )
         logger.info(
             f"serving {cfg.model} at http://{cfg.host}:{cfg.port}{prefix}/v1/rerank "

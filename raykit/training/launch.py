@@ -18,6 +18,7 @@ from ray.train.torch import TorchTrainer
 
 from raykit.config import ConfigError, FinetuneConfig
 from raykit.core.loading import resolve_model_path
+from raykit.core.precision import describe_precision
 from raykit.core.spec import check_reranker
 from raykit.data.groups import expand_paths, read_groups
 from raykit.runtime.cluster import hold_run_lock, init_ray
@@ -69,6 +70,7 @@ def finetune(
     """
     launched_at = time.time()
     cfg.check_paths()
+    cfg.check_hardware(cfg.use_gpu)
     check_run_paths(cfg)
     for paths in (cfg.train_data, cfg.eval_data):  # a missing file stops us before Ray starts
         if paths:
@@ -109,6 +111,11 @@ def _train_and_export(
             f"{dropped} group(s) per epoch left out so that {cfg.num_workers} workers "
             "get equal shards"
         )
+    device = "cuda" if cfg.use_gpu else "cpu"
+    logger.info(
+        f"training on {cfg.num_workers} worker(s) x {'1 GPU' if cfg.use_gpu else 'CPU'}, "
+        f"{describe_precision(cfg.precision, device)}"
+    )
     loop_config = {
         "cfg": dataclasses.asdict(cfg),
         "plan": dataclasses.asdict(plan),

@@ -205,8 +205,11 @@ class FinetuneRecipe:
         self.tracking_group: str | None = loop_config.get("tracking_group")
         self.tracking_env: dict[str, str] = loop_config.get("tracking_env") or {}
         self.device = ray.train.torch.get_device()
-        # auto: fp32 on CPU, bf16 (fp16 where unsupported) autocast on GPU.
-        self.precision = resolve_dtype(self.cfg.precision, self.device.type)
+        # auto: fp32 on CPU, bf16 (fp16 where unsupported) autocast on GPU; a precision this
+        # worker's CPU only emulates is refused (unless allowed) before the model loads.
+        self.precision = resolve_dtype(
+            self.cfg.precision, self.device.type, self.cfg.allow_slow_precision
+        )
         self.autocast_dtype = torch_dtype(self.precision)
         self.step = 0
         self.resumed_from_step = 0

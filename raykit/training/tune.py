@@ -207,6 +207,7 @@ def _best_checkpoint(
 def run_sweep(cfg: TuneConfig) -> dict[str, Any]:
     """Run (or resume) the sweep; write trials.csv/json and the best model to output_dir/best."""
     cfg.check_paths()
+    cfg.check_hardware(cfg.use_gpu)
     space = search_space(cfg.search)
     # Log reports before a trial's first evaluation carry no eval metric; ASHA skips them.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
