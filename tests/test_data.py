@@ -105,6 +105,24 @@ def test_directories_skip_names_starting_with_underscore_or_dot(tmp_path, caplog
     assert expand_paths(str(tmp_path / "out" / "_SUCCESS.jsonl"))[0].endswith("_SUCCESS.jsonl")
 
 
+def test_parquet_groups_are_checked_row_by_row(tmp_path):
+    """Training groups in Parquet (what `raykit score` writes by default) read like JSONL; a bad
+    row is named by its row number."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    scored = {**GOOD, "pos_scores": [1.0], "neg_scores": [0.5]}
+    rows = [scored, {**GOOD, "pos": []}, GOOD]  # GOOD's scores are nulls in Parquet
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "groups.parquet")
+    report = check_file(str(tmp_path / "groups.parquet"))
+    assert report.valid_rows == 2 and report.has_teacher_scores
+    assert report.errors == [f"{tmp_path}/groups.parquet:2: pos: pos has no passages"]
+    unscored = {**GOOD, "pos_scores": None, "neg_scores": None}  # null columns: no teacher
+    pq.write_table(pa.Table.from_pylist([unscored]), tmp_path / "groups.parquet")
+    assert not check_file(str(tmp_path / "groups.parquet")).has_teacher_scores
+    assert expand_paths(str(tmp_path)) == [f"{tmp_path}/groups.parquet"]
+
+
 def test_missing_path_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="no such file or directory"):
         expand_paths([str(tmp_path / "nope.jsonl")])

@@ -20,7 +20,15 @@ from raykit.config import ConfigError, ScoreConfig
 from raykit.core.reranker import Reranker
 from raykit.scoring.outputs import output_names, rank_within_queries
 from raykit.scoring.pipeline import run_score
-from tests.helpers import SAMPLE_DEV, SAMPLE_TRAIN, actor_pids, raykit_lines, write_jsonl
+from tests.helpers import (
+    SAMPLE_DEV,
+    SAMPLE_TRAIN,
+    actor_pids,
+    raykit_lines,
+    run_cli,
+    tiny_args,
+    write_jsonl,
+)
 
 
 def dev_groups(source: Path = SAMPLE_DEV) -> list[dict]:
@@ -338,6 +346,52 @@ def test_killed_scoring_actor_loses_and_duplicates_nothing(ray_cluster, tiny_mod
     rows = read_output(out / "big.parquet")
     assert sorted(r["doc_id"] for r in rows) == list(range(len(pairs)))
     assert result["rows_in"] == result["rows_out"] == len(pairs)
+
+
+@pytest.mark.slow
+def test_training_groups_get_teacher_scores_that_finetune_distils_from(
+    ray_cluster, tiny_model_dir, tmp_path
+):
+    """`raykit score` on training groups writes them back with the teacher's raw scores, in
+    pos/neg order; the output folder, `_errors/` and all, is `finetune --train_data` as it is,
+    and the KL term is on (its loss is reported)."""
+    groups = [json.loads(line) for line in SAMPLE_TRAIN.read_text().splitlines()][:8]
+    groups[1] = {**groups[1], "pos_scores": [9.0], "neg_scores": [0.0] * len(groups[1]["neg"])}
+    bad = {"query": "q", "pos": ["p", ""], "neg": ["n"]}
+    source = write_jsonl(tmp_path / "train.jsonl", [*groups[:4], bad, *groups[4:]])
+    cfg = score_config(
+        tiny_model_dir, [source], tmp_path / "teacher", format="jsonl", max_error_rate=0.2
+    )
+    summary = run_score(cfg)
+
+    rows = read_output(tmp_path / "teacher" / "train.jsonl")
+    assert summary["rows_out"] == len(rows) == 8 and summary["rows_rejected"] == 1
+    reranker = Reranker(tiny_model_dir, device="cpu", max_length=64)
+    for group, row in zip(groups, rows, strict=True):
+        assert {k: row[k] for k in ("query", "pos", "neg")} == {
+            k: group[k] for k in ("query", "pos", "neg")
+        }
+        expected = reranker.compute_score(
+            [[group["query"], p] for p in group["pos"] + group["neg"]]
+        )
+        positives = len(group["pos"])
+        np.testing.assert_allclose(row["pos_scores"], expected[:positives], atol=1e-5)
+        np.testing.assert_allclose(row["neg_scores"], expected[positives:], atol=1e-5)
+    errors = [json.loads(line) for line in (tmp_path / "teacher" / "_errors.jsonl").open()]
+    assert [(e["line"], e["reason"]) for e in errors] == [(5, "field 'pos[1]' is empty")]
+
+    args = tiny_args(
+        tiny_model_dir,
+        tmp_path,
+        train_data=str(tmp_path / "teacher"),
+        max_steps="2",
+        per_device_train_batch_size="2",
+        distill_weight="1.0",
+    )
+    output = run_cli(args).output
+    assert "8 valid groups in 1 file(s) with teacher scores" in output
+    trained = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert all(entry["distill_loss"] > 0 for entry in trained["loss"])
 
 
 def test_output_names_and_config_errors():

@@ -100,7 +100,8 @@ def test_bm25_then_rerank_then_evaluate(ray_cluster, tiny_model_dir, tmp_path):
         (q, d) for q, docs in first_stage.items() for d, _, _ in docs
     }
     assert sum(len(docs) for docs in reranked.values()) == sum(map(len, first_stage.values()))
-    assert not (out / "_run_pairs").exists()
+    # Only what the README documents: the TREC run and the scored pairs.
+    assert sorted(p.name for p in out.iterdir()) == ["bm25.parquet", "bm25.trec"]
     # The scores are the engine's (as Reranker gives them) to the printed precision.
     queries = read_queries(str(BEIR / "queries.jsonl"))
     corpus = read_corpus([str(BEIR / "corpus.jsonl")], {d for d, _, _ in reranked["q3"]})

@@ -1,6 +1,6 @@
 """Reading, validating and sampling training groups, and tokenising (query, passage) pairs.
 
-A training record is one JSON object per line:
+A training record is one JSON object per line (or one Parquet row, numbered like a line):
     {"query": str, "pos": [str, ...], "neg": [str, ...],
      "pos_scores"?: [float, ...], "neg_scores"?: [float, ...]}
 
@@ -40,7 +40,8 @@ GROUP_SCHEMA = pa.schema(
         ("neg_scores", pa.list_(pa.float64())),
     ]
 )
-DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
+PARQUET_ROWS_PER_BATCH = 4096
 MAX_REPORTED_ERRORS = 20
 
 
@@ -67,6 +68,8 @@ class DataReport:
 
     def summary(self) -> str:
         text = f"{self.valid_rows} valid groups in {len(self.files)} file(s)"
+        if self.has_teacher_scores:
+            text += " with teacher scores (pos_scores/neg_scores)"
         if self.skipped:
             reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped.items()))
             text += f"; {self.invalid_rows} invalid ({reasons})"
@@ -147,6 +150,27 @@ def read_lines(path: str) -> Iterator[tuple[int, str, str | None]]:
                     yield number, text, f"not valid UTF-8 ({where})"
     except OSError as exc:
         where = f"after line {number}" if number else "at the start"
+        raise DataError(f"{path}: cannot read {where}: {exc}") from None
+
+
+def read_rows(path: str) -> Iterator[tuple[int, str, str | None]]:
+    """`read_lines` for JSONL, and for Parquet each row as JSON text numbered from 1 (what
+    errors name as its line), streaming by row group."""
+    if not path.endswith(".parquet"):
+        yield from read_lines(path)
+        return
+    import pyarrow.parquet as pq
+
+    fs, fs_path = filesystem(path)
+    number = 0
+    try:
+        with fs.open_input_file(fs_path) as handle:
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=PARQUET_ROWS_PER_BATCH):
+                for row in batch.to_pylist():
+                    number += 1
+                    yield number, json.dumps(row, ensure_ascii=False, default=str), None
+    except (OSError, pa.ArrowInvalid) as exc:
+        where = f"after row {number}" if number else "at the start"
         raise DataError(f"{path}: cannot read {where}: {exc}") from None
 
 
@@ -233,7 +257,7 @@ def checked_lines(
 ) -> Iterator[tuple[int, dict | None, tuple[str, str, str] | None]]:
     """(line number, record, None) or (line number, None, (reason, field, message)) for every
     non-blank line: what both the validation pass and the dataset read go by."""
-    for number, line, problem in read_lines(path):
+    for number, line, problem in read_rows(path):
         if problem is not None:
             yield number, None, ("invalid_utf8", "-", problem)
         else:
@@ -246,7 +270,7 @@ def check_file(path: str, require_neg: bool = True, keep: list[dict] | None = No
     for number, record, problem in checked_lines(path, require_neg):
         if problem is None:
             report.valid_rows += 1
-            report.has_teacher_scores |= "pos_scores" in record
+            report.has_teacher_scores |= record.get("pos_scores") is not None
             if keep is not None:
                 keep.append(record)
             continue

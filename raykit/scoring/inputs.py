@@ -9,14 +9,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from raykit.config import ScoreConfig
 from raykit.core.prompts import tokenize_for
 from raykit.core.spec import RerankerSpec, SpecRequest, resolve_spec
-from raykit.data.groups import lone_surrogate, read_lines
-from raykit.errors import DataError
-from raykit.runtime.storage import filesystem
+from raykit.data.groups import lone_surrogate, read_rows
 
 INPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 # Rows per block out of the read and tokenise stages. Ray keeps some state per block for the
@@ -47,29 +44,13 @@ def read_input_file(batch: pa.Table) -> Iterator[pa.Table]:
         batch["file_index"].to_pylist(), batch["path"].to_pylist(), strict=True
     ):
         rows: list[tuple[int, str, str | None]] = []
-        for row in _file_rows(path):
+        for row in read_rows(path):
             rows.append(row)
             if len(rows) == READ_ROWS_PER_BLOCK:
                 yield _read_block(file_index, rows)
                 rows = []
         if rows:
             yield _read_block(file_index, rows)
-
-
-def _file_rows(path: str) -> Iterator[tuple[int, str, str | None]]:
-    if not path.endswith(".parquet"):
-        yield from read_lines(path)
-        return
-    try:
-        fs, fs_path = filesystem(path)
-        parquet = pq.ParquetFile(fs.open_input_file(fs_path))
-        number = 0
-        for record_batch in parquet.iter_batches(batch_size=READ_ROWS_PER_BLOCK):
-            for row in record_batch.to_pylist():
-                number += 1
-                yield number, json.dumps(row, ensure_ascii=False, default=str), None
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise DataError(f"{path}: cannot read: {exc}") from None
 
 
 def _read_block(file_index: int, rows: list[tuple[int, str, str | None]]) -> pa.Table:
@@ -99,8 +80,27 @@ def _field_with_lone_surrogate(row: dict) -> str | None:
     return next((key for key, value in row.items() if bad(key) or bad(value)), None)
 
 
+def is_training_group(row: dict, cfg: ScoreConfig) -> bool:
+    """A training group {query, pos, neg?} (no passage or candidates field): scored as a
+    teacher, its output row is the group with `pos_scores`/`neg_scores` added."""
+    return "pos" in row and cfg.candidates_field not in row and cfg.passage_field not in row
+
+
+def _check_texts(row: dict, name: str, required: bool) -> str | None:
+    """Why `row[name]` is not a list of non-empty strings (non-empty when `required`), or None."""
+    texts = row.get(name, None if required else [])
+    if not isinstance(texts, list) or (required and not texts):
+        return f"field '{name}' is not a {'non-empty ' if required else ''}list"
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            return f"field '{name}[{i}]' is not a string"
+        if not text.strip():
+            return f"field '{name}[{i}]' is empty"
+    return None
+
+
 def check_row(row: Any, cfg: ScoreConfig) -> tuple[list[str] | None, str | None]:
-    """(passages, None) for a valid pair or group row, else (None, reason)."""
+    """(passages, None) for a valid pair, group or training-group row, else (None, reason)."""
     if not isinstance(row, dict):
         return None, "not a JSON object"
     broken = _field_with_lone_surrogate(row)
@@ -114,15 +114,11 @@ def check_row(row: Any, cfg: ScoreConfig) -> tuple[list[str] | None, str | None]
     if cfg.group_by and row.get(cfg.group_by) is None:
         return None, f"missing field '{cfg.group_by}' (group_by)"
     if cfg.candidates_field in row:
-        candidates = row[cfg.candidates_field]
-        if not isinstance(candidates, list) or not candidates:
-            return None, f"field '{cfg.candidates_field}' is not a non-empty list"
-        for i, text in enumerate(candidates):
-            if not isinstance(text, str):
-                return None, f"field '{cfg.candidates_field}[{i}]' is not a string"
-            if not text.strip():
-                return None, f"field '{cfg.candidates_field}[{i}]' is empty"
-        return candidates, None
+        reason = _check_texts(row, cfg.candidates_field, required=True)
+        return (None, reason) if reason else (row[cfg.candidates_field], None)
+    if is_training_group(row, cfg):
+        reason = _check_texts(row, "pos", required=True) or _check_texts(row, "neg", False)
+        return (None, reason) if reason else ([*row["pos"], *row.get("neg", [])], None)
     passage = row.get(cfg.passage_field)
     if passage is None:
         return None, f"missing field '{cfg.passage_field}' (or '{cfg.candidates_field}')"
@@ -169,7 +165,7 @@ def tokenize_rows(batch: pa.Table, cfg: ScoreConfig, model_path: str) -> pa.Tabl
             queries.append(None)
             passages.append(None)
             continue
-        is_group = cfg.candidates_field in row
+        is_group = cfg.candidates_field in row or is_training_group(row, cfg)
         for i, passage in enumerate(passages_of_row):
             _append(out, file_index, line, text if i == 0 else None, i if is_group else -1, None)
             queries.append(row[cfg.query_field])

@@ -24,7 +24,7 @@ from raykit.errors import DataError
 from raykit.runtime.console import RowProgress, format_eta
 from raykit.runtime.logs import logger
 from raykit.runtime.storage import filesystem
-from raykit.scoring.inputs import INPUT_SUFFIXES
+from raykit.scoring.inputs import INPUT_SUFFIXES, is_training_group
 
 ERRORS_DIR = "_errors"  # per-file error parts; readers of the output skip "_" paths
 
@@ -151,6 +151,7 @@ class FileSink:
         self.row_score = array("f")
         self.writer: TableWriter | None = None
         self.group_row: tuple[int, dict] | None = None
+        self.teacher_scores: list[float | None] = []  # the training group being scored
 
     def add(self, batch: pa.Table) -> None:
         cfg = self.cfg
@@ -172,6 +173,12 @@ class FileSink:
                 parsed = json.loads(text)
                 self.group_row = (line, parsed)
             _, parsed = self.group_row
+            if cand >= 0 and is_training_group(parsed, cfg):
+                done = self._add_teacher_score(parsed, cand, float(score))
+                if done is not None:
+                    rows.append(done)
+                    self.rows_added += 1
+                continue
             row = dict(parsed)
             key = None
             if cand >= 0:
@@ -207,6 +214,18 @@ class FileSink:
             # Every column any row has (from_pylist would keep only the first row's keys).
             names = dict.fromkeys(name for row in rows for name in row)
             self.writer.write(pa.table({n: [row.get(n) for row in rows] for n in names}))
+
+    def _add_teacher_score(self, group: dict, cand: int, score: float) -> dict | None:
+        """Collect one passage's score; once the group's last arrives, the group with its
+        `pos_scores`/`neg_scores` (raw, in the order of `pos`/`neg`) replacing any it had."""
+        if cand == 0:
+            self.teacher_scores = [None] * (len(group["pos"]) + len(group.get("neg", [])))
+        self.teacher_scores[cand] = score
+        if cand < len(self.teacher_scores) - 1:
+            return None
+        positives = len(group["pos"])
+        scores, self.teacher_scores = self.teacher_scores, []
+        return {**group, "pos_scores": scores[:positives], "neg_scores": scores[positives:]}
 
     def _error_record(self, line: int, text: str, reason: str) -> dict:
         try:
@@ -292,7 +311,8 @@ class OrderedSinks:
 
 
 def merge_error_parts(cfg: ScoreConfig, names: list[str]) -> str | None:
-    """Concatenate every input file's error records (in input order) into the errors file."""
+    """Concatenate every input file's error records (in input order) into the errors file. The
+    per-file parts stay (a resumed run merges them again) unless every one is empty."""
     fs, root = filesystem(cfg.output)
     target = cfg.errors_path or f"{cfg.output.rstrip('/')}/_errors.jsonl"
     target_fs, target_path = filesystem(target)
@@ -301,6 +321,8 @@ def merge_error_parts(cfg: ScoreConfig, names: list[str]) -> str | None:
     if not any(fs.get_file_info(p).size for p in parts):
         if target_fs.get_file_info(target_path).type == pafs.FileType.File:
             target_fs.delete_file(target_path)
+        if fs.get_file_info(f"{root}/{ERRORS_DIR}").type == pafs.FileType.Directory:
+            fs.delete_dir(f"{root}/{ERRORS_DIR}")  # nothing was rejected: no empty parts left
         return None
     target_fs.create_dir(os.path.dirname(target_path), recursive=True)
     with target_fs.open_output_stream(target_path) as out:

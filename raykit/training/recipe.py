@@ -110,14 +110,26 @@ class ThroughputWindow:
 
     loss_sum: float = 0.0
     micro_batches: int = 0
+    distill_loss_sum: float = 0.0  # the teacher-score KL term, within loss_sum
+    distill_micro_batches: int = 0
     groups: int = 0
     real_tokens: int = 0
     padded_tokens: int = 0
     seconds: float = 0.0
 
-    def add(self, loss: float, groups: int, real_tokens: int, padded_tokens: int) -> None:
+    def add(
+        self,
+        loss: float,
+        groups: int,
+        real_tokens: int,
+        padded_tokens: int,
+        distill_loss: float | None = None,
+    ) -> None:
         self.loss_sum += loss
         self.micro_batches += 1
+        if distill_loss is not None:
+            self.distill_loss_sum += distill_loss
+            self.distill_micro_batches += 1
         self.groups += groups
         self.real_tokens += real_tokens
         self.padded_tokens += padded_tokens
@@ -422,19 +434,25 @@ class FinetuneRecipe:
             with torch.autocast(self.device.type, self.autocast_dtype, enabled=enabled):
                 logits = self.model(chunks, order)
             loss = group_softmax_loss(logits, group_size)
-            teacher_rows = [i for i, g in enumerate(groups) if g.teacher_scores is not None]
-            if teacher_rows and cfg.distill_weight > 0:
-                teacher = torch.tensor(
-                    [groups[i].teacher_scores for i in teacher_rows], device=self.device
-                )
-                student = logits.view(-1, group_size)[teacher_rows]
-                loss = loss + cfg.distill_weight * distillation_loss(
-                    student, teacher, group_size, cfg.distill_temperature
-                )
+            distill = self._distillation_loss(logits, groups)
+            if distill is not None:
+                loss = loss + cfg.distill_weight * distill
             self.scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
         tokens = sum(len(e["input_ids"]) for e in encodings)
-        self.window.add(loss.item(), len(groups), tokens, tokens + pad_tokens)
+        distill_value = None if distill is None else distill.item()
+        self.window.add(loss.item(), len(groups), tokens, tokens + pad_tokens, distill_value)
         self.pairs_trained += len(encodings)
+
+    def _distillation_loss(self, logits: torch.Tensor, groups: list) -> torch.Tensor | None:
+        """The KL term against the groups that carry teacher scores (None when none do, or
+        `distill_weight` is 0)."""
+        teacher_rows = [i for i, g in enumerate(groups) if g.teacher_scores is not None]
+        if not teacher_rows or self.cfg.distill_weight <= 0:
+            return None
+        group_size = self.cfg.train_group_size
+        teacher = torch.tensor([groups[i].teacher_scores for i in teacher_rows], device=self.device)
+        student = logits.view(-1, group_size)[teacher_rows]
+        return distillation_loss(student, teacher, group_size, self.cfg.distill_temperature)
 
     def optimizer_step(self) -> None:
         if self.cfg.max_grad_norm > 0:
@@ -487,6 +505,8 @@ class FinetuneRecipe:
             "lr": self.scheduler.get_last_lr()[0],
             **window.rates(self.cfg.train_group_size),
         }
+        if window.distill_micro_batches:
+            logged["distill_loss"] = window.distill_loss_sum / window.distill_micro_batches
         self.history["loss"].append({"step": self.step, **logged})
         self.track({f"train/{k}": v for k, v in logged.items()})
         steps_done = self.step - self.resumed_from_step
