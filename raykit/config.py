@@ -484,8 +484,10 @@ class ScoreConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
         "to 4 cores, else 4; 1 with --use_gpu).",
     )
     batch_size: Positive = _opt(64, "Most pairs per forward pass.")
-    sort_window: Positive = _opt(
-        1024, "Pairs sorted by length together; also the unit of work of an actor."
+    sort_window: Positive | None = _opt(
+        None,
+        "Pairs sorted by length together; also the unit of work of an actor, so the first "
+        "scores wait for one (default: 256 on CPU, 1024 with --use_gpu).",
     )
     tokenize_tasks: Positive | None = _opt(
         None,
@@ -534,23 +536,27 @@ class ScoreConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
         return low, self.max_actors or max(low, fixed)
 
     def sized_for(self, total_cpus: int, gpus: int, local: bool) -> ScoreConfig:
-        """A copy with unset actor counts and CPU shares filled in: one actor per GPU with
+        """A copy with unset actor counts, CPU shares and window filled in: one actor per GPU with
         `use_gpu`; on CPU `split_cpus` of the cores, less one core on a cluster for the read and
         tokenise tasks (a local instance has spare logical CPUs for them, and tokenising is
         cheap next to a forward pass, so a core of its own would mostly idle)."""
         from raykit.runtime.cluster import split_cpus
 
-        if self.num_actors or self.min_actors or self.max_actors:
-            return dataclasses.replace(self, cpus_per_actor=self.cpus_per_actor or 1.0)
-        if self.use_gpu:
+        # On CPU a window of 256 pairs is a few seconds of one core, and pads about as little.
+        cfg = dataclasses.replace(
+            self, sort_window=self.sort_window or (1024 if self.use_gpu else 256)
+        )
+        if cfg.num_actors or cfg.min_actors or cfg.max_actors:
+            return dataclasses.replace(cfg, cpus_per_actor=cfg.cpus_per_actor or 1.0)
+        if cfg.use_gpu:
             return dataclasses.replace(
-                self, num_actors=max(1, gpus), cpus_per_actor=self.cpus_per_actor or 1.0
+                cfg, num_actors=max(1, gpus), cpus_per_actor=cfg.cpus_per_actor or 1.0
             )
         cores = total_cpus if local else max(1, total_cpus - 1)
         actors, threads = split_cpus(cores)
-        if self.cpus_per_actor:
-            actors, threads = max(1, int(cores // self.cpus_per_actor)), self.cpus_per_actor
-        return dataclasses.replace(self, num_actors=actors, cpus_per_actor=float(threads))
+        if cfg.cpus_per_actor:
+            actors, threads = max(1, int(cores // cfg.cpus_per_actor)), cfg.cpus_per_actor
+        return dataclasses.replace(cfg, num_actors=actors, cpus_per_actor=float(threads))
 
 
 @options

@@ -29,3 +29,6 @@ def test_score_defaults_fill_the_machine():
     assert (gpus.num_actors, gpus.cpus_per_actor) == (8, 1.0)
     kept = ScoreConfig(input=["x"], num_actors=3).sized_for(2, 0, local=True)
     assert (kept.num_actors, kept.cpus_per_actor) == (3, 1.0)
+    # Windows: small on CPU (the first scores wait for one), big on GPU, explicit kept.
+    assert (local.sort_window, gpus.sort_window, kept.sort_window) == (256, 1024, 256)
+    assert ScoreConfig(input=["x"], sort_window=64).sized_for(2, 0, local=True).sort_window == 64

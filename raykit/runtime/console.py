@@ -49,12 +49,27 @@ def setup_console(verbose: bool = False) -> None:
 
 
 def quiet_ray() -> None:
-    """Ray's deprecation notices: off unless verbose (driver, training workers, actors)."""
+    """Ray's deprecation notices and Ray Data's advice on task concurrency (one input file
+    reads in one task): off unless verbose (driver, training workers, actors)."""
     if is_verbose():
         return
     from ray.util.annotations import RayDeprecationWarning
 
     warnings.filterwarnings("ignore", category=RayDeprecationWarning)
+    warnings.filterwarnings(
+        "ignore", message="The maximum number of concurrent tasks", category=UserWarning
+    )
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's plans, progress blocks and its "progress bars disabled" notice: off unless
+    verbose, as commands print their own progress line. Ray Data sets its logger's level
+    again at every execution, from RAY_DATA_LOG_LEVEL when set."""
+    if is_verbose():
+        return
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+    logging.getLogger("ray.data").setLevel(os.environ["RAY_DATA_LOG_LEVEL"])
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def ray_init_options() -> dict[str, Any]:

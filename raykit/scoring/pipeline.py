@@ -32,7 +32,8 @@ from raykit.core.spec import check_reranker
 from raykit.data.groups import expand_paths
 from raykit.errors import DataError
 from raykit.runtime.cluster import capacity, init_ray
-from raykit.runtime.logs import logger
+from raykit.runtime.console import quiet_ray_data
+from raykit.runtime.logs import is_verbose, logger
 from raykit.runtime.storage import absolute, check_writable, filesystem
 from raykit.scoring.inputs import (
     INPUT_SUFFIXES,
@@ -232,6 +233,7 @@ def _score_files(
     explicit = cfg.actor_pool_size[1] * (cfg.cpus_per_actor or 1.0)
     wanted = explicit if cfg.num_actors or cfg.max_actors else (os.cpu_count() or 1)
     local = init_ray(wanted + 1)
+    quiet_ray_data()
     cap = capacity(local)
     cfg = cfg.sized_for(cap.total_cpus, cap.gpus, local)
     low, high = cfg.actor_pool_size
@@ -243,6 +245,8 @@ def _score_files(
     context = ray.data.DataContext.get_current()
     options = context.execution_options
     saved = options.preserve_order, options.resource_limits, context.target_max_block_size
+    bars = context.enable_progress_bars
+    context.enable_progress_bars = is_verbose()  # else our progress line, one per interval
     options.preserve_order = True
     # Bounded blocks in flight: the streaming executor backpressures reads and tokenising
     # once this much waits in the object store, so memory is bounded whatever the input size.
@@ -272,4 +276,5 @@ def _score_files(
     finally:
         progress.close()
         options.preserve_order, options.resource_limits, context.target_max_block_size = saved
+        context.enable_progress_bars = bars
     return first_output

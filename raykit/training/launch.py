@@ -22,7 +22,7 @@ from raykit.core.precision import describe_precision
 from raykit.core.spec import check_reranker
 from raykit.data.groups import expand_paths, read_groups
 from raykit.runtime.cluster import hold_run_lock, init_ray
-from raykit.runtime.console import RunConsole
+from raykit.runtime.console import RunConsole, quiet_ray_data
 from raykit.runtime.logs import logger
 from raykit.runtime.storage import absolute, is_uri, prepare_output_dir
 from raykit.tools.model_card import finetune_card
@@ -77,6 +77,7 @@ def finetune(
             expand_paths(paths)
     init_ray(cfg.num_workers * cfg.cpus_per_worker)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_ray_data()
     cfg = dataclasses.replace(
         cfg,
         train_data=[absolute(p) for p in cfg.train_data],
