@@ -88,6 +88,13 @@ def test_two_worker_cli_finetune_lowers_loss_and_writes_hf_model(
     summary = json.loads((out / "train_summary.json").read_text())
     losses = [entry["loss"] for entry in summary["loss"]]
     assert summary["steps"] == 30 and len(losses) == 30  # 40 groups / 2 workers / 4 = 5 per epoch
+    # Where the seconds before the first step went, stage by stage, in order.
+    startup = summary["startup_s"]
+    stages = ["ray", "data", "workers", "model", "setup", "first_eval", "first_step"]
+    assert list(startup) == stages and sorted(startup.values()) == list(startup.values())
+    assert startup["first_step"] == pytest.approx(summary["time_to_first_step_s"], abs=0.01)
+    split = next(line for line in output.splitlines() if "start-up: Ray " in line)
+    assert "trainer and workers" in split and "first eval" in split and "first step" in split
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.25
     assert [e["step"] for e in summary["eval"]] == [0, 10, 20, 30]
     assert summary["best_metrics"]["nDCG@10"] == max(e["nDCG@10"] for e in summary["eval"][1:])

@@ -76,6 +76,7 @@ def finetune(
         if paths:
             expand_paths(paths)
     init_ray(cfg.num_workers * cfg.cpus_per_worker)
+    startup = {"ray": time.time() - launched_at}
     ray.data.DataContext.get_current().enable_progress_bars = False
     quiet_ray_data()
     cfg = dataclasses.replace(
@@ -92,7 +93,7 @@ def finetune(
     try:
         with RunConsole() if console else nullcontext() as run_console:
             events = run_console.queue if run_console else None
-            return _train_and_export(cfg, callbacks, launched_at, events, tracking_group)
+            return _train_and_export(cfg, callbacks, launched_at, startup, events, tracking_group)
     finally:
         ray.kill(lock)
 
@@ -101,10 +102,12 @@ def _train_and_export(
     cfg: FinetuneConfig,
     callbacks: list | None,
     launched_at: float,
+    startup: dict[str, float],
     events: Any = None,
     tracking_group: str | None = None,
 ) -> FinetuneResult:
     datasets, train_report, data_lines = _read_datasets(cfg)
+    startup["data"] = time.time() - launched_at
     plan = plan_steps(cfg, train_report.valid_rows)
     dropped = train_report.valid_rows - plan.groups_per_worker * cfg.num_workers
     if dropped:
@@ -122,6 +125,7 @@ def _train_and_export(
         "plan": dataclasses.asdict(plan),
         "model_path": resolve_model_path(cfg.model_name_or_path),
         "launched_at": launched_at,
+        "startup": startup,
         "datasets": sorted(datasets),
         "events": events,
         "tracking_group": tracking_group,

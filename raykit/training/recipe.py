@@ -155,6 +155,30 @@ class ThroughputWindow:
         }
 
 
+# Start-up stages in order, each timed from the end of the one before: what the driver does
+# (start or join Ray, check the data) and then rank 0 (Ray Train's controller, worker group and
+# process group up; model loaded; optimizer, eval and data set up; eval_on_start; first step).
+STARTUP_STAGES = {
+    "ray": "Ray",
+    "data": "data check",
+    "workers": "trainer and workers",
+    "model": "model load",
+    "setup": "set-up",
+    "first_eval": "first eval",
+    "first_step": "first step",
+}
+
+
+def format_startup(marks: dict[str, float]) -> str:
+    """`Ray 4.1 s, data check 1.9 s, ...`: each stage's own seconds, in order."""
+    parts, previous = [], 0.0
+    for stage, label in STARTUP_STAGES.items():
+        if stage in marks:
+            parts.append(f"{label} {marks[stage] - previous:.1f} s")
+            previous = marks[stage]
+    return ", ".join(parts)
+
+
 def _rng_state() -> dict[str, Any]:
     """Dropout and other torch/numpy/python randomness; group sampling is seeded per batch."""
     return {
@@ -206,6 +230,10 @@ class FinetuneRecipe:
         self.cfg = FinetuneConfig(**loop_config["cfg"])
         self.plan = TrainPlan(**loop_config["plan"])
         self.launched_at: float = loop_config["launched_at"]
+        # Start-up marks, seconds after launch: the driver's (Ray, data check), then
+        # this worker's as it gets there (see `STARTUP_STAGES`).
+        self.startup: dict[str, float] = dict(loop_config.get("startup") or {})
+        self._mark("workers")
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         os.environ[VERBOSE_ENV] = "1" if self.cfg.verbose else "0"
@@ -240,12 +268,17 @@ class FinetuneRecipe:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         state = self._setup_model(model_path)
+        self._mark("model")
         self._setup_optimizer()
         if state:
             self._restore(state)
         self._setup_eval()
         self._setup_data(datasets)
         self._setup_trackers()
+        self._mark("setup")
+
+    def _mark(self, stage: str) -> None:
+        self.startup[stage] = time.time() - self.launched_at
 
     def _setup_model(self, model_path: str) -> dict[str, Any]:
         """Load (or resume) the model and wrap it for the workers (DDP, or FSDP2 with
@@ -579,6 +612,7 @@ class FinetuneRecipe:
         cfg, plan = self.cfg, self.plan
         if self.eval_groups and self.step == 0 and cfg.eval_on_start:
             self.history["eval_before"] = self.evaluate("before training")
+            self._mark("first_eval")
         self._log_start()
         accumulation = cfg.gradient_accumulation_steps
         self.model.train()
@@ -616,7 +650,9 @@ class FinetuneRecipe:
         self.train_seconds += seconds
         if self.first_step_at is None:
             self.first_step_at = time.time()
+            self._mark("first_step")
             self.log(f"first step done {self.first_step_at - self.launched_at:.1f}s after launch")
+            self.log(f"start-up: {format_startup(self.startup)}")
 
     def _between_steps(self) -> None:
         """Evaluate, log and report as the schedule says. Evaluation comes first so that every
@@ -662,6 +698,7 @@ class FinetuneRecipe:
             "time_to_first_step_s": (
                 self.first_step_at - self.launched_at if self.first_step_at else None
             ),
+            "startup_s": self.startup,  # seconds after launch at the end of each stage
             "worker_nodes": self.worker_nodes,  # Ray node id of each rank
             "peak_gpu_memory_gb": (
                 torch.cuda.max_memory_allocated(self.device) / 2**30
