@@ -150,7 +150,7 @@ class FileSink:
         self.row_query = array("i")
         self.row_score = array("f")
         self.writer: TableWriter | None = None
-        self.group_row: tuple[int, dict] | None = None
+        self.group_row: tuple[dict, bool] | None = None  # the row, and whether it is a teacher's
         self.teacher_scores: list[float | None] = []  # the training group being scored
 
     def add(self, batch: pa.Table) -> None:
@@ -171,9 +171,9 @@ class FileSink:
             if text is not None:
                 self.stats.rows_in += 1
                 parsed = json.loads(text)
-                self.group_row = (line, parsed)
-            _, parsed = self.group_row
-            if cand >= 0 and is_training_group(parsed, cfg):
+                self.group_row = (parsed, is_training_group(parsed, cfg))
+            parsed, teacher = self.group_row
+            if cand >= 0 and teacher:
                 done = self._add_teacher_score(parsed, cand, float(score))
                 if done is not None:
                     rows.append(done)
