@@ -240,6 +240,11 @@ def bm25_command(cfg: RetrieveConfig) -> None:
 
 @config_command("serve", ServeConfig, "Serve a reranking HTTP API on Ray Serve until Ctrl-C.")
 def serve_command(cfg: ServeConfig) -> None:
+    if cfg.rollout:  # switch the running app to new checkpoints, in place
+        from raykit.serving.rollout import run_rollout
+
+        run_rollout(cfg)
+        return
     from raykit.serving.app import run_serve
 
     run_serve(cfg)

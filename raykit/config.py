@@ -56,6 +56,7 @@ def _as_list(value: Any) -> Any:
 Positive = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegative = Annotated[float, Field(ge=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]  # [0, 1)
 StrList = Annotated[list[str], BeforeValidator(_as_list)]
 
@@ -563,16 +564,29 @@ class ScoreConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
 class ServeConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
     """`raykit serve` and `serve run examples/serve.yaml`: a reranking endpoint on Ray Serve."""
 
-    model: str = _opt("BAAI/bge-reranker-base", "Model dir, HF hub id or embedded name.")
+    model: StrList = field(
+        default_factory=lambda: ["BAAI/bge-reranker-base"],
+        metadata={
+            "help": "Model dir, HF hub id or embedded name. NAME=PATH, repeatable: several "
+            "models behind one endpoint, picked by the request's `model` field (the first is "
+            "the default). In YAML a list or a NAME: PATH mapping."
+        },
+    )
     model_name: str | None = _opt(
         None, "Name reported by the API (default: the model's hub id, or its folder's name)."
+    )
+    rollout: bool = _opt(
+        False,
+        "Roll the running app (same app_name) over to --model in place: each replica loads "
+        "the new checkpoint beside the old one and switches when it is ready, so no request "
+        "fails; returns when every replica serves it.",
     )
     host: str = _opt("127.0.0.1", "Bind address of Serve's HTTP proxy (0.0.0.0 for all).")
     port: Positive = _opt(8000, "Port of Serve's HTTP proxy.")
     route_prefix: str = _opt("/", "URL prefix of the app.")
     app_name: str = _opt("raykit", "Serve application name.")
-    min_replicas: Positive | None = _opt(
-        None, "Autoscaling: fewest replicas (default: enough to fill the node, see below)."
+    min_replicas: NonNegativeInt | None = _opt(
+        None, "Autoscaling: fewest replicas per model (default 1; 0 scales to zero when idle)."
     )
     max_replicas: Positive | None = _opt(
         None,
@@ -580,6 +594,12 @@ class ServeConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
         "replicas x cpus_per_replica = the node's cores).",
     )
     target_ongoing_requests: PositiveFloat = _opt(4.0, "Autoscaling: ongoing requests per replica.")
+    upscale_delay_s: NonNegative = _opt(
+        3.0, "Autoscaling: how long load must stay above target before a replica is added."
+    )
+    downscale_delay_s: NonNegative = _opt(
+        30.0, "Autoscaling: how long load must stay below target before a replica is removed."
+    )
     use_gpu: bool = _opt(False, "One GPU per replica.")
     cpus_per_replica: PositiveFloat | None = _opt(
         None,
@@ -617,6 +637,9 @@ class ServeConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
 
     @model_validator(mode="after")
     def _replicas_and_batches(self) -> Any:
+        from raykit.core.served import parse_models
+
+        parse_models(self.model, self.model_name)  # names and NAME=PATH items are checked here
         if self.min_replicas and self.max_replicas and self.min_replicas > self.max_replicas:
             raise ConfigError(
                 f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})"
@@ -650,7 +673,7 @@ class ServeConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
             self,
             cpus_per_replica=self.cpus_per_replica or float(threads),
             max_replicas=high,
-            min_replicas=self.min_replicas or min(copies, high),
+            min_replicas=min(1, high) if self.min_replicas is None else self.min_replicas,
         )
 
 

@@ -22,7 +22,7 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")  # slow s
 # default); a tiny run is mostly such waits. Nodes and workers started by the tests inherit this.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # one actor less per run
-SERVE_MODULES = ("test_abuse.py", "test_serve.py")
+SERVE_MODULES = ("test_abuse.py", "test_serve.py", "test_serve_ops.py")
 
 
 RAY_FIXTURES = {"ray_cluster", "served", "cluster"}

@@ -85,7 +85,7 @@ def test_rayservice_embeds_a_serve_config_that_serve_run_accepts():
     assert application.name == local["applications"][0]["name"]
     app_builder(application.args)  # every arg is a valid `raykit serve` flag
     cfg = load_config(ServeConfig, **application.args)
-    assert cfg.use_gpu and cfg.model.startswith("s3://")
+    assert cfg.use_gpu and cfg.model[0].startswith("s3://")
 
 
 def test_serve_configs_with_the_old_import_path_keep_working():

@@ -5,18 +5,19 @@ from __future__ import annotations
 from raykit.config import ScoreConfig, ServeConfig
 
 
-def test_serve_defaults_fill_the_node():
+def test_serve_defaults_autoscale_from_one_replica_up_to_the_node():
     cfg = ServeConfig()
     two = cfg.sized_for(node_cpus=2, gpus=0)
-    assert (two.min_replicas, two.max_replicas, two.cpus_per_replica) == (2, 2, 1.0)
+    assert (two.min_replicas, two.max_replicas, two.cpus_per_replica) == (1, 2, 1.0)
     big = cfg.sized_for(node_cpus=16, gpus=0)
-    assert (big.min_replicas, big.max_replicas, big.cpus_per_replica) == (4, 4, 4.0)
+    assert (big.min_replicas, big.max_replicas, big.cpus_per_replica) == (1, 4, 4.0)
     gpu = ServeConfig(use_gpu=True).sized_for(node_cpus=32, gpus=4)
-    assert (gpu.min_replicas, gpu.max_replicas, gpu.cpus_per_replica) == (4, 4, 1.0)
-    # What the user set is kept; the rest is filled around it.
+    assert (gpu.min_replicas, gpu.max_replicas, gpu.cpus_per_replica) == (1, 4, 1.0)
+    # What the user set is kept (0 included: scale to zero); the rest is filled around it.
     mine = ServeConfig(cpus_per_replica=2, max_replicas=3).sized_for(node_cpus=8, gpus=0)
-    assert (mine.min_replicas, mine.max_replicas, mine.cpus_per_replica) == (3, 3, 2.0)
-    assert ServeConfig(min_replicas=1, max_replicas=5).sized_for(2, 0).min_replicas == 1
+    assert (mine.min_replicas, mine.max_replicas, mine.cpus_per_replica) == (1, 3, 2.0)
+    assert ServeConfig(min_replicas=2, max_replicas=5).sized_for(2, 0).min_replicas == 2
+    assert ServeConfig(min_replicas=0).sized_for(2, 0).min_replicas == 0
 
 
 def test_score_defaults_fill_the_machine():

@@ -239,23 +239,29 @@ def test_sentence_transformers_scores_a_decoder_export_with_its_prompt(trained_d
 
 
 def replica(model: str, **options):
-    """A Serve model replica's class, built in this process (no Serve, no compile)."""
-    from raykit.serving.app import RerankerModel
+    """A Serve model replica, built in this process (no Serve, no compile) and given its model
+    as Serve would: through `reconfigure` with the deployment's user_config."""
+    import asyncio
+
+    from raykit.serving.replica import RerankerModel
 
     cfg = ServeConfig(model=model, compile="off", **options)
-    return RerankerModel.func_or_class(cfg)
+    built = RerankerModel.func_or_class(cfg, "test")
+    asyncio.run(built.reconfigure({"model": model}))
+    return built
 
 
 def test_tei_truncate_false_measures_the_decoder_prompt(trained_decoder):
     model = replica(trained_decoder)
-    assert model.engine.max_len == 128  # the model's own, unasked
+    engine = model.current.engine
+    assert engine.max_len == 128  # the model's own, unasked
     short = ["cats like to sleep", "the mill near town"]
-    assert isinstance(model._tokenize("what do cats like", short, None, False), list)
+    assert isinstance(model._tokenize(engine, "what do cats like", short, None, False), list)
     # Within 128 tokens as a plain (query, text) pair, over 128 as the prompt that is scored.
     text = " ".join(["cats sleep"] * 20)
-    plain = len(model.engine.tokenizer("what do cats like", text)["input_ids"])
-    scored = model._tokenize("what do cats like", [text], None, True)[0]["input_ids"]
+    plain = len(engine.tokenizer("what do cats like", text)["input_ids"])
+    scored = model._tokenize(engine, "what do cats like", [text], None, True)[0]["input_ids"]
     assert plain < 128 and len(scored) == 128
-    message = model._tokenize("what do cats like", ["short", text], None, False)
+    message = model._tokenize(engine, "what do cats like", ["short", text], None, False)
     assert isinstance(message, str) and message.startswith("texts[1]: the prompt is ")
     assert "max_len 128" in message

@@ -2,26 +2,26 @@
 unchanged.
 
 Routes: `POST /v1/rerank` and `/v2/rerank` (Cohere/Jina shape), `POST /rerank` (TEI shape),
-`GET /health`, `GET /info`, `GET /metrics` (Prometheus text of the API's request, document, token
-and latency counters; the model replicas' counters go to Ray's own Prometheus export).
+`GET /v1/models`, `GET /health` (readiness), `GET /live` (liveness), `GET /info`, `GET /metrics`
+(Prometheus text of the API's request, document, token and latency counters; the model
+replicas' counters go to Ray's own Prometheus export).
 
-Two deployments, as in Ray's model-composition examples:
+Deployments, as in Ray's model-composition examples:
 - `RerankerAPI` (the ingress, no model): the HTTP surface. API key, one body-size limit whatever
-  the transfer encoding, validation with JSON errors (never a 500 for a JSON body), and the
-  mapping of Serve's failures: a full queue is a JSON 429, a request lost with a model replica is
-  retried once and then a JSON 503, both with Retry-After.
-- `RerankerModel` (autoscaled, one GPU or `cpus_per_replica` CPUs each): compiles its model
-  before it serves (`--compile`, on CPU by default), tokenises off the event loop and scores
-  through one token-budgeted queue (`raykit.serving.queue.BatchQueue`), so pairs of concurrent
-  requests share forward passes; a disconnected client's pairs are dropped. The ingress's
-  /health is 503 until a model replica answers.
+  the transfer encoding, validation with JSON errors (never a 500 for a JSON body), routing on
+  the request's `model` field, and the mapping of Serve's failures: a full queue is a JSON 429,
+  a request lost with a model replica is retried once and then a JSON 503, both with
+  Retry-After. /health asks Serve's controller how many model replicas run (never the model).
+- one `RerankerModel` deployment per served model (`raykit.serving.replica`), autoscaled,
+  each replica with its own token-budgeted queue; its checkpoint is its user_config, so a new
+  one rolls out in place (`raykit.serving.rollout`).
 
 `serve run examples/serve.yaml` uses `app_builder`; `raykit serve` uses `build_app` + `run_serve`.
 No `from __future__ import annotations` here: FastAPI must see the request models as real types
 in the signatures Serve rewrites for class-based routes.
 """
 
-import asyncio
+import dataclasses
 import hmac
 import os
 import signal
@@ -29,11 +29,9 @@ import sys
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -46,14 +44,24 @@ from ray.serve.metrics import Counter
 
 from raykit.config import ConfigError, ServeConfig, load_config
 from raykit.core.activation import sigmoid_array
+from raykit.core.served import ServedModel
 from raykit.data.groups import lone_surrogate
 from raykit.runtime.logs import logger
-from raykit.runtime.storage import is_uri
 
-HEALTH_PATH = "/health"
-ROUTES = ("/v1/rerank", "/v2/rerank", "/rerank", "/info", "/metrics", HEALTH_PATH)
+HEALTH_PATH = "/health"  # readiness
+LIVE_PATH = "/live"  # liveness
+MODELS_PATH = "/v1/models"
+ROUTES = ("/v1/rerank", "/v2/rerank", "/rerank", "/info", "/metrics", MODELS_PATH, HEALTH_PATH,
+          LIVE_PATH)  # fmt: skip
+UNCOUNTED_ROUTES = (HEALTH_PATH, LIVE_PATH, "/metrics")  # probes and scrapes
 OTHER_ROUTE = "other"  # the metrics label of every path that is not a route
-HEALTH_PROBE_S = 2.0  # how long /health waits for a model replica before answering 503
+# Serve's defaults (a 30 s look-back, metrics pushed every 10 s) see a load step half a minute
+# late; a reranker replica is cheap to add, so react within seconds.
+AUTOSCALE_LOOK_BACK_S = 10.0
+AUTOSCALE_METRICS_S = 1.0
+MODEL_HEALTH_CHECK_S = 2.0  # Serve's default is 10 s
+# Options that change nothing in a replica: changing them never restarts one.
+DRIVER_ONLY_FIELDS = ("rollout", "detach", "verbose", "host", "port", "route_prefix")
 
 
 # ---------------------------------------------------------------------------- API shapes
@@ -75,8 +83,9 @@ class CohereRerankRequest(BaseModel):
 
 
 class TeiRerankRequest(BaseModel):
-    """text-embeddings-inference /rerank."""
+    """text-embeddings-inference /rerank (`model` as Infinity's)."""
 
+    model: str | None = None
     query: str
     texts: list[str]
     raw_scores: bool = False
@@ -103,19 +112,6 @@ def validation_message(exc: RequestValidationError) -> str:
         where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
         parts.append(f"{where or 'body'}: {error.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request body"
-
-
-def public_model_name(model: str) -> str:
-    """What clients see as the model: a hub id as it is, the last part of a path or URI (never
-    a server's local path)."""
-    if (
-        is_uri(model)
-        or os.path.isabs(model)
-        or model.startswith((".", "~"))
-        or os.path.isdir(model)
-    ):
-        return os.path.basename(model.rstrip("/")) or "reranker"
-    return model
 
 
 def check_texts(query: str, texts: list[str], field: str, max_documents: int) -> None:
@@ -188,7 +184,7 @@ class RequestGuard:
     @staticmethod
     def _refuse(scope: dict, path: str, api: "RerankerAPI") -> Response | None:
         headers = dict(scope["headers"])
-        if api.api_key and path != HEALTH_PATH:
+        if api.api_key and path not in (HEALTH_PATH, LIVE_PATH):
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, f"Bearer {api.api_key}".encode()):
                 return _error(401, "missing or wrong API key")
@@ -214,126 +210,6 @@ class RequestGuard:
                 return b"".join(chunks), None
 
 
-# ---------------------------------------------------------------------------- the model replica
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-@serve.deployment
-class RerankerModel:
-    """Holds the model; scores (query, documents) requests through one `BatchQueue`."""
-
-    def __init__(self, cfg: ServeConfig):
-        from raykit.core.engine import InferenceEngine
-        from raykit.runtime.console import quiet_ray
-        from raykit.serving.queue import BatchQueue
-
-        quiet_ray()  # Ray's deprecation notices in this actor, as on the driver
-
-        self.cfg = cfg
-        use_gpu = cfg.use_gpu and _cuda_available()
-        self.engine = InferenceEngine.from_config(
-            cfg,
-            cfg.model,
-            use_gpu=use_gpu,
-            threads=cfg.cpus_per_replica,
-            max_batch_size=cfg.max_batch_size,
-        )
-        if cfg.compiles(self.engine.device.type):
-            self.engine.compile_model()
-        # One thread runs the model, one tokenises: the event loop only moves requests in and
-        # out of the queue.
-        self.model_thread = ThreadPoolExecutor(1, "raykit-model")
-        self.tokenizer_thread = ThreadPoolExecutor(1, "raykit-tokenizer")
-        self.queue = BatchQueue(
-            self._forward,
-            cfg.max_batch_size,
-            cfg.max_batch_tokens,
-            self.model_thread,
-            cfg.batch_wait_timeout_s,
-        )
-        self.metric_documents = Counter("raykit_documents", "Documents scored.")
-        self.metric_tokens = Counter("raykit_tokens", "Tokens scored.")
-        self.metric_forwards = Counter("raykit_forward_passes", "Model forward passes.")
-
-    def _tokenize(
-        self, query: str, texts: list[str], max_tokens_per_doc: int | None, truncate: bool
-    ) -> list[dict[str, list[int]]] | str:
-        """Encodings of every pair, or (with `truncate` False) a message naming the first pair
-        that the engine's limits would cut: the very encoding that will be scored (a decoder's
-        whole prompt) is measured."""
-        queries = [query] * len(texts)
-        encodings = self.engine.tokenize(queries, texts, passage_max_len=max_tokens_per_doc)
-        if not truncate:
-            over = self.engine.first_cut(queries, texts, encodings)
-            if over is not None:
-                index, length = over
-                what = "prompt" if self.engine.template is not None else "pair"
-                return (
-                    f"texts[{index}]: the {what} is {length} tokens, over the model's limits "
-                    f"(max_len {self.engine.max_len}, query_max_len "
-                    f"{self.engine.query_max_len or self.engine.max_len // 2}); send "
-                    "truncate: true to cut it"
-                )
-        return encodings
-
-    async def score(
-        self,
-        query: str,
-        texts: list[str],
-        max_tokens_per_doc: int | None = None,
-        truncate: bool = True,
-    ) -> dict[str, Any]:
-        """{"logits": [...], "tokens": n}, or {"status": 413, "error": "..."}."""
-        loop = asyncio.get_running_loop()
-        encodings = await loop.run_in_executor(
-            self.tokenizer_thread, self._tokenize, query, texts, max_tokens_per_doc, truncate
-        )
-        if isinstance(encodings, str):
-            return {"status": 413, "error": encodings}
-        logits = await self.queue.score(encodings)
-        tokens = sum(len(e["input_ids"]) for e in encodings)
-        self.metric_documents.inc(len(texts))
-        self.metric_tokens.inc(tokens)
-        return {"logits": logits.tolist(), "tokens": tokens}
-
-    def _forward(self, pairs: list[dict[str, list[int]]]) -> np.ndarray:
-        """Score one batch from the queue (the engine chunks it by length and token budget)."""
-        before = self.engine.stats.forward_passes
-        scores = self.engine.score_encodings(pairs)
-        self.metric_forwards.inc(self.engine.stats.forward_passes - before)
-        return scores
-
-    async def ready(self) -> bool:
-        """Answers once this replica's model is loaded (and compiled): the ingress's /health."""
-        return True
-
-    async def info(self) -> dict[str, Any]:
-        engine = self.engine
-        spec = engine.spec
-        return {
-            # How the model scores: its spec with the options applied.
-            "scoring": {
-                "model_kind": spec.kind,
-                "max_len": spec.max_len,
-                "query_max_len": spec.query_max_len,
-                "passage_max_len": spec.passage_max_len,
-                "instruction": spec.template.instruction if spec.template else None,
-            },
-            "device": str(engine.device),
-            "dtype": engine.precision,
-            "compiled": engine.compiled,
-            "forward_passes": engine.stats.forward_passes,
-            "padding_ratio": round(engine.stats.padding_ratio, 4),
-            "queued_requests": len(self.queue.waiting),
-            **asdict(self.queue.stats),
-        }
-
-
 # ---------------------------------------------------------------------------- the ingress
 
 api = FastAPI(title="raykit reranker", docs_url=None, redoc_url=None, openapi_url=None)
@@ -354,18 +230,26 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 @serve.deployment
 @serve.ingress(api)
 class RerankerAPI:
-    """The HTTP surface; every scoring call goes to `RerankerModel` through a handle."""
+    """The HTTP surface; every scoring call goes to a model's deployment through its handle.
 
-    def __init__(self, cfg: ServeConfig, model: DeploymentHandle):
+    `models` maps each served name to its deployment's handle, the default model first."""
+
+    def __init__(self, cfg: ServeConfig, models: dict[str, DeploymentHandle]):
         from prometheus_client import CollectorRegistry
         from prometheus_client import Counter as PromCounter
         from prometheus_client import Histogram as PromHistogram
 
+        from raykit.core.served import parse_models
+        from raykit.serving.status import ReplicaStatus
+
         self.cfg = cfg
-        self.model = model
-        self.model_ready = False  # set by the first /health a model replica answers
+        self.served = parse_models(cfg.model, cfg.model_name)
+        self.models = models
+        self.model_name = self.served[0].name
+        self.replicas = ReplicaStatus(
+            serve.get_replica_context().app_name, [m.deployment for m in self.served]
+        )
         self.api_key = cfg.api_key or os.environ.get("RAYKIT_API_KEY") or None
-        self.model_name = cfg.model_name or public_model_name(cfg.model)
         # Labels come from the route table only: any other path is counted as "other", so no
         # client can add series to this page.
         self.registry = CollectorRegistry()
@@ -390,36 +274,89 @@ class RerankerAPI:
 
     def record(self, path: str, started: float, status: int) -> None:
         route = path if path in ROUTES else OTHER_ROUTE
-        if route in (HEALTH_PATH, "/metrics"):
+        if route in UNCOUNTED_ROUTES:
             return
         self.requests.labels(route, str(status)).inc()
         self.latency.labels(route).observe(time.perf_counter() - started)
         self.ray_requests.inc(tags={"route": route, "status": str(status)})
 
+    def _model(self, requested: str | None) -> tuple[str, DeploymentHandle]:
+        """(name, handle) of the model a request names. With one model any name is accepted
+        (clients such as Cohere's must send one); with several it must be one of them."""
+        if len(self.served) == 1 or requested is None:
+            return self.model_name, self.models[self.model_name]
+        if requested not in self.models:
+            served = ", ".join(self.models)
+            raise ApiError(404, f"model: {requested!r} is not served here; served: {served}")
+        return requested, self.models[requested]
+
+    async def serving_state(self) -> dict[str, Any]:
+        """For `raykit serve --rollout` (a handle call; no route): the options this app was
+        built with and the checkpoint each model serves now."""
+        sources = {}
+        for name, handle in self.models.items():
+            sources[name] = (await self._call(handle, "info"))["source"]
+        return {"options": asdict(self.cfg), "sources": sources}
+
     # ------------------------------------------------------------------ routes
 
     @api.get(HEALTH_PATH)
     async def health(self) -> dict:
-        """200 once a model replica has answered, 503 while the models still load or compile
-        (the proxy routes to this ingress long before): a readiness probe that can be trusted."""
-        if not self.model_ready:
-            try:
-                await asyncio.wait_for(self.model.ready.remote(), HEALTH_PROBE_S)
-            except Exception:  # not answering in time, for whatever reason
-                retry_after = {"Retry-After": str(self.cfg.retry_after_s)}
-                raise ApiError(503, "the model is loading", retry_after) from None
-            self.model_ready = True
+        """Readiness: 200 while every model has a running replica (or is scaled to zero on
+        purpose), 503 while they load or compile or after they died. It asks Serve's
+        controller (cached for a second), never the model."""
+        replicas = await self.replicas.get()
+        if not all(r.ready(self.cfg.min_replicas or 0) for r in replicas.values()):
+            retry_after = {"Retry-After": str(self.cfg.retry_after_s)}
+            raise ApiError(503, "the model is loading", retry_after)
         return {"status": "ok"}
 
-    @api.get("/info")
-    async def info(self) -> dict:
-        fields = asdict(self.cfg)
-        for private in ("api_key", "model"):  # never a server's path or secret
-            fields.pop(private)
-        replica = await self._call("info")
-        fields["dtype_requested"] = fields.pop("dtype")
+    @api.get(LIVE_PATH)
+    async def live(self) -> dict:
+        """Liveness: this process answers HTTP. Touches neither the model nor the controller."""
+        return {"status": "alive"}
+
+    @api.get("/v1/models")
+    async def list_models(self) -> dict:
+        """The served models, in the OpenAI/Infinity list shape; the first is the default."""
         return {
-            "model_name": self.model_name,
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "owned_by": "raykit", "default": i == 0}
+                for i, name in enumerate(self.models)
+            ],
+        }
+
+    @api.get("/info")
+    async def info(self, model: str | None = None) -> dict:
+        """The options, the named (or default) model's replica's figures, and per model its
+        revision and running replicas; `replicas` sums them."""
+        fields = asdict(self.cfg)
+        for private in ("api_key", "model", "model_name", "rollout"):  # no path, no secret
+            fields.pop(private)
+        name, handle = self._model(model)
+        replica = await self._call(handle, "info")
+        counts = await self.replicas.get()
+        per_model = []
+        for served in self.served:
+            handle = self.models[served.name]
+            reply = replica if served.name == name else await self._call(handle, "info")
+            per_model.append(
+                {
+                    "name": served.name,
+                    "revision": reply["revision"],
+                    "loading": reply["loading"] is not None,
+                    "replicas": counts[served.deployment].running,
+                }
+            )
+        fields["dtype_requested"] = fields.pop("dtype")
+        for private in ("source", "loading", "model"):
+            replica.pop(private)
+        return {
+            "model_name": name,
+            "revision": replica.pop("revision"),
+            "replicas": sum(r.running for r in counts.values()),
+            "models": per_model,
             "device": replica.pop("device"),
             "dtype": replica.pop("dtype"),
             "compiled": replica.pop("compiled"),
@@ -445,9 +382,10 @@ class RerankerAPI:
 
     @api.post("/rerank")
     async def rerank_tei(self, body: TeiRerankRequest) -> list[dict]:
+        _, handle = self._model(body.model)
         check_texts(body.query, body.texts, "texts", self.cfg.max_documents)
         truncate = True if body.truncate is None else body.truncate
-        logits, _ = await self._score(body.query, body.texts, None, truncate)
+        logits, _ = await self._score(handle, body.query, body.texts, None, truncate)
         scores = logits if body.raw_scores else sigmoid_array(logits).tolist()
         ranked = sorted(range(len(scores)), key=lambda i: -scores[i])
         return [
@@ -460,9 +398,10 @@ class RerankerAPI:
         ]
 
     async def _cohere(self, body: CohereRerankRequest) -> dict:
+        name, handle = self._model(body.model)
         texts = [d if isinstance(d, str) else d.text for d in body.documents]
         check_texts(body.query, texts, "documents", self.cfg.max_documents)
-        logits, tokens = await self._score(body.query, texts, body.max_tokens_per_doc, True)
+        logits, tokens = await self._score(handle, body.query, texts, body.max_tokens_per_doc, True)
         ranked = sorted(range(len(texts)), key=lambda i: -logits[i])[: body.top_n]
         results = []
         relevance = sigmoid_array(logits).tolist()
@@ -473,7 +412,7 @@ class RerankerAPI:
             results.append(result)
         return {
             "id": str(uuid.uuid4()),
-            "model": body.model or self.model_name,
+            "model": body.model or name,  # one model: the client's own name is echoed
             "results": results,
             "meta": {
                 "api_version": {"version": "2"},
@@ -486,24 +425,29 @@ class RerankerAPI:
     # ------------------------------------------------------------------ calling the model
 
     async def _score(
-        self, query: str, texts: list[str], max_tokens_per_doc: int | None, truncate: bool
+        self,
+        handle: DeploymentHandle,
+        query: str,
+        texts: list[str],
+        max_tokens_per_doc: int | None,
+        truncate: bool,
     ) -> tuple[list[float], int]:
-        reply = await self._call("score", query, texts, max_tokens_per_doc, truncate)
+        reply = await self._call(handle, "score", query, texts, max_tokens_per_doc, truncate)
         if "error" in reply:
             raise ApiError(reply["status"], reply["error"])
         self.documents.inc(len(texts))
         self.tokens.inc(reply["tokens"])
         return reply["logits"], reply["tokens"]
 
-    async def _call(self, method: str, *args: Any) -> Any:
-        """Call the model deployment; Serve's failures become JSON 429/503 with Retry-After.
+    async def _call(self, handle: DeploymentHandle, method: str, *args: Any) -> Any:
+        """Call a model deployment; Serve's failures become JSON 429/503 with Retry-After.
 
         Scoring is idempotent, so a request lost with a replica (killed, preempted) is sent
         once more, to whichever replica Serve picks; a second loss is a 503."""
         retry_after = {"Retry-After": str(self.cfg.retry_after_s)}
         for attempt in range(2):
             try:
-                return await getattr(self.model, method).remote(*args)
+                return await getattr(handle, method).remote(*args)
             except BackPressureError:
                 raise ApiError(429, "too many requests queued; retry later", retry_after) from None
             except DeploymentUnavailableError:
@@ -519,7 +463,7 @@ class RerankerAPI:
 
 def fill_node(cfg: ServeConfig, local: bool = False) -> ServeConfig:
     """`cfg` with unset replica counts and CPU shares sized to the node (see `sized_for`)."""
-    if cfg.min_replicas and cfg.max_replicas and cfg.cpus_per_replica:
+    if cfg.min_replicas is not None and cfg.max_replicas and cfg.cpus_per_replica:
         return cfg
     import ray
 
@@ -532,55 +476,118 @@ def fill_node(cfg: ServeConfig, local: bool = False) -> ServeConfig:
     return cfg.sized_for(cap.node_cpus, cap.gpus)
 
 
+def replica_count(cfg: ServeConfig) -> dict[str, Any]:
+    """A fixed count when min == max (no autoscaling metrics then flow to the controller),
+    else Serve's autoscaling_config: a short look-back and the configured delays, so a load
+    step adds a replica within seconds and an idle server gives it back."""
+    if cfg.min_replicas == cfg.max_replicas:
+        return {"num_replicas": cfg.max_replicas}
+    return {
+        "autoscaling_config": {
+            "min_replicas": cfg.min_replicas,
+            "initial_replicas": max(1, cfg.min_replicas or 0),  # ready to serve when deployed
+            "max_replicas": cfg.max_replicas,
+            "target_ongoing_requests": cfg.target_ongoing_requests,
+            "upscale_delay_s": cfg.upscale_delay_s,
+            "downscale_delay_s": cfg.downscale_delay_s,
+            "look_back_period_s": AUTOSCALE_LOOK_BACK_S,
+            "metrics_interval_s": AUTOSCALE_METRICS_S,
+        }
+    }
+
+
+def app_version(bound: ServeConfig) -> str:
+    """The deployments' version: what replicas are built from (the options, raykit's
+    version), not the checkpoints, which go in user_config. Serve restarts replicas only when
+    this changes; a new checkpoint alone is applied in place (`RerankerModel.reconfigure`)."""
+    import hashlib
+    import json
+
+    import raykit
+
+    fields = {k: v for k, v in asdict(bound).items() if k not in DRIVER_ONLY_FIELDS}
+    text = json.dumps([raykit.__version__, fields], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def build_app(cfg: ServeConfig) -> serve.Application:
-    """The Serve application for `cfg`: autoscaling, placement and queue limits from the config."""
+    """The Serve application for `cfg`: one model deployment per served model, each with its
+    checkpoint in user_config, autoscaling, placement and queue limits from the config."""
+    from raykit.core.served import parse_models
+
     cfg.check_paths()
     cfg = fill_node(cfg)
+    return build_served(cfg, parse_models(cfg.model, cfg.model_name))
+
+
+def build_served(cfg: ServeConfig, served: list[ServedModel]) -> serve.Application:
+    """`build_app` for these models: a rollout rebuilds the running app with new paths."""
+    from raykit.serving.replica import RerankerModel
+
+    # Replicas see the models' names only, so their arguments stay the same across rollouts.
+    bound = dataclasses.replace(cfg, model=[m.name for m in served], model_name=None)
+    version = app_version(bound)
     ongoing = cfg.max_ongoing_requests or cfg.max_batch_size
-    # A fixed count when min == max: no autoscaling metrics flow from replicas to the controller.
-    if cfg.min_replicas == cfg.max_replicas:
-        replicas: dict[str, Any] = {"num_replicas": cfg.max_replicas}
-    else:
-        replicas = {
-            "autoscaling_config": {
-                "min_replicas": cfg.min_replicas,
-                "max_replicas": cfg.max_replicas,
-                "target_ongoing_requests": cfg.target_ongoing_requests,
-            }
-        }
-    model = RerankerModel.options(
-        name="reranker_model",
-        **replicas,
-        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": 1 if cfg.use_gpu else 0},
-        max_ongoing_requests=ongoing,
-        max_queued_requests=cfg.max_queued_requests,  # beyond: a JSON 429 from the ingress
-        logging_config={"enable_access_log": False},
-    ).bind(cfg)
-    # The ingress only waits on the model: no CPU of its own, room for every request the model
-    # replicas and their queue can hold (the last line of defence is Serve's own 429).
-    capacity = ongoing * cfg.max_replicas + cfg.max_queued_requests
-    return RerankerAPI.options(
-        name="reranker",
-        num_replicas=1,
-        ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=capacity + 16,
-        max_queued_requests=capacity,
-        backpressure_config={"status_code": 429, "retry_after_s": cfg.retry_after_s},
-        logging_config={"enable_access_log": cfg.access_log},
-    ).bind(cfg, model)
+    models = {
+        m.name: RerankerModel.options(
+            name=m.deployment,
+            **replica_count(cfg),
+            user_config={"model": m.path},
+            ray_actor_options={
+                "num_cpus": cfg.cpus_per_replica,
+                "num_gpus": 1 if cfg.use_gpu else 0,
+            },
+            max_ongoing_requests=ongoing,
+            max_queued_requests=cfg.max_queued_requests,  # beyond: a JSON 429 from the ingress
+            health_check_period_s=MODEL_HEALTH_CHECK_S,  # a dead replica leaves /health soon
+            logging_config={"enable_access_log": False},
+        )
+        .options(version=version, _internal=True)
+        .bind(bound, m.name)
+        for m in served
+    }
+    # The ingress only waits on the models: no CPU of its own, room for every request the model
+    # replicas and their queues can hold (the last line of defence is Serve's own 429).
+    capacity = (ongoing * cfg.max_replicas + cfg.max_queued_requests) * len(served)
+    return (
+        RerankerAPI.options(
+            name="reranker",
+            num_replicas=1,
+            ray_actor_options={"num_cpus": 0},
+            max_ongoing_requests=capacity + 16,
+            max_queued_requests=capacity,
+            backpressure_config={"status_code": 429, "retry_after_s": cfg.retry_after_s},
+            logging_config={"enable_access_log": cfg.access_log},
+        )
+        .options(version=version, _internal=True)
+        .bind(bound, models)
+    )
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
-    """`import_path` target for Serve config files: `args` are ServeConfig keys. A local model
-    is checked here (a trained head, its spec's overrides said) before replicas start; one on
-    S3 or the hub is checked by the replicas that fetch it."""
+    """`import_path` target for Serve config files: `args` are ServeConfig keys. Local models
+    are checked here (a trained head, their spec's overrides said) before replicas start; ones
+    on S3 or the hub are checked by the replicas that fetch them."""
+    cfg = load_config(ServeConfig, **(args or {}))
+    check_models(cfg, local_only=True)
+    return build_app(cfg)
+
+
+def check_models(cfg: ServeConfig, local_only: bool = False) -> None:
+    """On the driver, each served model (with `local_only`, each in a local folder): it exists
+    and has a trained head, and one pair of its limits fits a batch."""
     from raykit.core.loading import resolve_model_path
+    from raykit.core.served import parse_models
     from raykit.core.spec import check_reranker
 
-    cfg = load_config(ServeConfig, **(args or {}))
-    if os.path.isdir(resolve_model_path(cfg.model)):
-        check_reranker(cfg.model, cfg)
-    return build_app(cfg)
+    for served in parse_models(cfg.model, cfg.model_name):
+        if local_only and not os.path.isdir(resolve_model_path(served.path)):
+            continue
+        spec = check_reranker(served.path, cfg)
+        if spec and spec.max_len > cfg.max_batch_tokens:
+            raise ConfigError(
+                f"max_batch_tokens: must be >= the max_len {spec.max_len} of {served.name}"
+            )
 
 
 def run_serve(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
@@ -589,7 +596,6 @@ def run_serve(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
     import ray
 
     from raykit.core.precision import describe_precision
-    from raykit.core.spec import check_reranker
     from raykit.runtime.cluster import init_ray
 
     started = time.perf_counter()
@@ -597,9 +603,7 @@ def run_serve(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
     cfg.check_hardware(cfg.use_gpu)
     if cfg.cpus_per_replica and cfg.max_replicas and cfg.cpus_per_replica * cfg.max_replicas < 1:
         raise ConfigError("cpus_per_replica x max_replicas must be >= 1")
-    spec = check_reranker(cfg.model, cfg)
-    if spec and spec.max_len > cfg.max_batch_tokens:
-        raise ConfigError(f"max_batch_tokens: must be >= the model's max_len {spec.max_len}")
+    check_models(cfg)
     started_ray = not ray.is_initialized()
     explicit = cfg.max_replicas and cfg.cpus_per_replica and cfg.max_replicas * cfg.cpus_per_replica
     local = init_ray(explicit or (os.cpu_count() or 1))
@@ -622,7 +626,7 @@ def run_serve(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
             f"{each}, {describe_precision(cfg.precision, device)}, {compiled}"
         )
         logger.info(
-            f"serving {cfg.model} at http://{cfg.host}:{cfg.port}{prefix}/v1/rerank "
+            f"serving {', '.join(cfg.model)} at http://{cfg.host}:{cfg.port}{prefix}/v1/rerank "
             "(Ctrl-C to stop)"
         )
         if cfg.detach:
