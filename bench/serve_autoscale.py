@@ -9,6 +9,9 @@ ramp: `raykit serve --min_replicas 1 --max_replicas 2` (1 CPU each); 1 client fo
   docs/s, p50/p99, 429s and other errors. Reported: when the second replica started serving
   after the load step, docs/s after scale-up against the fixed server's, when it went back.
 fixed: `--min_replicas 2 --max_replicas 2` at --clients clients (the anchor for docs/s).
+models: two models (the same weights twice) under --clients clients, half the requests to
+  each: one app serving both (`--model a=M --model b=M'`, the request's `model` picks) against
+  two one-model apps on the same Serve instance (routes / and /b), 1 replica x 1 CPU per model.
 rollout: a fixed 2-replica server, --clients clients; after --busy/2 s `raykit serve
   --rollout --model B` (B: the same weights copied, so the revision differs); docs/s before,
   during and after, failed requests, and which revision answered.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -60,8 +64,10 @@ class Load:
         i = k
         while True:
             started = time.perf_counter()
+            body = self.bodies[i % len(self.bodies)]
+            path = body.get("path", "/v1/rerank")
             try:
-                reply = await session.post(self.url + "/v1/rerank", json=self.bodies[i % 200])
+                reply = await session.post(self.url + path, json=body.get("json", body))
                 code = reply.status_code
             except httpx.HTTPError:
                 code = -1
@@ -187,6 +193,41 @@ def summarise_ramp(rows: list[dict], calm: float, fixed_docs: float) -> dict:
     }
 
 
+def two_models(args: argparse.Namespace, bodies: list[dict], common: list[str]) -> dict:
+    """docs/s of one app serving a and b against two one-model apps, mixed traffic."""
+    copy = Path(tempfile.mkdtemp()) / "model-b"
+    shutil.copytree(args.model, copy)
+    one = ["--min_replicas", "1", "--max_replicas", "1", *common]
+    figures = {}
+    try:
+        both = ["--model", f"b={copy}", *one]
+        server, url, _ = serve(f"a={args.model}", both, "both")
+        try:
+            mixed = [{**b, "model": "ab"[i % 2]} for i, b in enumerate(bodies)]
+            figures["one_app_two_models"] = asyncio.run(steady(url, mixed, args.clients, 40))
+        finally:
+            stop_server(server)
+        server, url, _ = serve(args.model, one, "app-a")
+        try:
+            second = [
+                sys.executable, "-m", "raykit.cli", "serve", "--model", str(copy), *one,
+                "--app_name", "b", "--route_prefix", "/b", "--detach",
+            ]  # fmt: skip
+            env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+            subprocess.run(second, check=True, env=env)
+            split = [{"json": b, "path": "/v1/rerank" if i % 2 else "/b/v1/rerank"}
+                     for i, b in enumerate(bodies)]  # fmt: skip
+            figures["two_one_model_apps"] = asyncio.run(steady(url, split, args.clients, 40))
+        finally:
+            stop_server(server)
+    finally:
+        shutil.rmtree(copy.parent, ignore_errors=True)
+    figures["ratio"] = round(
+        figures["one_app_two_models"]["docs_per_s"] / figures["two_one_model_apps"]["docs_per_s"], 2
+    )
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/cqa"))
@@ -196,7 +237,7 @@ def main() -> None:
     parser.add_argument("--busy", type=float, default=60)
     parser.add_argument("--idle", type=float, default=45)
     parser.add_argument("--compile", default="off", choices=["auto", "on", "off"])
-    parser.add_argument("--parts", default="fixed,ramp,rollout")
+    parser.add_argument("--parts", default="fixed,ramp,models,rollout")
     args = parser.parse_args()
     from raykit.core.precision import cpu_description
 
@@ -230,6 +271,9 @@ def main() -> None:
         results["ramp"] = {"ready_s": round(ready, 1), "rows": rows}
         results["ramp_summary"] = summarise_ramp(rows, args.calm, fixed_docs)
         print(json.dumps({"ramp_summary": results["ramp_summary"]}), flush=True)
+    if "models" in parts:
+        results["models"] = two_models(args, bodies, common)
+        print(json.dumps({"models": results["models"]}), flush=True)
     if "rollout" in parts:
         two = ["--min_replicas", "2", "--max_replicas", "2", *common]
         server, url, ready = serve(args.model, two, "rollout")
