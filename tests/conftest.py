@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 import pytest
 
@@ -22,6 +23,8 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")  # slow s
 # default); a tiny run is mostly such waits. Nodes and workers started by the tests inherit this.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # one actor less per run
+# Compiled models the tests make go to a folder of their own, not the user's ~/.cache.
+os.environ.setdefault("RAYKIT_CACHE", tempfile.mkdtemp(prefix="raykit-test-cache-"))
 SERVE_MODULES = ("test_abuse.py", "test_serve.py", "test_serve_ops.py")
 
 

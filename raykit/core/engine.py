@@ -14,15 +14,17 @@ all but its classification head, which stays fp32 so that scores do not tie. A m
 handed (training-time evaluation) runs under autocast and is never modified.
 `int8` is torchao's dynamic int8 quantisation of the linear layers (opt-in).
 
-`compile_model` runs the model through `torch.compile` with inductor's freezing (weights become
-constants, so GEMMs use prepacked weights and pointwise ops fuse): on this project's reference
-CPU +15% pairs/s at fp32 and +11% at bf16, scores within 1e-7 of eager at fp32. It costs ~50 s
-per process, so only long-lived processes (Serve replicas) do it by default.
+`compile_model` compiles with inductor's freezing (weights become constants, so GEMMs use
+prepacked weights and pointwise ops fuse): on this project's reference CPU +15% pairs/s at fp32
+and +11% at bf16, scores within 1e-7 of eager at fp32. It costs ~30-50 s, so only long-lived
+processes (Serve replicas) do it by default; with a cache folder an encoder's compiled package
+is kept there and the next replica restores it in well under a second (`core/compiled.py`).
 
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from raykit.core.batching import CHUNK_COST_TOKENS, chunk_by_length, pad_encodin
 from raykit.core.head import head_scores
 from raykit.core.precision import keep_head_float32, quantize_int8, resolve_dtype, torch_dtype
 from raykit.core.prompts import tokenize_for
+from raykit.core.served import model_revision
 from raykit.core.spec import RerankerSpec, SpecRequest, check_token_ids, resolve_spec
 from raykit.core.tokenize import Encoding
 from raykit.runtime.logs import logger, quiet_noisy_loggers
@@ -42,6 +45,13 @@ if TYPE_CHECKING:
     import torch
 
 quiet_noisy_loggers()  # also for library use without `setup_console`
+
+_WARM_UP_TEXT = "the quick brown fox jumps over the lazy dog near the river bank"
+WARM_UP_PAIRS = [
+    [("a warm-up query", _WARM_UP_TEXT[:9])],
+    [("a warm-up query", _WARM_UP_TEXT[:30])] * 2,
+    [("a warm-up query", _WARM_UP_TEXT[:n]) for n in (9, 30, 62)],
+]
 
 
 @dataclass
@@ -105,6 +115,11 @@ class InferenceEngine:
         self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
         self.stats = EngineStats()
         self.compiled = False
+        self.revision: str | None = None  # the checkpoint's content hash, when loaded from a folder
+        # A compiled scoring function (batch -> scores) that replaces `head_scores(self.model)`:
+        # an AOTInductor package, see `raykit.core.compiled`.
+        self.scorer: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
+        self.compile_split: dict[str, float] = {}  # compile_s or restore_s, and warm-up_s
 
     @classmethod
     def load(
@@ -163,7 +178,10 @@ class InferenceEngine:
             if spec.template is None:  # a decoder's head may share the embedding's weights
                 keep_head_float32(hf_model)
         hf_model.to(device)
-        return cls(hf_model, tokenizer, device=device, precision=precision, spec=spec, **options)
+        engine = cls(hf_model, tokenizer, device=device, precision=precision, spec=spec, **options)
+        if os.path.isdir(path):
+            engine.revision = model_revision(path)
+        return engine
 
     @classmethod
     def from_config(
@@ -191,11 +209,61 @@ class InferenceEngine:
             max_batch_size=max_batch_size,
         )
 
-    def compile_model(self) -> bool:
-        """`torch.compile` the model (dynamic shapes, inductor freezing) and compile it now on
-        the shapes scoring meets (one pair; several, padded and not), so no request waits for a
-        compile. On failure (no C++ compiler, an op inductor cannot take) it logs why and keeps
+    def compile_model(self, cache_dir: str | None = None) -> bool:
+        """Compile the model before it scores, so no request waits for a compile. With
+        `cache_dir`, an encoder loaded from a folder is compiled ahead of time into a package
+        kept there (`raykit.core.compiled`): the next process with the same checkpoint, torch,
+        precision and CPU loads it in a fraction of a second. Otherwise, or if exporting fails,
+        `torch.compile` (dynamic shapes, inductor freezing) compiles it on the shapes scoring
+        meets. On failure (no C++ compiler, an op inductor cannot take) it logs why and keeps
         the eager model: returns whether the model is compiled."""
+        if cache_dir and self._can_package():
+            try:
+                return self._compile_package(cache_dir)
+            except Exception as exc:  # export or AOTInductor cannot take it: torch.compile
+                logger.warning(
+                    f"ahead-of-time compile failed, using torch.compile: {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}"
+                )
+        return self._torch_compile()
+
+    def _can_package(self) -> bool:
+        """An encoder from a folder (its revision keys the package), weights in the dtype it
+        runs (no autocast), not torchao's int8."""
+        return (
+            self.template is None
+            and self.revision is not None
+            and self.autocast_dtype is None
+            and self.precision != "int8"
+        )
+
+    def _compile_package(self, cache_dir: str) -> bool:
+        from raykit.core.compiled import key_parts, load_or_build
+
+        checks = self._warm_up_batches()
+        inputs = sorted(checks[-1])
+        key = key_parts(self.revision or "", self.precision, self.device, inputs, self.max_len)
+        self.scorer, split = load_or_build(self.model, key, checks, cache_dir, self.precision)
+        started = time.perf_counter()
+        self.warm_up()
+        self.stats = EngineStats()  # the warm-up is not traffic
+        self.compile_split = {**split, "warm_up_s": time.perf_counter() - started}
+        how = "restored" if "restore_s" in split else "compiled ahead of time"
+        logger.info(f"{how} the model in {sum(self.compile_split.values()):.1f} s")
+        self.compiled = True
+        return True
+
+    def _warm_up_batches(self) -> list[dict[str, torch.Tensor]]:
+        """The warm-up pairs as padded batches on the device (1 pair, 2 alike, 3 of different
+        lengths): the package's check pairs, the last its export sample."""
+        batches = []
+        for pairs in WARM_UP_PAIRS:
+            encodings = self.tokenize([q for q, _ in pairs], [p for _, p in pairs])
+            batch = pad_encodings(encodings, self.pad_id, left=self.template is not None)
+            batches.append({k: v.to(self.device) for k, v in batch.items()})
+        return batches
+
+    def _torch_compile(self) -> bool:
         import torch
         import torch._inductor.config as inductor_config
 
@@ -216,6 +284,7 @@ class InferenceEngine:
             return False
         finally:
             self.stats = EngineStats()  # the warm-up is not traffic
+        self.compile_split = {"compile_s": time.perf_counter() - started}
         logger.info(f"compiled the model in {time.perf_counter() - started:.0f} s")
         self.compiled = True
         return True
@@ -223,11 +292,8 @@ class InferenceEngine:
     def warm_up(self) -> None:
         """Score a few made-up pairs: one alone (batch size 1 is its own graph), two of equal
         length (no padding) and three of different lengths (padding)."""
-        text = "the quick brown fox jumps over the lazy dog near the river bank"
-        passages = [text[:n] for n in (9, 30, 62)]
-        self.score_pairs([("a warm-up query", passages[0])])
-        self.score_pairs([("a warm-up query", passages[1])] * 2)
-        self.score_pairs([("a warm-up query", p) for p in passages])
+        for pairs in WARM_UP_PAIRS:
+            self.score_pairs(pairs)
 
     # ------------------------------------------------------------------ scoring
 
@@ -290,7 +356,10 @@ class InferenceEngine:
         autocast = torch.autocast(self.device.type, self.autocast_dtype, enabled=enabled)
         grad_off = torch.inference_mode() if self.inference_mode else torch.no_grad()
         with grad_off, autocast:
-            scores = head_scores(self.model, batch, self.yes_no).float().cpu().numpy()
+            if self.scorer is not None:
+                scores = self.scorer(batch).float().cpu().numpy()
+            else:
+                scores = head_scores(self.model, batch, self.yes_no).float().cpu().numpy()
         mask = batch["attention_mask"]
         self.stats.forward_passes += 1
         self.stats.pairs += len(scores)

@@ -101,8 +101,6 @@ class RerankerModel:
     def _load(self, source: str) -> LoadedModel:
         """Load (and compile) `source`, with its start-up split."""
         from raykit.core.engine import InferenceEngine
-        from raykit.core.loading import local_model_path
-        from raykit.core.served import model_revision
         from raykit.serving.queue import BatchQueue
 
         cfg = self.cfg
@@ -116,15 +114,13 @@ class RerankerModel:
         )
         loaded_at = time.perf_counter()
         if cfg.compiles(engine.device.type):
-            engine.compile_model()
+            engine.compile_model(cfg.compile_cache_dir())
         ready_at = time.perf_counter()
-        path = local_model_path(source)
-        revision = model_revision(path) if _is_dir(path) else source
-        startup = {"load_s": loaded_at - started, "compile_s": ready_at - loaded_at}
-        logger.info(
-            f"{self.name}: revision {revision} ready in {ready_at - started:.1f} s "
-            f"(load {startup['load_s']:.1f} s, compile and warm-up {startup['compile_s']:.1f} s)"
-        )
+        revision = engine.revision or source
+        startup = {"load_s": loaded_at - started, **engine.compile_split}
+        split = ", ".join(f"{k[:-2].replace('_', '-')} {v:.1f} s" for k, v in startup.items())
+        took = ready_at - started
+        logger.info(f"{self.name}: revision {revision} ready in {took:.1f} s ({split})")
         queue = BatchQueue(
             lambda pairs: self._forward(engine, pairs),
             cfg.max_batch_size,
@@ -222,9 +218,3 @@ class RerankerModel:
             "queued_requests": len(model.queue.waiting),
             **asdict(model.queue.stats),
         }
-
-
-def _is_dir(path: str) -> bool:
-    import os
-
-    return os.path.isdir(path)

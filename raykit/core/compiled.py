@@ -1,0 +1,190 @@
+"""Compiled encoders kept on disk, so only the first replica of a checkpoint compiles.
+
+`torch.compile` with inductor's freezing recompiles on every start (its FX-graph cache skips
+graphs with frozen constants): ~30-45 s per replica on CPU. Instead the scoring function of an
+encoder (input ids -> one logit per pair) is exported with a dynamic batch and sequence length
+and compiled ahead of time by AOTInductor into one `.pt2` package. Loading a package takes a
+fraction of a second. A package is keyed by what its kernels depend on: the checkpoint's
+content, torch's version, the precision, the device, the CPU's instruction set (a kernel
+built for AVX-512 would crash an AVX2 machine) and thread count, and the input names and
+length bound.
+
+Measured on a 2-core Zen 4 (MiniLM-L6, 2 threads): compiling 16 s (torch.compile: 27 s),
+restoring 1.4 s, scores 5e-8 from eager at fp32; 62 pairs/s against torch.compile's 66 and
+eager's 60 (bf16: 108, 117, 105). `--compile_cache off` trades the start for those 6-8%.
+
+A package that does not load, or whose scores on a few check pairs differ from the eager
+model's, is ignored with one log line and built again: never trusted.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from raykit.core.head import head_scores
+from raykit.runtime.logs import logger
+
+if TYPE_CHECKING:
+    import torch
+
+MAX_BATCH = 1 << 16  # the exported batch dimension's bound (chunks are far smaller)
+# How far a package's scores may be from the eager model's on the check pairs.
+TOLERANCE = {"float32": 1e-4}
+DEFAULT_TOLERANCE = 5e-2  # bf16/fp16: a different summation order moves the last bits
+
+
+def default_cache_dir() -> str:
+    """Each node's own disk: $RAYKIT_CACHE/compiled, else ~/.cache/raykit/compiled."""
+    root = os.environ.get("RAYKIT_CACHE") or os.path.join(Path.home(), ".cache", "raykit")
+    return os.path.join(root, "compiled")
+
+
+def package_key(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def key_parts(
+    revision: str, precision: str, device: torch.device, inputs: list[str], max_len: int
+) -> dict[str, Any]:
+    """What a package's kernels depend on; its file name is their hash."""
+    import torch
+
+    return {
+        "revision": revision,
+        "torch": torch.__version__,
+        "precision": precision,
+        "device": device.type,
+        "isa": torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else
+        torch.cuda.get_device_name(device),
+        # Inductor's CPU kernels are built for the thread count at compile time.
+        "threads": torch.get_num_threads() if device.type == "cpu" else 0,
+        "inputs": inputs,
+        "max_len": max_len,
+        "format": 1,
+    }  # fmt: skip
+
+
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # what an encoder's tokenizer gives
+
+
+class _Scorer:
+    """The encoder's scoring function as a module that `torch.export` can take."""
+
+    @staticmethod
+    def build(model: Any) -> torch.nn.Module:
+        import torch
+
+        class Scorer(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(
+                self,
+                input_ids: torch.Tensor,
+                attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None,
+            ) -> torch.Tensor:
+                batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+                if token_type_ids is not None:
+                    batch["token_type_ids"] = token_type_ids
+                return head_scores(self.model, batch)
+
+        return Scorer().eval()
+
+
+def build_package(model: Any, sample: dict[str, torch.Tensor], max_len: int, path: str) -> None:
+    """Export `model`'s scoring with a dynamic batch and length and compile it to `path`
+    (written beside it and renamed into place, so a reader never sees half a package)."""
+    import torch
+    import torch._inductor.config as inductor_config
+
+    unknown = sorted(set(sample) - set(INPUTS))
+    if unknown:
+        raise ValueError(f"inputs {unknown} are not an encoder's")
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    length = torch.export.Dim("length", min=2, max=max(3, max_len))
+    shapes = {name: {0: batch, 1: length} if name in sample else None for name in INPUTS}
+    with torch.inference_mode():
+        program = torch.export.export(
+            _Scorer.build(model), (), dict(sample), dynamic_shapes=shapes, strict=False
+        )
+    inductor_config.freezing = True  # weights as constants: prepacked GEMMs, fused epilogues
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, partial = tempfile.mkstemp(suffix=".pt2", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        torch._inductor.aoti_compile_and_package(program, package_path=partial)
+        os.chmod(partial, 0o644)  # mkstemp makes it private; other users may run replicas
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def checked_package(
+    path: str, eager: Callable[[dict], torch.Tensor], checks: list[dict], precision: str
+) -> tuple[Callable | None, str]:
+    """The loaded package at `path` if it scores `checks` as `eager` does, else (None, why)."""
+    import torch
+
+    try:
+        loaded = torch._inductor.aoti_load_package(path)
+        with torch.inference_mode():
+            for batch in checks:
+                want, got = eager(batch).float(), loaded(**batch).float()
+                gap = float((want - got).abs().max()) if got.shape == want.shape else float("inf")
+                if not gap <= TOLERANCE.get(precision, DEFAULT_TOLERANCE):
+                    return None, f"its scores differ from the model's by {gap:.2g}"
+    except Exception as exc:  # a truncated, foreign or corrupt file: rebuilt, never trusted
+        first = str(exc).splitlines()[0][:120] if str(exc) else ""
+        return None, f"it does not load ({type(exc).__name__}: {first})"
+    return loaded, ""
+
+
+def load_or_build(
+    model: Any,
+    key: dict[str, Any],
+    checks: list[dict],
+    cache_dir: str,
+    precision: str,
+) -> tuple[Callable, dict[str, float]]:
+    """The compiled scoring function of `model` (batch -> scores) and how it was had:
+    {"restore_s": ...} from the cache, or {"compile_s": ...} after building the package."""
+
+    path = os.path.join(cache_dir, f"{package_key(key)}.pt2")
+
+    def eager(batch: dict) -> torch.Tensor:
+        return head_scores(model, batch)
+
+    started = time.perf_counter()
+    os.makedirs(cache_dir, exist_ok=True)
+    # Replicas starting together on a node: one compiles, the others wait and restore.
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if os.path.exists(path):
+                loaded, why = checked_package(path, eager, checks, precision)
+                if loaded is not None:
+                    return _call(loaded), {"restore_s": time.perf_counter() - started}
+                logger.warning(f"compiled model {path} ignored: {why}; compiling again")
+            started = time.perf_counter()
+            build_package(model, checks[-1], key["max_len"], path)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    loaded, why = checked_package(path, eager, checks, precision)
+    if loaded is None:
+        raise RuntimeError(f"the package just compiled is wrong: {why}")
+    return _call(loaded), {"compile_s": time.perf_counter() - started}
+
+
+def _call(loaded: Callable) -> Callable[[dict], torch.Tensor]:
+    return lambda batch: loaded(**batch)

@@ -1,0 +1,67 @@
+"""Compiled encoders kept on disk: the first engine compiles a package, the next restores it,
+scores equal eager's, and a corrupt or mismatched package is ignored and built again."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import numpy as np
+import pytest
+
+from raykit.core.engine import InferenceEngine
+from tests.helpers import build_tiny_reranker
+
+PAIRS = [("what do cats like", "cats like to sleep " * k) for k in range(1, 12)]
+
+
+def engine(model: str) -> InferenceEngine:
+    return InferenceEngine.load(model, device="cpu", dtype="float32", threads=1, max_len=64)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_package_is_built_once_restored_after_and_never_trusted_when_wrong(
+    tiny_model_dir, tmp_path, caplog
+):
+    eager = np.array(engine(tiny_model_dir).score_pairs(PAIRS))
+    cache = tmp_path / "compiled"
+
+    first = engine(tiny_model_dir)
+    assert first.compile_model(str(cache)) and first.scorer is not None
+    assert "compile_s" in first.compile_split
+    (package,) = cache.glob("*.pt2")
+    np.testing.assert_allclose(first.score_pairs(PAIRS), eager, atol=1e-5)
+
+    second = engine(tiny_model_dir)
+    assert second.compile_model(str(cache)) and "restore_s" in second.compile_split
+    np.testing.assert_allclose(second.score_pairs(PAIRS), eager, atol=1e-5)
+    assert first.stats.forward_passes == second.stats.forward_passes  # warm-up not counted
+
+    # Corrupt: it does not load, so it is compiled again (one warning), scores still right.
+    package.write_bytes(package.read_bytes()[:1000])
+    with caplog.at_level(logging.WARNING, logger="raykit"):
+        corrupt = engine(tiny_model_dir)
+        assert corrupt.compile_model(str(cache))
+    assert "compile_s" in corrupt.compile_split
+    assert any("ignored: it does not load" in r.getMessage() for r in caplog.records)
+    np.testing.assert_allclose(corrupt.score_pairs(PAIRS), eager, atol=1e-5)
+
+    # Mismatched: another model's package under this key loads, but scores otherwise.
+    other = build_tiny_reranker(tmp_path / "other", seed=1)
+    other_cache = tmp_path / "other-compiled"
+    assert engine(other).compile_model(str(other_cache))
+    (other_package,) = other_cache.glob("*.pt2")
+    shutil.copy(other_package, package)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="raykit"):
+        mismatched = engine(tiny_model_dir)
+        assert mismatched.compile_model(str(cache))
+    assert any("its scores differ" in r.getMessage() for r in caplog.records)
+    np.testing.assert_allclose(mismatched.score_pairs(PAIRS), eager, atol=1e-5)
+
+
+def test_decoders_and_int8_are_not_packaged(tiny_model_dir):
+    int8 = InferenceEngine.load(tiny_model_dir, device="cpu", dtype="int8", max_len=64)
+    assert not int8._can_package()
+    assert engine(tiny_model_dir)._can_package()
