@@ -237,7 +237,9 @@ def main() -> None:
         "requests": len(bodies),
         "documents_per_request": 20,
         "cpus": os.cpu_count(),
+        "cpu": cpu_description(),
     }
+    print(json.dumps({"cpu": results["cpu"], "cpus": results["cpus"]}), flush=True)
     raykit_cli = [sys.executable, "-m", "raykit.cli", "serve", "--model", model]
     one_by_two = ["--min_replicas", "1", "--max_replicas", "1", "--cpus_per_replica", "2"]
     two_by_one = ["--min_replicas", "2", "--max_replicas", "2", "--cpus_per_replica", "1"]

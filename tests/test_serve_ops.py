@@ -168,9 +168,22 @@ def test_rollout_under_load_fails_no_request_and_answers_wholly_a_or_b(
     assert after and set(after) == {"b"}
 
 
+def running_replicas(app: str, model: str) -> int:
+    """Model replicas running now, from Serve's controller (as /health reads them): asking the
+    model itself would wake one that was scaled to zero."""
+    from raykit.core.served import parse_models
+    from raykit.serving.status import ReplicaStatus
+
+    deployments = [m.deployment for m in parse_models([model])]
+    return sum(r.running for r in ReplicaStatus(app, deployments)._fetch().values())
+
+
 @pytest.mark.timeout(420)
-def test_autoscaling_adds_a_replica_under_load_and_removes_it_when_idle(served, tmp_path_factory):
-    """1 -> 2 replicas under 8 clients, back to 1 when they stop; no request fails."""
+def test_autoscaling_adds_a_replica_under_load_and_scales_to_zero_when_idle(
+    served, tmp_path_factory
+):
+    """min_replicas 0: 1 -> 2 replicas under 8 clients, 0 when they stop (/health stays 200),
+    and the next request starts one again; no request fails."""
     from ray import serve
 
     from raykit.serving.app import app_builder
@@ -178,7 +191,7 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_when_idle(served, 
     wide = build_tiny_reranker(tmp_path_factory.mktemp("wide"), hidden_size=128, layers=4)
     args = serve_args(
         wide,
-        min_replicas=1,
+        min_replicas=0,
         max_replicas=2,
         cpus_per_replica=0.25,
         target_ongoing_requests=1,
@@ -198,15 +211,66 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_when_idle(served, 
 
     clients = [threading.Thread(target=client) for _ in range(8)]
     try:
-        assert info(url)["replicas"] == 1
+        assert info(url)["replicas"] == 1  # deployed with one, ready to serve
         for thread in clients:
             thread.start()
         wait_for(lambda: info(url)["replicas"] == 2, 120, "a second replica under load")
         stop.set()
         for thread in clients:
             thread.join()
-        wait_for(lambda: info(url)["replicas"] == 1, 120, "back to one replica when idle", 1)
+        wait_for(lambda: running_replicas("elastic", wide) == 0, 120, "scaled to zero", 1)
+        assert httpx.get(url + "/health").status_code == 200  # none on purpose: still ready
+        woken = tei(url)  # waits for Serve to start a replica
+        assert woken.status_code == 200 and len(woken.json()) == len(DOCS)
+        assert running_replicas("elastic", wide) == 1
     finally:
         stop.set()
         serve.delete("elastic")
     assert statuses and set(statuses) == {200}, Counter(statuses)
+
+
+@pytest.mark.timeout(300)
+def test_a_serve_config_file_rolls_out_a_checkpoint_in_place(served, tiny_model_dir, other_model):
+    """`serve deploy` of a config whose model deployment has a new `user_config` swaps the
+    checkpoint in the running replica (no new replica) and answers throughout."""
+    import ray
+    from ray.serve._private.api import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    from raykit.core.served import parse_models
+
+    (model,) = parse_models([tiny_model_dir])
+    app = {
+        "name": "declared",
+        "route_prefix": "/declared",
+        "import_path": "raykit.serving:app_builder",
+        "args": serve_args(tiny_model_dir, cpus_per_replica=0.25),
+    }
+    client = _get_global_client()
+    url = served + "/declared"
+    a, b = raw_scores(tiny_model_dir), raw_scores(other_model)
+
+    def replica_actors() -> list[str]:
+        names = ray.util.list_named_actors(all_namespaces=True)
+        return [n["name"] for n in names if f"declared#{model.deployment}" in n["name"]]
+
+    try:
+        client.deploy_apps(ServeDeploySchema(applications=[app]), _blocking=True)
+        np.testing.assert_allclose(by_index(tei(url)), a, atol=1e-5)
+        before = replica_actors()
+        rollout = {**app, "deployments": [{"name": model.deployment,
+                                           "user_config": {"model": other_model}}]}  # fmt: skip
+        client.deploy_apps(ServeDeploySchema(applications=[rollout]))
+        statuses = []
+
+        def serves_b() -> bool:
+            reply = tei(url)
+            statuses.append(reply.status_code)
+            return reply.status_code == 200 and np.abs(by_index(reply) - b).max() < 1e-5
+
+        wait_for(serves_b, 120, "the new checkpoint's scores")
+        assert set(statuses) == {200}, Counter(statuses)
+        assert replica_actors() == before  # swapped in place, not replaced
+        assert info(url)["revision"] == model_revision(other_model)
+    finally:
+        client.delete_apps(["declared"], blocking=True)
