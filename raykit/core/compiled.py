@@ -107,7 +107,6 @@ def build_package(model: Any, sample: dict[str, torch.Tensor], max_len: int, pat
     """Export `model`'s scoring with a dynamic batch and length and compile it to `path`
     (written beside it and renamed into place, so a reader never sees half a package)."""
     import torch
-    import torch._inductor.config as inductor_config
 
     unknown = sorted(set(sample) - set(INPUTS))
     if unknown:
@@ -119,13 +118,17 @@ def build_package(model: Any, sample: dict[str, torch.Tensor], max_len: int, pat
         program = torch.export.export(
             _Scorer.build(model), (), dict(sample), dynamic_shapes=shapes, strict=False
         )
-    inductor_config.freezing = True  # weights as constants: prepacked GEMMs, fused epilogues
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, partial = tempfile.mkstemp(suffix=".pt2", dir=os.path.dirname(path))
     os.close(fd)
     try:
         with torch.no_grad():  # inductor freezes (and prepacks) weights only without grad
-            torch._inductor.aoti_compile_and_package(program, package_path=partial)
+            torch._inductor.aoti_compile_and_package(
+                program,
+                package_path=partial,
+                # weights as constants: prepacked GEMMs, fused epilogues (this compile only)
+                inductor_configs={"freezing": True},
+            )
         os.chmod(partial, 0o644)  # mkstemp makes it private; other users may run replicas
         os.replace(partial, path)
     finally:
