@@ -202,6 +202,7 @@ def test_health_waits_for_a_compiling_replica_that_then_scores_like_reranker(
     from ray import serve
 
     from raykit.serving.app import app_builder
+    from raykit.serving.status import STATUS_TTL_S
 
     app = app_builder(serve_args(tiny_model_dir, cpus_per_replica=0.5, compile="auto"))
     deploy = threading.Thread(
@@ -219,6 +220,9 @@ def test_health_waits_for_a_compiling_replica_that_then_scores_like_reranker(
             time.sleep(0.2)
         deploy.join()
         assert 503 in statuses and 200 not in statuses[: statuses.index(503)], statuses
+        # /health reads the controller's replica states cached for STATUS_TTL_S: within that
+        # of serve.run returning it may still say 503, never after.
+        time.sleep(STATUS_TTL_S + 0.5)
         assert httpx.get(served + "/compiled/health").status_code == 200
         info = httpx.get(served + "/compiled/info", headers={"Authorization": f"Bearer {API_KEY}"})
         assert info.json()["compiled"] is True and info.json()["compile"] == "auto"
