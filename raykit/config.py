@@ -353,6 +353,11 @@ class FinetuneConfig(
         1.0, "Weight of the KL term when the data has teacher scores."
     )
     gradient_checkpointing: bool = _opt(False, "Recompute activations to save memory.")
+    torch_compile: bool = _opt(
+        False,
+        "Compile the model's forward and backward with inductor (dynamic shapes): faster "
+        "steps once compiled, a compile of its own at the start (see the README).",
+    )
     # Ray
     num_workers: Positive = _opt(1, "Ray Train workers (one per GPU with --use_gpu).")
     use_gpu: bool = _opt(False, "One GPU per worker, NCCL backend.")
@@ -402,6 +407,8 @@ class FinetuneConfig(
             raise ConfigError("train_data: at least one file, directory or URI is required")
         if self.precision == "int8":
             raise ConfigError("dtype: int8 is for inference only (score, serve, evaluate, mine)")
+        if self.torch_compile and self.fsdp:
+            raise ConfigError("torch_compile: not with fsdp (compile the unsharded DDP model)")
         if self.num_train_epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("num_train_epochs: must be > 0 unless max_steps is set")
         return self
@@ -443,7 +450,14 @@ class EvaluateConfig(Metrics, ForwardBudget, TokenLimits, Precision, ModelLoadin
 class ScoreConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
     """`raykit score`: rescore (query, passage) pairs or query groups with Ray Data."""
 
-    model: str = _opt("BAAI/bge-reranker-base", "Model dir, HF hub id or embedded name.")
+    model: StrList = field(
+        default_factory=lambda: ["BAAI/bge-reranker-base"],
+        metadata={
+            "help": "Model dir, HF hub id or embedded name. Repeat it for a teacher ensemble: "
+            "each score is the mean of the models' raw scores (they must share a tokenizer "
+            "and prompt format, e.g. fine-tunes of one base)."
+        },
+    )
     input: StrList = _list_opt(
         "JSONL, JSONL.gz or Parquet files, directories or URIs. Rows are pairs "
         "{query, passage, ...} or groups {query, candidates: [str], ...}."
@@ -511,6 +525,8 @@ class ScoreConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
 
     @model_validator(mode="after")
     def _one_input_and_pool(self) -> Any:
+        if not self.model:
+            raise ConfigError("model: at least one model is required")
         if self.run:
             if self.input:
                 raise ConfigError("input: not with --run (the run, queries and corpus are it)")

@@ -73,6 +73,38 @@ def test_a_package_is_built_once_restored_after_and_never_trusted_when_wrong(
     np.testing.assert_allclose(mismatched.score_pairs(PAIRS), eager, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_model_on_remote_storage_shares_its_package_with_other_nodes(
+    tiny_model_dir, tmp_path, caplog
+):
+    """A file:// URI stands for s3://. The engine that compiles puts its package beside the
+    model's folder (not in it); an engine with another node's empty cache fetches it instead of
+    compiling; a corrupt shared package is ignored, compiled again and replaced."""
+    remote = tmp_path / "bucket" / "models" / "m"
+    shutil.copytree(tiny_model_dir, remote)
+    uri = f"file://{remote}"
+    eager = np.array(engine(tiny_model_dir).score_pairs(PAIRS))
+
+    first = engine(uri)
+    assert first.compile_model(str(tmp_path / "node1")) and "compile_s" in first.compile_split
+    (shared,) = (tmp_path / "bucket" / "models" / "m.raykit-compiled").glob("*.pt2")
+    assert not list(remote.rglob("*.pt2"))
+
+    second = engine(uri)
+    assert second.compile_model(str(tmp_path / "node2")) and "fetch_s" in second.compile_split
+    np.testing.assert_allclose(second.score_pairs(PAIRS), eager, atol=1e-5)
+
+    shared.write_bytes(b"not a package")
+    with caplog.at_level(logging.WARNING, logger="raykit"):
+        third = engine(uri)
+        assert third.compile_model(str(tmp_path / "node3"))
+    assert "compile_s" in third.compile_split
+    assert any(f"{shared.name} ignored: it does not load" in r.getMessage() for r in caplog.records)
+    np.testing.assert_allclose(third.score_pairs(PAIRS), eager, atol=1e-5)
+    assert shared.stat().st_size > 10_000  # replaced by the package just compiled
+
+
 def test_decoders_and_int8_are_not_packaged(tiny_model_dir):
     int8 = InferenceEngine.load(tiny_model_dir, device="cpu", dtype="int8", max_len=64)
     assert not int8._can_package()

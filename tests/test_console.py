@@ -22,6 +22,7 @@ PROGRESS = {
     "lr": 2e-5,
     "pairs_per_s": 31.25,
     "tokens_per_s": 1200.4,
+    "mfu": 0.1234,
     "padding": 0.087,
     "eta_s": 75.0,
 }
@@ -43,8 +44,8 @@ INTERNALS = (
 
 def test_event_lines_are_plain_and_parseable():
     assert event_line(PROGRESS) == (
-        "step 4/10 epoch 0.40 loss 1.2346 lr 2.00e-05 pairs/s 31.2 tokens/s 1200 padding 8.7% "
-        "eta 0:01:15"
+        "step 4/10 epoch 0.40 loss 1.2346 lr 2.00e-05 pairs/s 31.2 tokens/s 1200 mfu 12.3% "
+        "padding 8.7% eta 0:01:15"
     )
     evaluation = {"kind": "eval", "label": "final", "step": 10, "metrics": {"nDCG@10": 0.71234}}
     assert event_line(evaluation) == "eval final step 10: nDCG@10=0.7123"

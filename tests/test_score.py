@@ -24,6 +24,7 @@ from tests.helpers import (
     SAMPLE_DEV,
     SAMPLE_TRAIN,
     actor_pids,
+    build_tiny_reranker,
     raykit_lines,
     run_cli,
     tiny_args,
@@ -43,9 +44,26 @@ def pair_rows(groups: list[dict]) -> list[dict]:
     ]
 
 
-def score_config(model: str, inputs: list[Path], output: Path, **extra) -> ScoreConfig:
+def score_config(model: str | list[str], inputs: list[Path], output: Path, **extra) -> ScoreConfig:
     values = {"max_len": 64, "batch_size": 16, "sort_window": 64, "num_actors": 1, **extra}
     return ScoreConfig(model=model, input=[str(p) for p in inputs], output=str(output), **values)
+
+
+def other_weights(model: str, out: Path) -> str:
+    """`model` with its tokenizer and other weights: a second teacher of the same base."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    shutil.copytree(model, out)
+    torch.manual_seed(1)
+    copy = AutoModelForSequenceClassification.from_pretrained(out)
+    with torch.no_grad():
+        for parameter in copy.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    copy.save_pretrained(out)
+    return str(out)
 
 
 def read_output(path: Path) -> list[dict]:
@@ -352,28 +370,29 @@ def test_killed_scoring_actor_loses_and_duplicates_nothing(ray_cluster, tiny_mod
 def test_training_groups_get_teacher_scores_that_finetune_distils_from(
     ray_cluster, tiny_model_dir, tmp_path
 ):
-    """`raykit score` on training groups writes them back with the teacher's raw scores, in
-    pos/neg order; the output folder, `_errors/` and all, is `finetune --train_data` as it is,
-    and the KL term is on (its loss is reported)."""
+    """`raykit score` on training groups writes them back with a teacher ensemble's raw
+    scores (the mean of two models'), in pos/neg order; the output folder, `_errors/` and all,
+    is `finetune --train_data` as it is, and the KL term is on (its loss is reported)."""
+    second = other_weights(tiny_model_dir, tmp_path / "second")
     groups = [json.loads(line) for line in SAMPLE_TRAIN.read_text().splitlines()][:8]
     groups[1] = {**groups[1], "pos_scores": [9.0], "neg_scores": [0.0] * len(groups[1]["neg"])}
     bad = {"query": "q", "pos": ["p", ""], "neg": ["n"]}
     source = write_jsonl(tmp_path / "train.jsonl", [*groups[:4], bad, *groups[4:]])
-    cfg = score_config(
-        tiny_model_dir, [source], tmp_path / "teacher", format="jsonl", max_error_rate=0.2
-    )
+    teachers = [tiny_model_dir, second]
+    cfg = score_config(teachers, [source], tmp_path / "teacher", format="jsonl", max_error_rate=0.2)
     summary = run_score(cfg)
 
     rows = read_output(tmp_path / "teacher" / "train.jsonl")
     assert summary["rows_out"] == len(rows) == 8 and summary["rows_rejected"] == 1
-    reranker = Reranker(tiny_model_dir, device="cpu", max_length=64)
+    rerankers = [Reranker(m, device="cpu", max_length=64) for m in teachers]
     for group, row in zip(groups, rows, strict=True):
         assert {k: row[k] for k in ("query", "pos", "neg")} == {
             k: group[k] for k in ("query", "pos", "neg")
         }
-        expected = reranker.compute_score(
-            [[group["query"], p] for p in group["pos"] + group["neg"]]
-        )
+        pairs = [[group["query"], p] for p in group["pos"] + group["neg"]]
+        each = [reranker.compute_score(pairs) for reranker in rerankers]
+        assert np.abs(np.subtract(*each)).max() > 0.01  # two different teachers
+        expected = np.mean(each, axis=0)
         positives = len(group["pos"])
         np.testing.assert_allclose(row["pos_scores"], expected[:positives], atol=1e-5)
         np.testing.assert_allclose(row["neg_scores"], expected[positives:], atol=1e-5)
@@ -392,6 +411,17 @@ def test_training_groups_get_teacher_scores_that_finetune_distils_from(
     assert "8 valid groups in 1 file(s) with teacher scores" in output
     trained = json.loads((tmp_path / "out" / "train_summary.json").read_text())
     assert all(entry["distill_loss"] > 0 for entry in trained["loss"])
+
+
+def test_an_ensemble_of_models_with_different_tokenizers_is_refused_before_ray_starts(
+    tiny_model_dir, tmp_path
+):
+    other = build_tiny_reranker(tmp_path / "other", texts=["other words entirely"] * 50)
+    source = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(dev_groups()[:2]))
+    cfg = score_config([tiny_model_dir, other], [source], tmp_path / "out")
+    with pytest.raises(ConfigError, match=f"model: {other} does not share"):
+        run_score(cfg)
+    assert not (tmp_path / "out" / "pairs.parquet").exists()
 
 
 def test_output_names_and_config_errors():

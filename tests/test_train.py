@@ -96,6 +96,10 @@ def test_two_worker_cli_finetune_lowers_loss_and_writes_hf_model(
     split = next(line for line in output.splitlines() if "start-up: Ray " in line)
     assert "trainer and workers" in split and "first eval" in split and "first step" in split
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.25
+    # Model FLOP utilisation, per logged step and over the run, against the measured CPU peak.
+    assert summary["peak_flops"]["source"] == "measured GEMM"
+    assert all(0 < entry["mfu"] < 1 for entry in summary["loss"]) and 0 < summary["mfu"] < 1
+    assert " mfu " in next(line for line in output.splitlines() if "step 30/30" in line)
     assert [e["step"] for e in summary["eval"]] == [0, 10, 20, 30]
     assert summary["best_metrics"]["nDCG@10"] == max(e["nDCG@10"] for e in summary["eval"][1:])
     card = ModelCard.load(out / "README.md")  # the model card, read by the hub's own parser

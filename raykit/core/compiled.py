@@ -17,6 +17,12 @@ ran plain addmm GEMMs, 7% slower.
 
 A package that does not load, or whose scores on a few check pairs differ from the eager
 model's, is ignored with one log line and built again: never trusted.
+
+A model on remote storage (s3://, gs://, ...) also shares its packages with every node there:
+beside the model's folder, in `<model>.raykit-compiled/` (`shared_package_dir`), outside the
+folder replicas copy the model from, so neither the copy nor the revision sees them. A node
+without the package fetches it from there (checked as above) instead of compiling; the node
+that compiles it puts it there. Unreadable or unwritable shared storage costs one log line.
 """
 
 from __future__ import annotations
@@ -25,14 +31,15 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raykit.core.head import head_scores
 from raykit.runtime.logs import logger
+from raykit.runtime.storage import node_cache_dir
 
 if TYPE_CHECKING:
     import torch
@@ -45,8 +52,16 @@ DEFAULT_TOLERANCE = 5e-2  # bf16/fp16: a different summation order moves the las
 
 def default_cache_dir() -> str:
     """Each node's own disk: $RAYKIT_CACHE/compiled, else ~/.cache/raykit/compiled."""
-    root = os.environ.get("RAYKIT_CACHE") or os.path.join(Path.home(), ".cache", "raykit")
-    return os.path.join(root, "compiled")
+    return node_cache_dir("compiled")
+
+
+SHARED_SUFFIX = ".raykit-compiled"
+
+
+def shared_package_dir(model_uri: str) -> str:
+    """`s3://b/models/m` -> `s3://b/models/m.raykit-compiled`: a sibling of the model's folder
+    (the model's copy lists `models/m/`, which does not match it)."""
+    return model_uri.rstrip("/") + SHARED_SUFFIX
 
 
 def package_key(parts: dict[str, Any]) -> str:
@@ -162,11 +177,15 @@ def load_or_build(
     checks: list[dict],
     cache_dir: str,
     precision: str,
+    shared_dir: str | None = None,
 ) -> tuple[Callable, dict[str, float]]:
     """The compiled scoring function of `model` (batch -> scores) and how it was had:
-    {"restore_s": ...} from the cache, or {"compile_s": ...} after building the package."""
+    {"restore_s": ...} from the node's cache, {"fetch_s": ...} from `shared_dir` (a URI), or
+    {"compile_s": ...} after building the package (then put in `shared_dir` too)."""
 
-    path = os.path.join(cache_dir, f"{package_key(key)}.pt2")
+    name = f"{package_key(key)}.pt2"
+    path = os.path.join(cache_dir, name)
+    shared = f"{shared_dir}/{name}" if shared_dir else None
 
     def eager(batch: dict) -> torch.Tensor:
         return head_scores(model, batch)
@@ -182,6 +201,11 @@ def load_or_build(
                 if loaded is not None:
                     return _call(loaded), {"restore_s": time.perf_counter() - started}
                 logger.warning(f"compiled model {path} ignored: {why}; compiling again")
+            if shared and fetch_shared(shared, path):
+                loaded, why = checked_package(path, eager, checks, precision)
+                if loaded is not None:
+                    return _call(loaded), {"fetch_s": time.perf_counter() - started}
+                logger.warning(f"compiled model {shared} ignored: {why}; compiling again")
             started = time.perf_counter()
             build_package(model, checks[-1], key["max_len"], path)
         finally:
@@ -189,7 +213,49 @@ def load_or_build(
     loaded, why = checked_package(path, eager, checks, precision)
     if loaded is None:
         raise RuntimeError(f"the package just compiled is wrong: {why}")
-    return _call(loaded), {"compile_s": time.perf_counter() - started}
+    split = {"compile_s": time.perf_counter() - started}
+    if shared:
+        publish_shared(path, shared)
+    return _call(loaded), split
+
+
+def fetch_shared(uri: str, path: str) -> bool:
+    """Copy the package at `uri` to `path` (whole, by a rename); False when there is none or
+    it cannot be read (one log line)."""
+    import pyarrow.fs as pafs
+
+    from raykit.runtime.storage import filesystem
+
+    partial = f"{path}.{os.getpid()}.part"
+    try:
+        fs, remote = filesystem(uri)
+        if fs.get_file_info(remote).type != pafs.FileType.File:
+            return False
+        with fs.open_input_stream(remote) as source, open(partial, "wb") as target:
+            shutil.copyfileobj(source, target, 1 << 20)
+        os.replace(partial, path)
+        return True
+    except OSError as exc:
+        logger.warning(f"shared compiled model {uri} not read: {exc}; compiling here")
+        return False
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def publish_shared(path: str, uri: str) -> None:
+    """Put the package just compiled where the model's other nodes look (an object store
+    writes an object whole); failing to is one log line, as the package works here anyway."""
+    from raykit.runtime.storage import filesystem
+
+    try:
+        fs, remote = filesystem(uri)
+        fs.create_dir(remote.rsplit("/", 1)[0], recursive=True)
+        with open(path, "rb") as source, fs.open_output_stream(remote) as target:
+            shutil.copyfileobj(source, target, 1 << 20)
+        logger.info(f"compiled model shared at {uri}")
+    except OSError as exc:
+        logger.warning(f"compiled model not shared at {uri}: {exc}")
 
 
 def _call(loaded: Callable) -> Callable[[dict], torch.Tensor]:

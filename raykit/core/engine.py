@@ -40,6 +40,7 @@ from raykit.core.served import model_revision
 from raykit.core.spec import RerankerSpec, SpecRequest, check_token_ids, resolve_spec
 from raykit.core.tokenize import Encoding
 from raykit.runtime.logs import logger, quiet_noisy_loggers
+from raykit.runtime.storage import is_uri
 
 if TYPE_CHECKING:
     import torch
@@ -116,6 +117,7 @@ class InferenceEngine:
         self.stats = EngineStats()
         self.compiled = False
         self.revision: str | None = None  # the checkpoint's content hash, when loaded from a folder
+        self.source: str | None = None  # the URI it was copied from, for a model on remote storage
         # A compiled scoring function (batch -> scores) that replaces `head_scores(self.model)`:
         # an AOTInductor package, see `raykit.core.compiled`.
         self.scorer: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
@@ -181,6 +183,7 @@ class InferenceEngine:
         engine = cls(hf_model, tokenizer, device=device, precision=precision, spec=spec, **options)
         if os.path.isdir(path):
             engine.revision = model_revision(path)
+        engine.source = model if is_uri(model) else None
         return engine
 
     @classmethod
@@ -238,17 +241,22 @@ class InferenceEngine:
         )
 
     def _compile_package(self, cache_dir: str) -> bool:
-        from raykit.core.compiled import key_parts, load_or_build
+        from raykit.core.compiled import key_parts, load_or_build, shared_package_dir
 
         checks = self._warm_up_batches()
         inputs = sorted(checks[-1])
         key = key_parts(self.revision or "", self.precision, self.device, inputs, self.max_len)
-        self.scorer, split = load_or_build(self.model, key, checks, cache_dir, self.precision)
+        shared = shared_package_dir(self.source) if self.source else None
+        self.scorer, split = load_or_build(
+            self.model, key, checks, cache_dir, self.precision, shared
+        )
         started = time.perf_counter()
         self.warm_up()
         self.stats = EngineStats()  # the warm-up is not traffic
         self.compile_split = {**split, "warm_up_s": time.perf_counter() - started}
-        how = "restored" if "restore_s" in split else "compiled ahead of time"
+        how = {"restore_s": "restored", "fetch_s": f"fetched from {shared}"}.get(
+            next(iter(split)), "compiled ahead of time"
+        )
         logger.info(f"{how} the model in {sum(self.compile_split.values()):.1f} s")
         self.compiled = True
         return True

@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -32,8 +36,16 @@ class CrossEncoder(nn.Module):
         super().__init__()
         self.hf_model = hf_model
         self.yes_no = yes_no
+        self.chunk_scores: Callable[[dict[str, torch.Tensor]], torch.Tensor] = partial(
+            head_scores, hf_model, yes_no=yes_no
+        )
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """Compile the scoring of one chunk (`torch.compile` options), not `hf_model` itself:
+        evaluation, which calls `hf_model` directly, stays eager and compiles nothing."""
+        self.chunk_scores = torch.compile(self.chunk_scores, *args, **kwargs)
 
     def forward(self, chunks: list[dict[str, torch.Tensor]], order: torch.Tensor) -> torch.Tensor:
-        logits = torch.cat([head_scores(self.hf_model, chunk, self.yes_no) for chunk in chunks])
+        logits = torch.cat([self.chunk_scores(chunk) for chunk in chunks])
         # `order[i]` is the position in `logits` of the i-th pair of the input.
         return logits[order]

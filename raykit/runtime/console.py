@@ -94,8 +94,8 @@ def progress_line(event: dict[str, Any]) -> str:
     return (
         f"step {event['step']}/{event['total_steps']} epoch {event['epoch']:.2f} "
         f"loss {event['loss']:.4f} lr {event['lr']:.2e} pairs/s {event['pairs_per_s']:.1f} "
-        f"tokens/s {event['tokens_per_s']:.0f} padding {event['padding']:.1%} "
-        f"eta {format_eta(event.get('eta_s'))}"
+        f"tokens/s {event['tokens_per_s']:.0f} mfu {event.get('mfu', 0):.1%} "
+        f"padding {event['padding']:.1%} eta {format_eta(event.get('eta_s'))}"
     )
 
 

@@ -15,6 +15,15 @@ import pyarrow.fs as pafs
 from raykit.errors import ConfigError
 
 
+def node_cache_dir(name: str) -> str:
+    """A folder on this node's own disk that outlives runs: $RAYKIT_CACHE/NAME, else
+    ~/.cache/raykit/NAME."""
+    root = os.environ.get("RAYKIT_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "raykit"
+    )
+    return os.path.join(root, name)
+
+
 def is_uri(path: str) -> bool:
     return "://" in path
 

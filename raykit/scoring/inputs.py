@@ -24,7 +24,7 @@ TOKENIZE_ROWS_PER_BATCH = 2048
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(model_path: str, trust_remote_code: bool) -> Any:
+def cached_tokenizer(model_path: str, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
@@ -143,7 +143,7 @@ def tokenize_rows(batch: pa.Table, cfg: ScoreConfig, model_path: str) -> pa.Tabl
     Output columns: _file, _line, _json (on a row's first pair only), _cand (candidate index,
     -1 for a pair row), _error (reason, or null), input_ids, token_type_ids (if the model has them).
     """
-    tokenizer = _tokenizer(model_path, cfg.trust_remote_code)
+    tokenizer = cached_tokenizer(model_path, cfg.trust_remote_code)
     spec = _spec(model_path, SpecRequest.of(cfg))
     columns_in = ("_file", "_line", "_json", "_problem")
     files, lines, texts, problems = (batch[c].to_pylist() for c in columns_in)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -75,23 +76,32 @@ def release_freed_memory() -> None:
 
 
 class PairScorer:
-    """A scoring actor: one `InferenceEngine`, fed windows of tokenised pairs (the engine sorts
-    each window by length and cuts it into chunks of at most `batch_size` pairs and
-    `forward_token_budget` padded tokens)."""
+    """A scoring actor: an `InferenceEngine` per model, fed windows of tokenised pairs (each
+    engine sorts a window by length and cuts it into chunks of at most `batch_size` pairs and
+    `forward_token_budget` padded tokens). With several models (a teacher ensemble) a pair's
+    score is the mean of their raw scores."""
 
-    def __init__(self, cfg: ScoreConfig, model: str):
+    def __init__(self, cfg: ScoreConfig, models: list[str]):
         from raykit.core.engine import InferenceEngine
         from raykit.runtime.console import quiet_ray
 
         quiet_ray()  # Ray's deprecation notices in this actor, as on the driver
 
-        self.engine = InferenceEngine.from_config(
-            cfg,
-            model,
-            use_gpu=cfg.use_gpu,
-            threads=cfg.cpus_per_actor,
-            max_batch_size=cfg.batch_size,
-        )
+        self.engines = [
+            InferenceEngine.from_config(
+                cfg,
+                model,
+                use_gpu=cfg.use_gpu,
+                threads=cfg.cpus_per_actor,
+                max_batch_size=cfg.batch_size,
+            )
+            for model in models
+        ]
+        check_ensemble(models, [input_format(e.spec, e.tokenizer) for e in self.engines])
+
+    def score(self, encodings: list[dict[str, list[int]]]) -> np.ndarray:
+        scores = [engine.score_encodings(encodings) for engine in self.engines]
+        return scores[0] if len(scores) == 1 else np.mean(scores, axis=0)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         columns = [c for c in ("input_ids", "token_type_ids") if c in batch.column_names]
@@ -101,13 +111,46 @@ class PairScorer:
         scored = [i for i, n in enumerate(lengths) if n]  # rejected rows carry no tokens
         if scored:
             encodings = [{c: tokens[c][i] for c in columns} for i in scored]
-            scores[scored] = self.engine.score_encodings(encodings)
+            scores[scored] = self.score(encodings)
         release_freed_memory()
         return (
             batch.drop_columns(columns)
             .append_column("score", pa.array(scores))
             .append_column("_tokens", pa.array(lengths, pa.int32()))
         )
+
+
+def input_format(spec: Any, tokenizer: Any) -> tuple:
+    """What decides a model's token ids for a pair: its prompt, token limits and vocabulary."""
+    limits = (spec.max_len, spec.query_max_len, spec.passage_max_len)
+    return spec.template, limits, tokenizer.get_vocab()
+
+
+def check_ensemble(models: list[str], formats: list[tuple]) -> None:
+    """Ensemble members score the same token ids: the rows are tokenised once, with the first
+    model's tokenizer and prompt format."""
+    for model, form in zip(models[1:], formats[1:], strict=True):
+        if form != formats[0]:
+            raise ConfigError(
+                f"model: {model} does not share {models[0]}'s tokenizer and prompt format; an "
+                "ensemble scores one tokenisation (e.g. fine-tunes of one base model)"
+            )
+
+
+def check_models(cfg: ScoreConfig) -> None:
+    """On the driver: each model loads and has a trained head; an ensemble of local models
+    shares one tokenisation (remote members are checked by the actors that copy them)."""
+    from raykit.scoring.inputs import cached_tokenizer
+
+    specs = [check_reranker(model, cfg) for model in cfg.model]
+    local = [(m, spec) for m, spec in zip(cfg.model, specs, strict=True) if spec is not None]
+    if len(local) > 1:
+        paths = [local_model_path(m) for m, _ in local]
+        formats = [
+            input_format(spec, cached_tokenizer(path, cfg.trust_remote_code))
+            for (_, spec), path in zip(local, paths, strict=True)
+        ]
+        check_ensemble([m for m, _ in local], formats)
 
 
 def plan_files(cfg: ScoreConfig) -> tuple[list[str], list[str], list[int]]:
@@ -130,7 +173,7 @@ def plan_files(cfg: ScoreConfig) -> tuple[list[str], list[str], list[int]]:
 
 def build_dataset(cfg: ScoreConfig, files: list[str], todo: list[int]) -> ray.data.Dataset:
     """read -> tokenise (CPU tasks) -> score (actor pool), rows kept in input order."""
-    model_path = local_model_path(cfg.model)
+    model_path = local_model_path(cfg.model[0])  # an ensemble shares its tokenizer
     low, high = cfg.actor_pool_size
     # A fixed number of CPU tasks: Ray Data would otherwise start one per free CPU while the
     # actors load, and every worker process it starts stays for the run with a tokenizer loaded.
@@ -157,7 +200,7 @@ def build_dataset(cfg: ScoreConfig, files: list[str], todo: list[int]) -> ray.da
             PairScorer,
             batch_size=cfg.sort_window,
             batch_format="pyarrow",
-            fn_constructor_kwargs={"cfg": cfg, "model": cfg.model},
+            fn_constructor_kwargs={"cfg": cfg, "models": cfg.model},
             compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
             num_cpus=cfg.cpus_per_actor,
             num_gpus=1 if cfg.use_gpu else 0,
@@ -174,6 +217,12 @@ def _unwrap(exc: BaseException) -> BaseException:
             continue
         if isinstance(seen, (DataError, ConfigError)):
             return seen
+        if isinstance(seen, ray.exceptions.ActorDiedError) and seen.actor_init_failed:
+            # An actor's constructor refused (e.g. a remote ensemble member): Ray keeps only
+            # the text of its error, which names the type.
+            found = re.search(r"raykit\.errors\.(ConfigError|DataError): ([^\n]+)", str(seen))
+            if found:
+                return (ConfigError if found[1] == "ConfigError" else DataError)(found[2])
         seen = seen.__cause__ or getattr(seen, "cause", None)
     return exc
 
@@ -182,7 +231,7 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     """Score every input row once; returns (and prints) the run summary."""
     cfg.check_paths()
     cfg.check_hardware(cfg.use_gpu)
-    check_reranker(cfg.model, cfg)
+    check_models(cfg)
     check_writable(cfg.output, "output")
     if cfg.errors_path:
         check_writable(os.path.dirname(absolute(cfg.errors_path)), "errors_path")

@@ -36,6 +36,7 @@ from raykit.data.groups import rows_from_batch, sample_group
 from raykit.runtime.console import EventSender, quiet_ray
 from raykit.runtime.logs import VERBOSE_ENV, quiet_libraries
 from raykit.training.checkpoint import TRAINER_STATE_FILE, _save_checkpoint
+from raykit.training.flops import ModelFlops, peak_flops
 from raykit.training.fsdp import (
     full_model_state,
     full_optimizer_state,
@@ -95,6 +96,19 @@ def linear_schedule(
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def compile_for_training(encoder: CrossEncoder) -> None:
+    """Inductor-compile the scoring of a chunk, forward and backward. Shapes are dynamic
+    (chunks vary in pairs and length); the parameters and their names stay the eager model's,
+    so checkpoints and exports are unchanged."""
+    encoder.compile(dynamic=True)
+
+
+def fused_adamw_supported(device: torch.device, params: list[torch.Tensor]) -> bool:
+    """torch's fused AdamW (one kernel for the whole update) takes floating-point parameters on
+    CPU and CUDA alike; elsewhere the default (foreach) implementation runs."""
+    return device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)
 
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -256,6 +270,7 @@ class FinetuneRecipe:
         self.history: dict[str, Any] = {"eval": [], "loss": []}
         self.window = ThroughputWindow()
         self.pairs_trained = 0
+        self.flops_done = self.flops_seconds = 0.0  # over the logged windows, all workers
         self.train_seconds = 0.0
         self.first_step_at: float | None = None
         self.last_saved = self.last_evaluated = 0
@@ -269,6 +284,7 @@ class FinetuneRecipe:
         random.seed(cfg.seed)
         state = self._setup_model(model_path)
         self._mark("model")
+        self._setup_peak_flops()
         self._setup_optimizer()
         if state:
             self._restore(state)
@@ -293,13 +309,22 @@ class FinetuneRecipe:
             hf_model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
+        self.model_flops = ModelFlops.of(hf_model)
         encoder = CrossEncoder(hf_model, self.spec.yes_no_ids(self.tokenizer))
+        if cfg.torch_compile:
+            compile_for_training(encoder)
         if cfg.fsdp:  # shards over the workers (FSDP2)
             self.model = shard_model(encoder, self.device)
         else:  # moves to the device, and wraps in DDP when there is more than one worker
             self.model = ray.train.torch.prepare_model(encoder)
         self.encoder: CrossEncoder = getattr(self.model, "module", self.model)
         return state
+
+    def _setup_peak_flops(self) -> None:
+        """The workers' summed peak for this precision's matmuls, the denominator of MFU."""
+        peak = peak_flops(self.device, self.autocast_dtype or torch.float32)
+        self.peak_source = peak.source
+        self.peak_flops = _all_reduce_sum([peak.flops_per_s], self.device)[0]
 
     def _setup_optimizer(self) -> None:
         """AdamW (no decay on biases and norms), linear warm-up/decay, and a grad scaler that
@@ -315,6 +340,7 @@ class FinetuneRecipe:
                 {"params": [p for n, p in params if n.endswith(NO_DECAY)], "weight_decay": 0.0},
             ],
             lr=cfg.learning_rate,
+            fused=fused_adamw_supported(self.device, [p for _, p in params]),
         )
         self.scheduler = linear_schedule(
             self.optimizer, self.plan.warmup_steps, self.plan.total_steps
@@ -538,6 +564,13 @@ class FinetuneRecipe:
             "lr": self.scheduler.get_last_lr()[0],
             **window.rates(self.cfg.train_group_size),
         }
+        sequences = window.groups * self.cfg.train_group_size
+        flops = window.real_tokens * self.model_flops.per_token(
+            window.real_tokens / max(1, sequences)
+        )
+        logged["mfu"] = flops / max(window.seconds, 1e-9) / self.peak_flops
+        self.flops_done += flops
+        self.flops_seconds += window.seconds
         if window.distill_micro_batches:
             logged["distill_loss"] = window.distill_loss_sum / window.distill_micro_batches
         self.history["loss"].append({"step": self.step, **logged})
@@ -698,6 +731,8 @@ class FinetuneRecipe:
             "time_to_first_step_s": (
                 self.first_step_at - self.launched_at if self.first_step_at else None
             ),
+            "mfu": self.flops_done / max(self.flops_seconds, 1e-9) / self.peak_flops,
+            "peak_flops": {"flops_per_s": self.peak_flops, "source": self.peak_source},
             "startup_s": self.startup,  # seconds after launch at the end of each stage
             "worker_nodes": self.worker_nodes,  # Ray node id of each rank
             "peak_gpu_memory_gb": (
