@@ -355,8 +355,8 @@ class FinetuneConfig(
     gradient_checkpointing: bool = _opt(False, "Recompute activations to save memory.")
     torch_compile: bool = _opt(
         False,
-        "Compile the model's forward and backward with inductor (dynamic shapes): faster "
-        "steps once compiled, a compile of its own at the start (see the README).",
+        "Compile each chunk's forward and backward with inductor (dynamic shapes), after a "
+        "compile at the start; on CPU it measured no faster (bench/train_compile.py).",
     )
     # Ray
     num_workers: Positive = _opt(1, "Ray Train workers (one per GPU with --use_gpu).")
