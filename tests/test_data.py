@@ -4,7 +4,15 @@ import json
 import numpy as np
 import pytest
 
-from raykit.data.groups import DataError, check_file, expand_paths, read_groups, sample_group
+from raykit.data.groups import (
+    DataError,
+    check_file,
+    count_rows,
+    expand_paths,
+    read_groups,
+    sample_group,
+    stream_groups,
+)
 from tests.helpers import write_jsonl
 
 GOOD = {"query": "what is ray", "pos": ["ray is a framework"], "neg": ["a ray of light"]}
@@ -210,3 +218,49 @@ def test_truncated_gzip_is_one_line_with_the_line_reached(ray_cluster, tmp_path)
     message = str(caught.value)
     assert message.startswith(f"{path}: cannot read after line ") and "runcated" in message
     assert len(message.splitlines()) == 1
+
+
+def test_counting_rows_agrees_with_validation_without_parsing(tmp_path):
+    """The count the step plan goes by is validation's row count: blank and whitespace-only
+    lines, a BOM, CRLF ends, a missing last newline, gzip and Parquet included."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    line = json.dumps(GOOD)
+    text = "\ufeff" + line + "\r\n\n   \n" + line + "\n{broken\n\t\r\n" + line
+    plain = tmp_path / "mixed.jsonl"
+    plain.write_bytes(text.encode())
+    packed = tmp_path / "mixed.jsonl.gz"
+    packed.write_bytes(gzip.compress(text.encode()))
+    table = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist([GOOD] * 5), table)
+    for path in (plain, packed, table):
+        report = check_file(str(path))
+        assert count_rows(str(path)) == report.valid_rows + report.invalid_rows
+    assert count_rows(str(plain)) == 4
+
+
+def test_a_bad_row_deep_in_a_large_file_is_named_by_file_and_line(tmp_path):
+    rows = 900_000
+    path = tmp_path / "large.jsonl"
+    with open(path, "w") as f:
+        f.writelines(f'{{"query": "q{i}", "pos": ["p"], "neg": ["n"]}}\n' for i in range(rows - 1))
+        f.write('{"query": "q", "pos": ["p"], "neg": "n"}\n')
+    assert count_rows(str(path)) == rows
+    report = check_file(str(path))
+    assert report.valid_rows == rows - 1
+    assert report.errors == [f"{path}:{rows}: neg: expected a list of strings"]
+
+
+def test_training_data_is_counted_before_its_validation_ends(ray_cluster, tmp_path):
+    """`stream_groups` returns once the rows are counted; validation of a large file is still
+    running and `finish` gives its whole report."""
+    rows = 400_000
+    path = tmp_path / "large.jsonl"
+    with open(path, "w") as f:
+        f.writelines(f'{{"query": "q{i}", "pos": ["p"], "neg": ["n"]}}\n' for i in range(rows))
+    stream = stream_groups([str(path)])
+    assert stream.rows == rows
+    assert len(stream.pending) == 1 and "validating beside training" in stream.describe()
+    assert stream.finish().valid_rows == rows and not stream.pending
+    assert stream.dataset.take(1)[0]["query"] == "q0"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
@@ -133,6 +134,31 @@ def test_bad_training_data_stops_the_cli_with_file_and_line(ray_cluster, tiny_mo
     assert result.exit_code == 1
     assert f"{bad}:41: pos: expected a list of strings" in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_bad_row_found_beside_training_stops_every_worker(
+    ray_cluster, tiny_model_dir, tmp_path, caplog
+):
+    """Training starts once the rows are counted; validation of a large file runs beside it and
+    its bad last row stops both workers at the same step (no hang in a collective, no export)."""
+    from raykit.errors import DataError
+    from raykit.training.launch import finetune
+
+    rows = 400_000
+    path = tmp_path / "large.jsonl"
+    with open(path, "w") as f:
+        f.writelines(
+            f'{{"query": "q{i}", "pos": ["p {i}"], "neg": ["n", "m", "o"]}}\n'
+            for i in range(rows - 1)
+        )
+        f.write('{"query": "q", "pos": ["p"], "neg": []}\n')
+    options = tiny_options(tiny_model_dir, tmp_path, train_data=str(path), max_steps="100000")
+    error = rf"{path}:{rows}: neg: neg has no passages"
+    with caplog.at_level(logging.INFO, logger="raykit"), pytest.raises(DataError, match=error):
+        finetune(FinetuneConfig(**options, num_workers=2), console=False)
+    assert "validating beside training" in caplog.text
+    assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
 PAUSED_DRIVER = """

@@ -4,10 +4,13 @@ A training record is one JSON object per line (or one Parquet row, numbered like
     {"query": str, "pos": [str, ...], "neg": [str, ...],
      "pos_scores"?: [float, ...], "neg_scores"?: [float, ...]}
 
-Every file is first checked line by line in parallel Ray tasks, so a bad row is reported with its
-file, line and field before any training starts. The Ray Dataset is then read with the same line
-decoder (`read_lines`) and checks, so validation and reading agree on every row; with
-`skip_invalid` the rows that failed the check are dropped and counted per reason.
+Every file is checked line by line in parallel Ray tasks, so a bad row is reported with its file,
+line and field. For training that check runs beside the first steps (`stream_groups`): the rows
+are counted first from the files' bytes (ten times faster than parsing them), which is all the
+step plan needs, and training stops at the step where validation finds a bad row. The Ray Dataset
+is read with the same line decoder (`read_lines`) and checks, so validation and reading agree on
+every row; with `skip_invalid` the rows that failed the check are dropped and counted per reason
+(then validation finishes before training, as the plan needs the count of valid rows).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ GROUP_SCHEMA = pa.schema(
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 PARQUET_ROWS_PER_BATCH = 4096
 MAX_REPORTED_ERRORS = 20
+COUNT_CHUNK_BYTES = 2**20
 
 
 @dataclass
@@ -174,6 +178,36 @@ def read_rows(path: str) -> Iterator[tuple[int, str, str | None]]:
         raise DataError(f"{path}: cannot read {where}: {exc}") from None
 
 
+def count_rows(path: str) -> int:
+    """Rows of one file as validation numbers them (non-blank lines; Parquet rows), from its
+    bytes without parsing them: about a tenth of the time of the check."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        fs, fs_path = filesystem(path)
+        try:
+            with fs.open_input_file(fs_path) as handle:
+                return pq.ParquetFile(handle).metadata.num_rows
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise DataError(f"{path}: cannot read at the start: {exc}") from None
+    fs, fs_path = filesystem(path)
+    rows = lines = 0
+    tail = b""
+    try:
+        with fs.open_input_stream(fs_path, compression="detect") as stream:
+            while chunk := stream.read(COUNT_CHUNK_BYTES):
+                if not lines and not tail and chunk.startswith(codecs.BOM_UTF8):
+                    chunk = chunk[len(codecs.BOM_UTF8) :]
+                parts = (tail + chunk).split(b"\n")
+                tail = parts.pop()
+                lines += len(parts)
+                rows += sum(1 for part in parts if part.strip())
+    except OSError as exc:
+        where = f"after line {lines}" if lines else "at the start"
+        raise DataError(f"{path}: cannot read {where}: {exc}") from None
+    return rows + bool(tail.strip())
+
+
 def lone_surrogate(text: str) -> bool:
     """True when a decoded JSON string holds a lone surrogate (an escape such as "\\ud800"):
     valid JSON, but not text that a tokenizer, Arrow or a UTF-8 writer accepts."""
@@ -288,27 +322,70 @@ def _validate_file_task(path: str) -> DataReport | DataError:
         return exc
 
 
-def validate_files(files: Sequence[str]) -> DataReport:
-    """Validate files in parallel Ray tasks and sum their reports."""
+def _count_file_task(path: str) -> int | DataError:
+    try:
+        return count_rows(path)
+    except DataError as exc:
+        return exc
+
+
+def _data_task(function: Any) -> Any:
+    """`function` as a light Ray task. An explicit "no placement group" keeps it out of the
+    caller's placement group when called from a Tune trial (whose group holds a token CPU)."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    # An explicit "no placement group" keeps these tasks out of the caller's placement group
-    # when called from a Tune trial (whose group holds only a token CPU).
-    task = ray.remote(num_cpus=0.25)(_validate_file_task).options(
+    return ray.remote(num_cpus=0.25)(function).options(
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None)
     )
-    report = DataReport()
-    for file_report in ray.get([task.remote(path) for path in files]):
-        if isinstance(file_report, DataError):
-            raise file_report
-        report.merge(file_report)
+
+
+def start_validation(files: Sequence[str]) -> list[ray.ObjectRef]:
+    """One validation task per file, started now; each returns its file's DataReport."""
+    task = _data_task(_validate_file_task)
+    return [task.remote(path) for path in files]
+
+
+def merge_reports(report: DataReport, results: Sequence[DataReport | DataError]) -> DataReport:
+    """Add finished validation results to `report`; an unreadable file raises its DataError."""
+    for result in results:
+        if isinstance(result, DataError):
+            raise result
+        report.merge(result)
     return report
+
+
+def validate_files(files: Sequence[str]) -> DataReport:
+    """Validate files in parallel Ray tasks and sum their reports."""
+    import ray
+
+    return merge_reports(DataReport(), ray.get(start_validation(files)))
+
+
+def start_counts(files: Sequence[str]) -> list[ray.ObjectRef]:
+    """One counting task per file (see `count_rows`), started now."""
+    task = _data_task(_count_file_task)
+    return [task.remote(path) for path in files]
+
+
+def total_rows(counts: Sequence[ray.ObjectRef]) -> int:
+    """The sum of the counting tasks' results; an unreadable file raises its DataError."""
+    import ray
+
+    total = 0
+    for rows in ray.get(list(counts)):
+        if isinstance(rows, DataError):
+            raise rows
+        total += rows
+    return total
 
 
 # ---------------------------------------------------------------------------- datasets
 
 READ_ROWS_PER_BLOCK = 1024
+# Ray Data merges what a read task yields into blocks of up to its target_max_block_size (128 MiB
+# by default): 70k groups, seconds of reading, before the first batch reaches a worker.
+READ_BLOCK_BYTES = 4 * 2**20
 
 
 def _records_to_table(records: list[dict]) -> pa.Table:
@@ -316,42 +393,103 @@ def _records_to_table(records: list[dict]) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=GROUP_SCHEMA)
 
 
+def _text_bytes(record: dict) -> int:
+    return len(record["query"]) + sum(map(len, record["pos"])) + sum(map(len, record["neg"]))
+
+
 def _read_group_file(batch: pa.Table) -> Iterator[pa.Table]:
     """Ray Data read stage: the valid groups of one file as `GROUP_SCHEMA` blocks."""
     (path,) = batch["path"].to_pylist()
     records: list[dict] = []
+    size = 0
     for _, record, problem in checked_lines(path):
         if problem is not None:
             continue
         records.append(record)
-        if len(records) == READ_ROWS_PER_BLOCK:
+        size += _text_bytes(record)
+        if len(records) == READ_ROWS_PER_BLOCK or size >= READ_BLOCK_BYTES:
             yield _records_to_table(records)
-            records = []
+            records, size = [], 0
     if records:
         yield _records_to_table(records)
+
+
+def groups_dataset(files: Sequence[str]) -> ray.data.Dataset:
+    """The valid groups of `files` as a Ray Dataset: one read task per file, small blocks."""
+    import ray
+
+    dataset = ray.data.from_items(
+        [{"path": path} for path in files], override_num_blocks=len(files)
+    ).map_batches(_read_group_file, batch_size=1, batch_format="pyarrow")
+    dataset.context.target_max_block_size = READ_BLOCK_BYTES
+    return dataset
+
+
+@dataclass
+class GroupStream:
+    """Training groups as a Ray Dataset, with their validation still running beside it."""
+
+    dataset: ray.data.Dataset
+    rows: int  # rows the plan goes by: all non-blank rows, or the valid ones with skip_invalid
+    report: DataReport  # validation results that have come in
+    pending: list  # ObjectRefs of the per-file reports still being checked
+
+    def finish(self) -> DataReport:
+        """Wait for the rest of the validation; the whole report."""
+        import ray
+
+        merge_reports(self.report, ray.get(self.pending))
+        self.pending = []
+        return self.report
+
+    def describe(self) -> str:
+        if not self.pending:
+            return self.report.summary()
+        return (
+            f"{self.rows} groups in {len(self.report.files) + len(self.pending)} file(s), "
+            "validating beside training"
+        )
+
+
+def stream_groups(paths: str | Sequence[str], skip_invalid: bool = False) -> GroupStream:
+    """Count the rows, start validation and open the dataset, without waiting for validation
+    (unless `skip_invalid`, whose plan needs the count of valid rows).
+
+    What validation has found by the time the count is done is checked here (a DataError naming
+    file:line:field); the rest is for training to watch (`GroupStream.pending`).
+    """
+    import ray
+
+    files = expand_paths(paths)
+    counts = start_counts(files)  # first, so that they get the idle Ray workers
+    pending = start_validation(files)
+    rows = total_rows(counts)
+    finished, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+    stream = GroupStream(groups_dataset(files), rows, DataReport(), pending)
+    merge_reports(stream.report, ray.get(finished))
+    if skip_invalid:
+        stream.rows = stream.finish().valid_rows
+    else:
+        raise_for_invalid(stream.report, INVALID_HINT)
+    if stream.rows == 0:
+        raise DataError(f"no valid groups in {', '.join(files)}")
+    return stream
 
 
 def read_groups(
     paths: str | Sequence[str], skip_invalid: bool = False
 ) -> tuple[ray.data.Dataset, DataReport]:
-    """Validate, then read training groups as a Ray Dataset with `GROUP_SCHEMA`.
+    """Validate, then read groups as a Ray Dataset with `GROUP_SCHEMA` (evaluation data).
 
     Raises DataError naming file:line:field for the first invalid rows unless `skip_invalid`,
     in which case those rows are dropped and counted in the returned report. The read uses
     the same line decoder and checks as the validation pass, so both agree on every row.
     """
-    import ray
-
-    files = expand_paths(paths)
-    report = validate_files(files)
+    stream = stream_groups(paths, skip_invalid)
+    report = stream.finish()
     if not skip_invalid:
-        raise_for_invalid(report, " in training data (use --skip_invalid to skip them)")
-    if report.valid_rows == 0:
-        raise DataError(f"no valid groups in {', '.join(files)}")
-    dataset = ray.data.from_items(
-        [{"path": path} for path in files], override_num_blocks=len(files)
-    ).map_batches(_read_group_file, batch_size=1, batch_format="pyarrow")
-    return dataset, report
+        raise_for_invalid(report, INVALID_HINT)
+    return stream.dataset, report
 
 
 def collect_groups(
@@ -365,16 +503,25 @@ def collect_groups(
     return groups, report
 
 
-def raise_for_invalid(report: DataReport, hint: str = "") -> None:
-    """DataError listing the first invalid rows (file:line: field: message), if there are any."""
+INVALID_HINT = " in training data (use --skip_invalid to skip them)"
+
+
+def invalid_rows_message(report: DataReport, hint: str = "") -> str | None:
+    """The first invalid rows (file:line: field: message), if there are any."""
     if not report.invalid_rows:
-        return
+        return None
     shown = "\n  ".join(report.errors)
     more = report.invalid_rows - len(report.errors)
-    raise DataError(
-        f"{report.invalid_rows} invalid row(s){hint}:\n  {shown}"
-        + (f"\n  ... and {more} more" if more > 0 else "")
+    return f"{report.invalid_rows} invalid row(s){hint}:\n  {shown}" + (
+        f"\n  ... and {more} more" if more > 0 else ""
     )
+
+
+def raise_for_invalid(report: DataReport, hint: str = "") -> None:
+    """DataError listing the first invalid rows, if there are any."""
+    message = invalid_rows_message(report, hint)
+    if message:
+        raise DataError(message)
 
 
 def load_groups(paths: str | Sequence[str]) -> list[dict]:

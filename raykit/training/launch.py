@@ -13,14 +13,29 @@ from typing import Any
 import ray
 import ray.train
 import ray.train.torch
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (
+    CheckpointConfig,
+    DataConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+    TrainingFailedError,
+)
 from ray.train.torch import TorchTrainer
 
 from raykit.config import ConfigError, FinetuneConfig
 from raykit.core.loading import resolve_model_path
 from raykit.core.precision import describe_precision
 from raykit.core.spec import check_reranker
-from raykit.data.groups import expand_paths, read_groups
+from raykit.data.groups import (
+    INVALID_HINT,
+    DataError,
+    GroupStream,
+    expand_paths,
+    raise_for_invalid,
+    read_groups,
+    stream_groups,
+)
 from raykit.runtime.cluster import hold_run_lock, init_ray
 from raykit.runtime.console import RunConsole, quiet_ray_data
 from raykit.runtime.logs import logger
@@ -106,10 +121,10 @@ def _train_and_export(
     events: Any = None,
     tracking_group: str | None = None,
 ) -> FinetuneResult:
-    datasets, train_report, data_lines = _read_datasets(cfg)
+    train, datasets, eval_lines = _read_datasets(cfg)
     startup["data"] = time.time() - launched_at
-    plan = plan_steps(cfg, train_report.valid_rows)
-    dropped = train_report.valid_rows - plan.groups_per_worker * cfg.num_workers
+    plan = plan_steps(cfg, train.rows)
+    dropped = train.rows - plan.groups_per_worker * cfg.num_workers
     if dropped:
         logger.info(
             f"{dropped} group(s) per epoch left out so that {cfg.num_workers} workers "
@@ -127,14 +142,22 @@ def _train_and_export(
         "launched_at": launched_at,
         "startup": startup,
         "datasets": sorted(datasets),
+        "validation": train.pending,
         "events": events,
         "tracking_group": tracking_group,
         "tracking_env": tracking_env() if cfg.backends else {},
     }
-    result = _trainer(cfg, loop_config, datasets, callbacks).fit()
-    if result.error:
-        raise result.error
+    validated_beside = bool(train.pending)
+    result = _fit(_trainer(cfg, loop_config, datasets, callbacks))
     summary = result.return_value or {}
+    data_error = summary.pop("data_error", None)
+    train_report = train.finish()  # an unreadable file raises its DataError here
+    if data_error:
+        raise_for_invalid(train_report, INVALID_HINT)
+        raise DataError(data_error)
+    if validated_beside:
+        logger.info(f"train data: {train_report.summary()}")
+    data_lines = [f"training: {train_report.summary()}: {_names(cfg.train_data)}", *eval_lines]
     checkpoint, best_metrics = _best_checkpoint(cfg, result)
     data_lines.append(
         f"{summary.get('pairs_trained', 0)} (query, passage) pairs trained in "
@@ -154,18 +177,48 @@ def _train_and_export(
     return FinetuneResult(cfg.output_dir, best_metrics, summary, checkpoint.path, logging_dir)
 
 
-def _read_datasets(cfg: FinetuneConfig) -> tuple[dict[str, Any], Any, list[str]]:
-    """The train (and eval) Ray Datasets, the train data's report and the card's data lines."""
-    train_ds, train_report = read_groups(cfg.train_data, cfg.skip_invalid)
-    logger.info(f"train data: {train_report.summary()}")
-    data_lines = [f"training: {train_report.summary()}: {_names(cfg.train_data)}"]
-    datasets = {"train": train_ds}
+def _read_datasets(cfg: FinetuneConfig) -> tuple[GroupStream, dict[str, Any], list[str]]:
+    """The train data (validated beside training), the Ray Datasets and the eval card line."""
+    train = stream_groups(cfg.train_data, cfg.skip_invalid)
+    logger.info(f"train data: {train.describe()}")
+    datasets = {"train": train.dataset}
+    eval_lines = []
     if cfg.eval_data:
         eval_ds, eval_report = read_groups(cfg.eval_data, cfg.skip_invalid)
         logger.info(f"eval data: {eval_report.summary()}")
-        data_lines.append(f"evaluation: {eval_report.summary()}: {_names(cfg.eval_data)}")
+        eval_lines.append(f"evaluation: {eval_report.summary()}: {_names(cfg.eval_data)}")
         datasets["eval"] = eval_ds
-    return datasets, train_report, data_lines
+    return train, datasets, eval_lines
+
+
+def _fit(trainer: TorchTrainer) -> Any:
+    """`trainer.fit()`, with a worker's data or option error raised as itself (one line)."""
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as exc:
+        for failure in (getattr(exc, "worker_failures", None) or {}).values():
+            if (error := _user_error(failure)) is not None:
+                raise error from None
+        raise
+    if result.error:
+        raise result.error
+    return result
+
+
+def _user_error(failure: BaseException | None) -> Exception | None:
+    """The DataError or ConfigError behind a worker failure (Ray Train wraps what the worker
+    raised; Ray wraps what a Ray Data task raised), if that is what it was."""
+    for _ in range(4):
+        if failure is None:
+            return None
+        if isinstance(failure, (DataError, ConfigError)) and not isinstance(
+            failure, ray.exceptions.RayTaskError
+        ):
+            return failure
+        failure = (
+            getattr(failure, "_base_exc", None) or getattr(failure, "cause", None)
+        ) or failure.__cause__
+    return None
 
 
 def _trainer(

@@ -7,6 +7,8 @@ import dataclasses
 import math
 import os
 import random
+import resource
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -44,6 +46,7 @@ from raykit.training.fsdp import (
     shard_model,
 )
 from raykit.training.tracking import Tracker, open_trackers, tracking_dir
+from raykit.training.validation import ValidationWatch
 
 
 @dataclass
@@ -274,6 +277,10 @@ class FinetuneRecipe:
         self.train_seconds = 0.0
         self.first_step_at: float | None = None
         self.last_saved = self.last_evaluated = 0
+        self.validation = ValidationWatch(
+            loop_config.get("validation") or [], self.rank, self.device
+        )
+        self.data_error: str | None = None  # validation found bad rows: stop, export nothing
 
     # ------------------------------------------------------------------ set-up
 
@@ -451,6 +458,14 @@ class FinetuneRecipe:
         nodes: list[str | None] = [None] * self.world_size
         torch.distributed.all_gather_object(nodes, node)
         return nodes
+
+    def _gather_peak_rss(self) -> list[float]:
+        """Every rank's peak resident memory in MiB (Linux reports KiB, macOS bytes)."""
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak_mb = peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+        ranks = [0.0] * self.world_size
+        ranks[self.rank] = peak_mb
+        return [round(mb, 1) for mb in _all_reduce_sum(ranks, self.device)]
 
     def _read_eval_groups(self) -> list[dict]:
         groups: list[dict] = []
@@ -643,32 +658,17 @@ class FinetuneRecipe:
 
     def train(self) -> dict[str, Any]:
         cfg, plan = self.cfg, self.plan
+        if self._bad_data():
+            return self.summary()
         if self.eval_groups and self.step == 0 and cfg.eval_on_start:
             self.history["eval_before"] = self.evaluate("before training")
             self._mark("first_eval")
         self._log_start()
-        accumulation = cfg.gradient_accumulation_steps
         self.model.train()
-        while self.step < plan.total_steps:
-            epoch = self.step // plan.steps_per_epoch
-            epoch_started_at_step = self.step
-            skip = (self.step - epoch * plan.steps_per_epoch) * accumulation
-            started = time.perf_counter()
-            for micro, records in _micro_batches(
-                self.train_shard, cfg, epoch, skip, plan.micro_batches_per_epoch
-            ):
-                last = (micro + 1) % accumulation == 0 or micro == plan.micro_batches_per_epoch - 1
-                self.train_step(records, epoch, micro, sync=last)
-                if not last:
-                    continue
-                self.optimizer_step()
-                self._record_step_time(time.perf_counter() - started)
-                self._between_steps()
-                if self.step >= plan.total_steps:
-                    break
-                started = time.perf_counter()
-            if self.step == epoch_started_at_step:
-                raise RuntimeError(f"worker {self.rank}: epoch {epoch} yielded no training batches")
+        while self.step < plan.total_steps and not self._train_epoch():
+            pass
+        if self.data_error:
+            return self.summary()
         if self.eval_groups and self.last_evaluated != self.step:
             self.evaluate("final")
         if self.last_saved != self.step:
@@ -677,6 +677,42 @@ class FinetuneRecipe:
         for tracker in self.trackers:
             tracker.finish({"output_dir": cfg.output_dir, "steps": self.step})
         return summary
+
+    def _train_epoch(self) -> bool:
+        """Train from `self.step` to the end of its epoch (or of the run); True when validation
+        found bad rows and training stopped."""
+        cfg, plan = self.cfg, self.plan
+        accumulation = cfg.gradient_accumulation_steps
+        epoch = self.step // plan.steps_per_epoch
+        epoch_started_at_step = self.step
+        skip = (self.step - epoch * plan.steps_per_epoch) * accumulation
+        started = time.perf_counter()
+        for micro, records in _micro_batches(
+            self.train_shard, cfg, epoch, skip, plan.micro_batches_per_epoch
+        ):
+            last = (micro + 1) % accumulation == 0 or micro == plan.micro_batches_per_epoch - 1
+            self.train_step(records, epoch, micro, sync=last)
+            if not last:
+                continue
+            self.optimizer_step()
+            self._record_step_time(time.perf_counter() - started)
+            if self._bad_data():
+                return True
+            self._between_steps()
+            if self.step >= plan.total_steps:
+                break
+            started = time.perf_counter()
+        if self.step == epoch_started_at_step:
+            raise RuntimeError(f"worker {self.rank}: epoch {epoch} yielded no training batches")
+        return False
+
+    def _bad_data(self) -> bool:
+        """Whether validation, running beside training, has found bad rows (then every rank
+        stops at this step and the driver raises the error)."""
+        self.data_error = self.validation.check()
+        if self.data_error:
+            self.log(f"stopped at step {self.step}: validation found invalid training rows")
+        return self.data_error is not None
 
     def _record_step_time(self, seconds: float) -> None:
         self.window.seconds += seconds
@@ -722,6 +758,7 @@ class FinetuneRecipe:
         """What the worker returns to the driver (rank 0's goes into train_summary.json)."""
         return {
             "steps": self.step,
+            "data_error": self.data_error,
             "resumed_from_step": self.resumed_from_step,
             "loss": self.history["loss"],
             "eval_before": self.history.get("eval_before"),
@@ -735,6 +772,7 @@ class FinetuneRecipe:
             "peak_flops": {"flops_per_s": self.peak_flops, "source": self.peak_source},
             "startup_s": self.startup,  # seconds after launch at the end of each stage
             "worker_nodes": self.worker_nodes,  # Ray node id of each rank
+            "peak_rss_mb": self._gather_peak_rss(),  # of each rank's process
             "peak_gpu_memory_gb": (
                 torch.cuda.max_memory_allocated(self.device) / 2**30
                 if self.device.type == "cuda"
