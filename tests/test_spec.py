@@ -171,13 +171,31 @@ def test_allow_untrained_head_scores_with_a_random_head_and_says_so(base, capsys
         assert check_reranker(base, options).kind == "encoder"  # the drivers' check passes
 
 
-def test_finetune_creates_the_head_and_says_so_once(base, capsys):
+def test_finetune_creates_the_head_and_its_first_worker_says_so(
+    base, tiny_model_dir, monkeypatch, capsys
+):
+    """The driver's check does not build the model's class for a fine-tune (seconds of
+    imports); the first worker, which has loaded it, says once that the head is new."""
+    import raykit.core.loading
     from raykit.config import FinetuneConfig
     from raykit.core.spec import check_reranker
+    from raykit.training.recipe import FinetuneRecipe
+
+    def not_on_the_driver(*args, **kwargs):
+        raise AssertionError("missing_head called by the driver's check")
 
     cfg = FinetuneConfig(model_name_or_path=base, train_data=["t.jsonl"])
-    check_reranker(base, cfg, "model_name_or_path", training=True)
-    assert capsys.readouterr().out.count("no reranker head yet; fine-tuning creates one") == 1
+    with monkeypatch.context() as patch:
+        patch.setattr(raykit.core.loading, "missing_head", not_on_the_driver)
+        check_reranker(base, cfg, "model_name_or_path", training=True)
+    assert "head" not in capsys.readouterr().out
+    recipe = FinetuneRecipe.__new__(FinetuneRecipe)  # just the method under test
+    said: list[str] = []
+    recipe.log = said.append
+    for model in (base, tiny_model_dir):
+        recipe.cfg = FinetuneConfig(model_name_or_path=model, train_data=["t.jsonl"])
+        recipe._say_if_head_is_new(model)
+    assert said == [f"{base}: no reranker head yet; fine-tuning creates one"]
 
 
 def test_the_embedded_bi_encoder_has_no_reranker_head():

@@ -291,10 +291,9 @@ def check_reranker(
     path = resolve_model_path(name)
     request = SpecRequest.of(options)
     spec = resolve_spec(path, request, logger.info)
-    if spec.template is None and os.path.isdir(path):
+    # Fine-tuning creates a missing head (its first worker says so): no need to import the
+    # model's class here, seconds of a driver's start.
+    if spec.template is None and os.path.isdir(path) and not training:
         missing = missing_head(path, request.trust_remote_code) or []
-        if training and missing:
-            logger.info(f"{name}: no reranker head yet; fine-tuning creates one")
-        elif not training:
-            check_head(name, missing, getattr(options, "allow_untrained_head", False))
+        check_head(name, missing, getattr(options, "allow_untrained_head", False))
     return spec

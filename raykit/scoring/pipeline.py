@@ -17,7 +17,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import re
 import time
 from typing import Any
 
@@ -31,9 +30,9 @@ from raykit.core.loading import local_model_path
 from raykit.core.precision import describe_precision
 from raykit.core.spec import check_reranker
 from raykit.data.groups import expand_paths
-from raykit.errors import DataError
 from raykit.runtime.cluster import capacity, init_ray
 from raykit.runtime.console import quiet_ray_data
+from raykit.runtime.failures import user_error
 from raykit.runtime.logs import is_verbose, logger
 from raykit.runtime.storage import absolute, check_writable, filesystem
 from raykit.scoring.inputs import (
@@ -208,25 +207,6 @@ def build_dataset(cfg: ScoreConfig, files: list[str], todo: list[int]) -> ray.da
     )
 
 
-def _unwrap(exc: BaseException) -> BaseException:
-    """The DataError/ConfigError behind Ray's task-error wrappers, if there is one."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ray.exceptions.RayTaskError):  # also an instance of its cause's type
-            seen = seen.cause
-            continue
-        if isinstance(seen, (DataError, ConfigError)):
-            return seen
-        if isinstance(seen, ray.exceptions.ActorDiedError) and seen.actor_init_failed:
-            # An actor's constructor refused (e.g. a remote ensemble member): Ray keeps only
-            # the text of its error, which names the type.
-            found = re.search(r"raykit\.errors\.(ConfigError|DataError): ([^\n]+)", str(seen))
-            if found:
-                return (ConfigError if found[1] == "ConfigError" else DataError)(found[2])
-        seen = seen.__cause__ or getattr(seen, "cause", None)
-    return exc
-
-
 def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     """Score every input row once; returns (and prints) the run summary."""
     cfg.check_paths()
@@ -318,8 +298,8 @@ def _score_files(
             update_progress(progress, stats)
         sinks.finish_all()
     except Exception as exc:
-        cause = _unwrap(exc)
-        if cause is not exc:
+        cause = user_error(exc)
+        if cause is not None and cause is not exc:
             raise cause from None
         raise
     finally:

@@ -31,13 +31,14 @@ from raykit.data.groups import (
     INVALID_HINT,
     DataError,
     GroupStream,
+    collect_groups,
     expand_paths,
     raise_for_invalid,
-    read_groups,
     stream_groups,
 )
 from raykit.runtime.cluster import hold_run_lock, init_ray
 from raykit.runtime.console import RunConsole, quiet_ray_data
+from raykit.runtime.failures import user_error
 from raykit.runtime.logs import logger
 from raykit.runtime.storage import absolute, is_uri, prepare_output_dir
 from raykit.tools.model_card import finetune_card
@@ -121,7 +122,8 @@ def _train_and_export(
     events: Any = None,
     tracking_group: str | None = None,
 ) -> FinetuneResult:
-    train, datasets, eval_lines = _read_datasets(cfg)
+    train, eval_groups, eval_lines = _read_datasets(cfg)
+    datasets = {"train": train.dataset}
     startup["data"] = time.time() - launched_at
     plan = plan_steps(cfg, train.rows)
     dropped = train.rows - plan.groups_per_worker * cfg.num_workers
@@ -141,7 +143,7 @@ def _train_and_export(
         "model_path": resolve_model_path(cfg.model_name_or_path),
         "launched_at": launched_at,
         "startup": startup,
-        "datasets": sorted(datasets),
+        "eval_groups": eval_groups,
         "validation": train.pending,
         "events": events,
         "tracking_group": tracking_group,
@@ -177,18 +179,20 @@ def _train_and_export(
     return FinetuneResult(cfg.output_dir, best_metrics, summary, checkpoint.path, logging_dir)
 
 
-def _read_datasets(cfg: FinetuneConfig) -> tuple[GroupStream, dict[str, Any], list[str]]:
-    """The train data (validated beside training), the Ray Datasets and the eval card line."""
+def _read_datasets(cfg: FinetuneConfig) -> tuple[GroupStream, Any, list[str]]:
+    """The train data (validated beside training), the eval groups (read here and put in the
+    object store: small, and every worker holds all of them) and the card's eval line."""
     train = stream_groups(cfg.train_data, cfg.skip_invalid)
     logger.info(f"train data: {train.describe()}")
-    datasets = {"train": train.dataset}
-    eval_lines = []
-    if cfg.eval_data:
-        eval_ds, eval_report = read_groups(cfg.eval_data, cfg.skip_invalid)
-        logger.info(f"eval data: {eval_report.summary()}")
-        eval_lines.append(f"evaluation: {eval_report.summary()}: {_names(cfg.eval_data)}")
-        datasets["eval"] = eval_ds
-    return train, datasets, eval_lines
+    if not cfg.eval_data:
+        return train, None, []
+    groups, report = collect_groups(cfg.eval_data)
+    if not cfg.skip_invalid:
+        raise_for_invalid(report, " in evaluation data (use --skip_invalid to skip them)")
+    if not groups:
+        raise DataError(f"no valid groups in {', '.join(cfg.eval_data)}")
+    logger.info(f"eval data: {report.summary()}")
+    return train, ray.put(groups), [f"evaluation: {report.summary()}: {_names(cfg.eval_data)}"]
 
 
 def _fit(trainer: TorchTrainer) -> Any:
@@ -197,28 +201,12 @@ def _fit(trainer: TorchTrainer) -> Any:
         result = trainer.fit()
     except TrainingFailedError as exc:
         for failure in (getattr(exc, "worker_failures", None) or {}).values():
-            if (error := _user_error(failure)) is not None:
+            if (error := user_error(failure)) is not None:
                 raise error from None
         raise
     if result.error:
         raise result.error
     return result
-
-
-def _user_error(failure: BaseException | None) -> Exception | None:
-    """The DataError or ConfigError behind a worker failure (Ray Train wraps what the worker
-    raised; Ray wraps what a Ray Data task raised), if that is what it was."""
-    for _ in range(4):
-        if failure is None:
-            return None
-        if isinstance(failure, (DataError, ConfigError)) and not isinstance(
-            failure, ray.exceptions.RayTaskError
-        ):
-            return failure
-        failure = (
-            getattr(failure, "_base_exc", None) or getattr(failure, "cause", None)
-        ) or failure.__cause__
-    return None
 
 
 def _trainer(

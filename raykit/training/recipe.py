@@ -28,7 +28,7 @@ from raykit.core.adapters import add_lora, base_model_name, load_adapter, traina
 from raykit.core.batching import make_chunks
 from raykit.core.engine import InferenceEngine
 from raykit.core.head import CrossEncoder
-from raykit.core.loading import load_model_and_tokenizer, local_model_path
+from raykit.core.loading import load_model_and_tokenizer, local_model_path, missing_head
 from raykit.core.losses import distillation_loss, group_softmax_loss
 from raykit.core.metrics import mean_metrics, metric_sums
 from raykit.core.precision import resolve_dtype, torch_dtype
@@ -284,7 +284,7 @@ class FinetuneRecipe:
 
     # ------------------------------------------------------------------ set-up
 
-    def setup(self, model_path: str, datasets: list[str]) -> None:
+    def setup(self, model_path: str, eval_groups: Any = None) -> None:
         cfg = self.cfg
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
         torch.manual_seed(cfg.seed)
@@ -296,7 +296,7 @@ class FinetuneRecipe:
         if state:
             self._restore(state)
         self._setup_eval()
-        self._setup_data(datasets)
+        self._setup_data(eval_groups)
         self._setup_trackers()
         self._mark("setup")
 
@@ -312,6 +312,8 @@ class FinetuneRecipe:
         self.spec = resolve_spec(local_model_path(model_path), SpecRequest.of(cfg))
         self.template = self.spec.template
         hf_model, self.tokenizer, state = self._load_model(model_path)
+        if not state and self.template is None and self.rank == 0:
+            self._say_if_head_is_new(model_path)
         if cfg.gradient_checkpointing:
             hf_model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -326,6 +328,12 @@ class FinetuneRecipe:
             self.model = ray.train.torch.prepare_model(encoder)
         self.encoder: CrossEncoder = getattr(self.model, "module", self.model)
         return state
+
+    def _say_if_head_is_new(self, model_path: str) -> None:
+        """Fine-tuning a base or embedding model creates its head: say so once (rank 0)."""
+        if missing_head(local_model_path(model_path), self.cfg.trust_remote_code):
+            name = self.cfg.model_name_or_path
+            self.log(f"{name}: no reranker head yet; fine-tuning creates one")
 
     def _setup_peak_flops(self) -> None:
         """The workers' summed peak for this precision's matmuls, the denominator of MFU."""
@@ -372,10 +380,11 @@ class FinetuneRecipe:
             inference_mode=not cfg.fsdp,
         )
 
-    def _setup_data(self, datasets: list[str]) -> None:
-        """This worker's training shard, the eval groups, and where the workers landed."""
+    def _setup_data(self, eval_groups: Any) -> None:
+        """This worker's training shard, the eval groups (an object-store reference from the
+        driver), and where the workers landed."""
         self.worker_nodes = self._gather_node_ids()
-        self.eval_groups = self._read_eval_groups() if "eval" in datasets else []
+        self.eval_groups: list[dict] = ray.get(eval_groups) if eval_groups is not None else []
         self.train_shard = ray.train.get_dataset_shard("train")
         group = ray.util.get_current_placement_group()
         self.group_hex = group.id.hex() if group is not None else None
@@ -466,13 +475,6 @@ class FinetuneRecipe:
         ranks = [0.0] * self.world_size
         ranks[self.rank] = peak_mb
         return [round(mb, 1) for mb in _all_reduce_sum(ranks, self.device)]
-
-    def _read_eval_groups(self) -> list[dict]:
-        groups: list[dict] = []
-        shard = ray.train.get_dataset_shard("eval")
-        for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
-            groups += rows_from_batch(batch)
-        return groups
 
     # ------------------------------------------------------------------ one step
 
@@ -784,5 +786,5 @@ class FinetuneRecipe:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """What each Ray Train worker runs: set up the recipe, then train."""
     recipe = FinetuneRecipe(loop_config)
-    recipe.setup(loop_config["model_path"], loop_config["datasets"])
+    recipe.setup(loop_config["model_path"], loop_config.get("eval_groups"))
     return recipe.train()
