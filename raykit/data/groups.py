@@ -315,42 +315,44 @@ def check_file(path: str, require_neg: bool = True, keep: list[dict] | None = No
     return report
 
 
-def _validate_file_task(path: str) -> DataReport | DataError:
+def _file_task(check: Any, path: str) -> Any:
+    """`check(path)` in a Ray task: a DataError is returned, not raised, so that the driver
+    prints its one line rather than Ray's traceback."""
     try:
-        return check_file(path)
-    except DataError as exc:  # returned, not raised: one line at the driver, no Ray traceback
-        return exc
-
-
-def _count_file_task(path: str) -> int | DataError:
-    try:
-        return count_rows(path)
+        return check(path)
     except DataError as exc:
         return exc
 
 
-def _data_task(function: Any) -> Any:
-    """`function` as a light Ray task. An explicit "no placement group" keeps it out of the
-    caller's placement group when called from a Tune trial (whose group holds a token CPU)."""
+def _start_file_tasks(check: Any, files: Sequence[str]) -> list[ray.ObjectRef]:
+    """`check` on every file, one light Ray task each, started now. An explicit "no placement
+    group" keeps them out of the caller's placement group when called from a Tune trial (whose
+    group holds a token CPU)."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    return ray.remote(num_cpus=0.25)(function).options(
+    task = ray.remote(num_cpus=0.25)(_file_task).options(
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None)
     )
+    return [task.remote(check, path) for path in files]
+
+
+def _raise_data_errors(results: Sequence[Any]) -> Sequence[Any]:
+    """The file tasks' results, or the first unreadable file's DataError raised."""
+    for result in results:
+        if isinstance(result, DataError):
+            raise result
+    return results
 
 
 def start_validation(files: Sequence[str]) -> list[ray.ObjectRef]:
     """One validation task per file, started now; each returns its file's DataReport."""
-    task = _data_task(_validate_file_task)
-    return [task.remote(path) for path in files]
+    return _start_file_tasks(check_file, files)
 
 
 def merge_reports(report: DataReport, results: Sequence[DataReport | DataError]) -> DataReport:
     """Add finished validation results to `report`; an unreadable file raises its DataError."""
-    for result in results:
-        if isinstance(result, DataError):
-            raise result
+    for result in _raise_data_errors(results):
         report.merge(result)
     return report
 
@@ -364,20 +366,14 @@ def validate_files(files: Sequence[str]) -> DataReport:
 
 def start_counts(files: Sequence[str]) -> list[ray.ObjectRef]:
     """One counting task per file (see `count_rows`), started now."""
-    task = _data_task(_count_file_task)
-    return [task.remote(path) for path in files]
+    return _start_file_tasks(count_rows, files)
 
 
 def total_rows(counts: Sequence[ray.ObjectRef]) -> int:
     """The sum of the counting tasks' results; an unreadable file raises its DataError."""
     import ray
 
-    total = 0
-    for rows in ray.get(list(counts)):
-        if isinstance(rows, DataError):
-            raise rows
-        total += rows
-    return total
+    return sum(_raise_data_errors(ray.get(list(counts))))
 
 
 # ---------------------------------------------------------------------------- datasets
@@ -479,7 +475,8 @@ def stream_groups(paths: str | Sequence[str], skip_invalid: bool = False) -> Gro
 def read_groups(
     paths: str | Sequence[str], skip_invalid: bool = False
 ) -> tuple[ray.data.Dataset, DataReport]:
-    """Validate, then read groups as a Ray Dataset with `GROUP_SCHEMA` (evaluation data).
+    """Validate, then read groups as a Ray Dataset with `GROUP_SCHEMA` (training streams
+    instead: `stream_groups`).
 
     Raises DataError naming file:line:field for the first invalid rows unless `skip_invalid`,
     in which case those rows are dropped and counted in the returned report. The read uses

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from raykit.config import ScoreConfig
 from raykit.core.activation import sigmoid_array
+from raykit.data.groups import count_rows
 from raykit.errors import DataError
 from raykit.runtime.console import RowProgress, format_eta
 from raykit.runtime.logs import logger
@@ -333,23 +334,11 @@ def merge_error_parts(cfg: ScoreConfig, names: list[str]) -> str | None:
 
 
 def count_input_rows(files: list[str]) -> int | None:
-    """Rows in the inputs when cheap to know (local plain JSONL: newlines; Parquet: its
-    metadata), for the ETA; None when any file is compressed or remote."""
-    import pyarrow.parquet as pq
-
-    total = 0
-    for path in files:
-        if path.endswith(".parquet"):
-            fs, local = filesystem(path)
-            with fs.open_input_file(local) as handle:
-                total += pq.ParquetFile(handle).metadata.num_rows
-        elif path.endswith(".gz") or "://" in path:
-            return None
-        else:
-            with open(path, "rb") as handle:
-                while chunk := handle.read(1 << 20):
-                    total += chunk.count(b"\n")
-    return total
+    """Rows in the inputs when cheap to know (local plain JSONL and Parquet), for the ETA;
+    None when any file is compressed or remote."""
+    if any(path.endswith(".gz") or "://" in path for path in files):
+        return None
+    return sum(count_rows(path) for path in files)
 
 
 def progress_line(stats: RunStats, progress: RowProgress) -> Callable[[float | None], str]:

@@ -278,7 +278,9 @@ class FinetuneRecipe:
         self.first_step_at: float | None = None
         self.last_saved = self.last_evaluated = 0
         self.validation = ValidationWatch(
-            loop_config.get("validation") or [], self.rank, self.device
+            loop_config.get("validation") or [],
+            self.rank,
+            lambda values: _all_reduce_sum(values, self.device),
         )
         self.data_error: str | None = None  # validation found bad rows: stop, export nothing
 

@@ -9,10 +9,9 @@ last task is in no rank asks again.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import ray
-import torch
 
 from raykit.data.groups import INVALID_HINT, DataReport, invalid_rows_message, merge_reports
 from raykit.errors import DataError
@@ -23,10 +22,15 @@ STOPPED = "training data has invalid rows (see the driver's error)"
 class ValidationWatch:
     """The outcome of validation tasks still running when training started."""
 
-    def __init__(self, pending: Sequence[ray.ObjectRef], rank: int, device: torch.device):
+    def __init__(
+        self,
+        pending: Sequence[ray.ObjectRef],
+        rank: int,
+        all_reduce_sum: Callable[[list[float]], list[float]],
+    ):
         self.pending = list(pending)
         self.running = bool(self.pending)  # the same on every rank: all call the all-reduce
-        self.rank, self.device = rank, device
+        self.rank, self.all_reduce_sum = rank, all_reduce_sum
         self.report = DataReport()
         self.error: str | None = None
 
@@ -34,11 +38,7 @@ class ValidationWatch:
         """None while the data is clean so far; the error (rank 0's text) once it is not."""
         if not self.running:
             return self.error
-        failed, done = self._poll() if self.rank == 0 else (0.0, 0.0)
-        flags = torch.tensor([failed, done], dtype=torch.float64, device=self.device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flags)
-        failed, done = flags.cpu().tolist()
+        failed, done = self.all_reduce_sum(list(self._poll()) if self.rank == 0 else [0.0, 0.0])
         if failed:
             self.error = self.error or STOPPED
         self.running = not (failed or done)
