@@ -112,6 +112,15 @@ class _OptionGroup:
     def check_paths(self) -> None:
         """File-system checks of the driver's inputs (`load_config` runs them once)."""
 
+    def check_files(self) -> None:
+        """The input files the command reads are there: light (no torch), so that the CLI
+        runs it before it starts Ray and a typo costs no Ray start."""
+
+    def ray_cpus(self) -> float | None:
+        """The logical CPUs a local Ray instance needs for this command (see `init_ray`); None
+        for a command that may run without Ray."""
+        return None
+
 
 @options
 class Console(_OptionGroup):
@@ -413,6 +422,24 @@ class FinetuneConfig(
             raise ConfigError("num_train_epochs: must be > 0 unless max_steps is set")
         return self
 
+    def check_paths(self) -> None:
+        """A model given as a folder exists and the output folder can be written (whether it is
+        empty is the run's check)."""
+        from raykit.runtime.storage import check_model_folder, check_writable
+
+        check_model_folder(self.model_name_or_path, "model_name_or_path")
+        check_writable(self.output_dir, "output_dir")
+
+    def check_files(self) -> None:
+        from raykit.data.groups import expand_paths
+
+        for paths in (self.train_data, self.eval_data):
+            if paths:
+                expand_paths(paths)
+
+    def ray_cpus(self) -> float | None:
+        return self.num_workers * self.cpus_per_worker
+
     @property
     def extra_worker_resources(self) -> dict[str, float]:
         """`worker_resources` as a dict: ["trainer_node=1"] -> {"trainer_node": 1.0}."""
@@ -544,6 +571,15 @@ class ScoreConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
         if self.resume and self.overwrite:
             raise ConfigError("resume/overwrite: choose one")
         return self
+
+    def check_paths(self) -> None:
+        _check_model_folders(self.model)
+
+    def ray_cpus(self) -> float | None:
+        """Every core for the actors unless their number is given, and one for reading."""
+        explicit = self.actor_pool_size[1] * (self.cpus_per_actor or 1.0)
+        wanted = explicit if self.num_actors or self.max_actors else (os.cpu_count() or 1)
+        return wanted + 1
 
     @property
     def actor_pool_size(self) -> tuple[int, int]:
@@ -687,6 +723,19 @@ class ServeConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
             return device_type == "cpu" and self.precision != "int8"
         return self.compile == "on"
 
+    def check_paths(self) -> None:
+        from raykit.core.served import parse_models
+
+        _check_model_folders([m.path for m in parse_models(self.model, self.model_name)])
+
+    def ray_cpus(self) -> float | None:
+        """The replicas' CPUs when given, else every core; None to roll out (that joins the
+        cluster the app runs on)."""
+        if self.rollout:
+            return None
+        explicit = self.max_replicas and self.cpus_per_replica
+        return self.max_replicas * self.cpus_per_replica if explicit else (os.cpu_count() or 1)
+
     def sized_for(self, node_cpus: int, gpus: int) -> ServeConfig:
         """A copy with every unset replica count and CPU share filled in so that the replicas
         use the whole node: one per GPU with `use_gpu`, else `split_cpus(node_cpus)`."""
@@ -730,6 +779,10 @@ class TuneConfig(FinetuneConfig):
     reduction_factor: Annotated[int, Field(ge=2)] = _opt(
         2, "ASHA: keep 1/reduction_factor of the trials at each rung."
     )
+
+    def check_paths(self) -> None:
+        """Nothing here: `run_sweep` checks the model, which may be swept, and the output
+        folder, which keeps the sweep's state."""
 
     @model_validator(mode="after")
     def _sweepable(self) -> Any:
@@ -1006,6 +1059,14 @@ def load_config(cls: type[C], path: str | Path | None = None, **overrides: Any) 
         raise (ConfigError(f"{path}: {exc}") if key in from_file else exc) from None
     config.check_paths()  # type: ignore[attr-defined]
     return config
+
+
+def _check_model_folders(models: list[str]) -> None:
+    """Each model given as a folder exists (see `check_model_folder`): before Ray starts."""
+    from raykit.runtime.storage import check_model_folder
+
+    for model in models:
+        check_model_folder(model, "model")
 
 
 def _check_files(paths: dict[str, str | None]) -> None:

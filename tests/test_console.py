@@ -10,7 +10,13 @@ import sys
 
 import pytest
 
-from raykit.runtime.console import EventSender, RunConsole, event_line, summary_table
+from raykit.runtime.console import (
+    EventSender,
+    RunConsole,
+    dropped_stderr_lines,
+    event_line,
+    summary_table,
+)
 from tests.helpers import SAMPLE_DEV, SAMPLE_TRAIN
 
 PROGRESS = {
@@ -193,3 +199,16 @@ def test_row_progress_lines_carry_rate_and_eta(capsys):
     progress.close()
     line = capsys.readouterr().out.strip()
     assert line.startswith("[raykit] mine: PairFilterScorer: 25/100 rows (5.0/s), eta 0:00:1"), line
+
+
+def test_dropped_stderr_lines_drop_only_the_lines_named(capfd):
+    """What C++ code (Ray's core worker) writes to descriptor 2 passes through as it comes, but
+    for whole lines holding a needle; a progress bar's carriage-return line is not held back."""
+    with dropped_stderr_lines(b"NOTICE"):
+        os.write(2, b"kept 1\n[core_worker.cc] an actor NOTICE here\nkept 2\n")
+        os.write(2, b"bar 50%\r")
+        os.write(2, b"half a line, ")
+        os.write(2, b"then its end\nNOTICE without an end")
+    assert capfd.readouterr().err == "kept 1\nkept 2\nbar 50%\rhalf a line, then its end\n"
+    os.write(2, b"a NOTICE after the block\n")  # descriptor 2 is itself again
+    assert capfd.readouterr().err == "a NOTICE after the block\n"

@@ -7,6 +7,7 @@ import pytest
 from raykit.data.groups import (
     DataError,
     check_file,
+    checked_here,
     count_rows,
     expand_paths,
     read_groups,
@@ -252,6 +253,20 @@ def test_a_bad_row_deep_in_a_large_file_is_named_by_file_and_line(tmp_path):
     assert report.errors == [f"{path}:{rows}: neg: expected a list of strings"]
 
 
+def test_small_local_training_data_is_checked_on_the_driver(ray_cluster, tmp_path):
+    """Small local files are checked whole before training (no Ray tasks): a bad row is one
+    line naming file:line, and with skip_invalid the plan counts only the valid rows."""
+    path = tmp_path / "small.jsonl"
+    good = '{"query": "q", "pos": ["p"], "neg": ["n"]}\n'
+    path.write_text(good * 3 + "\n" + '{"query": "q", "pos": ["p"], "neg": "n"}\n')
+    with pytest.raises(DataError, match=rf"{path}:5: neg: expected a list of strings"):
+        stream_groups([str(path)])
+    stream = stream_groups([str(path)], skip_invalid=True)
+    assert stream.rows == 3 and not stream.pending and stream.report.invalid_rows == 1
+    assert "validating beside training" not in stream.describe()
+    assert len(stream.dataset.take_all()) == 3
+
+
 def test_training_data_is_counted_before_its_validation_ends(ray_cluster, tmp_path):
     """`stream_groups` returns once the rows are counted; validation of a large file is still
     running and `finish` gives its whole report."""
@@ -259,6 +274,7 @@ def test_training_data_is_counted_before_its_validation_ends(ray_cluster, tmp_pa
     path = tmp_path / "large.jsonl"
     with open(path, "w") as f:
         f.writelines(f'{{"query": "q{i}", "pos": ["p"], "neg": ["n"]}}\n' for i in range(rows))
+    assert not checked_here([str(path)])
     stream = stream_groups([str(path)])
     assert stream.rows == rows
     assert len(stream.pending) == 1 and "validating beside training" in stream.describe()

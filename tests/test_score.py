@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from raykit.cli import app, normalize_argv
 from raykit.config import ConfigError, ScoreConfig
 from raykit.core.reranker import Reranker
+from raykit.runtime.console import ACTOR_ARGS_NOTICE
 from raykit.scoring.outputs import output_names, rank_within_queries
 from raykit.scoring.pipeline import run_score
 from tests.helpers import (
@@ -72,7 +73,9 @@ def read_output(path: Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
-def test_pairs_groups_and_parquet_inputs_score_like_reranker(ray_cluster, tiny_model_dir, tmp_path):
+def test_pairs_groups_and_parquet_inputs_score_like_reranker(
+    ray_cluster, tiny_model_dir, tmp_path, capfd
+):
     groups = dev_groups()
     pairs = pair_rows(groups)
     (tmp_path / "in").mkdir()
@@ -93,6 +96,8 @@ def test_pairs_groups_and_parquet_inputs_score_like_reranker(ray_cluster, tiny_m
         num_actors=2,
     )
     summary = run_score(cfg)
+    # Not Ray's notice about actor arguments (ray-project/ray#57733), once per scoring actor.
+    assert ACTOR_ARGS_NOTICE.decode() not in capfd.readouterr().err
 
     reranker = Reranker(tiny_model_dir, device="cpu", max_length=64)
     expected = reranker.compute_score([[p["query"], p["passage"]] for p in pairs])

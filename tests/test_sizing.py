@@ -33,3 +33,39 @@ def test_score_defaults_fill_the_machine():
     # Windows: small on CPU (the first scores wait for one), big on GPU, explicit kept.
     assert (local.sort_window, gpus.sort_window, kept.sort_window) == (256, 1024, 256)
     assert ScoreConfig(input=["x"], sort_window=64).sized_for(2, 0, local=True).sort_window == 64
+
+
+def test_ray_cpus_asked_of_a_local_instance():
+    """The logical CPUs a command asks `init_ray` for (None: it may not need Ray at all)."""
+    import os
+
+    from raykit.config import FinetuneConfig
+
+    cores = os.cpu_count() or 1
+    assert FinetuneConfig(train_data=["x"], num_workers=3, cpus_per_worker=2).ray_cpus() == 6
+    assert ScoreConfig(input=["x"]).ray_cpus() == cores + 1
+    assert ScoreConfig(input=["x"], num_actors=3, cpus_per_actor=2).ray_cpus() == 7
+    assert ServeConfig().ray_cpus() == cores
+    assert ServeConfig(max_replicas=3, cpus_per_replica=2).ray_cpus() == 6
+    assert ServeConfig(rollout=True).ray_cpus() is None
+
+
+def test_a_command_prepares_on_a_thread_while_ray_starts(ray_cluster):
+    """`init_ray_beside` runs the command's imports and checks on another thread and returns
+    what they return; their error is raised as it was, on this thread."""
+    import threading
+
+    import pytest
+
+    from raykit.errors import ConfigError
+    from raykit.runtime.cluster import init_ray_beside
+
+    main = threading.current_thread()
+    assert init_ray_beside(lambda: threading.current_thread() is not main) is True
+
+    def bad() -> None:
+        raise ConfigError("model: no config.json in /nowhere")
+
+    with pytest.raises(ConfigError, match="no config.json in /nowhere"):
+        init_ray_beside(bad)
+    assert ray_cluster.is_initialized()  # not started here: not shut down here

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from raykit.errors import ConfigError
-from raykit.runtime.storage import is_uri
+from raykit.runtime.storage import check_model_folder, is_uri
 
 
 def local_model_path(model: str) -> str:
@@ -64,11 +64,7 @@ def check_model(name_or_path: str, field: str = "model") -> None:
         elif not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError(f"{field}: {name_or_path} is a folder without a config.json")
         return
-    if os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1:
-        raise ConfigError(
-            f"{field}: {name_or_path!r} is neither a local folder nor a model id for the "
-            "Hugging Face hub (no such folder)"
-        )
+    check_model_folder(path, field)
     from transformers import AutoConfig
 
     try:

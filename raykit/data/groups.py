@@ -18,6 +18,7 @@ from __future__ import annotations
 import codecs
 import io
 import json
+import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -447,6 +448,18 @@ class GroupStream:
         )
 
 
+# Local files up to this size are checked on the driver (~0.1 s per 16 MiB), which costs less
+# than the two Ray tasks (two worker processes, on a laptop) that check larger ones.
+CHECK_HERE_BYTES = 16 * 2**20
+
+
+def checked_here(files: Sequence[str]) -> bool:
+    """Whether `stream_groups` checks `files` on this process rather than in Ray tasks."""
+    if any(is_uri(f) for f in files):
+        return False
+    return sum(os.path.getsize(f) for f in files) <= CHECK_HERE_BYTES
+
+
 def stream_groups(paths: str | Sequence[str], skip_invalid: bool = False) -> GroupStream:
     """Count the rows, start validation and open the dataset, without waiting for validation
     (unless `skip_invalid`, whose plan needs the count of valid rows).
@@ -457,12 +470,17 @@ def stream_groups(paths: str | Sequence[str], skip_invalid: bool = False) -> Gro
     import ray
 
     files = expand_paths(paths)
-    counts = start_counts(files)  # first, so that they get the idle Ray workers
-    pending = start_validation(files)
-    rows = total_rows(counts)
-    finished, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
-    stream = GroupStream(groups_dataset(files), rows, DataReport(), pending)
-    merge_reports(stream.report, ray.get(finished))
+    if checked_here(files):
+        report = merge_reports(DataReport(), [_file_task(check_file, f) for f in files])
+        rows = report.valid_rows + report.invalid_rows
+        stream = GroupStream(groups_dataset(files), rows, report, [])
+    else:
+        counts = start_counts(files)  # first, so that they get the idle Ray workers
+        pending = start_validation(files)
+        rows = total_rows(counts)
+        finished, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+        stream = GroupStream(groups_dataset(files), rows, DataReport(), pending)
+        merge_reports(stream.report, ray.get(finished))
     if skip_invalid:
         stream.rows = stream.finish().valid_rows
     else:

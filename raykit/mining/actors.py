@@ -7,7 +7,7 @@ import pyarrow as pa
 import ray
 
 from raykit.config import MineConfig
-from raykit.runtime.console import RowProgress
+from raykit.runtime.console import ACTOR_ARGS_NOTICE, RowProgress, dropped_stderr_lines
 
 ROWS_PER_BLOCK = 256  # unit of work of an embedding or filter actor
 
@@ -28,10 +28,11 @@ def map_on_actors(columns: dict[str, list], actor: type, cfg: MineConfig, output
     )
     values: list = [None] * n
     progress, done = RowProgress(n, f"mine: {actor.__name__}"), 0
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        for row, value in zip(batch["row"], batch[output], strict=True):
-            values[int(row)] = value
-        done += len(batch["row"])
-        progress.update(done)
+    with dropped_stderr_lines(ACTOR_ARGS_NOTICE):
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            for row, value in zip(batch["row"], batch[output], strict=True):
+                values[int(row)] = value
+            done += len(batch["row"])
+            progress.update(done)
     progress.close()
     return values

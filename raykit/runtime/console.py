@@ -16,7 +16,8 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from raykit.runtime.logs import VERBOSE_ENV, is_verbose, logger, quiet_libraries
@@ -80,6 +81,70 @@ def ray_init_options() -> dict[str, Any]:
     import ray
 
     return {"log_to_driver": False, "logging_config": ray.LoggingConfig(log_level="WARNING")}
+
+
+# Printed (as an error) by the driver's Ray core worker for every actor that a Ray Data actor
+# pool creates, whatever its arguments, since Ray Data puts its map function in the object store
+# (ray-project/ray#57733); no setting turns it off.
+ACTOR_ARGS_NOTICE = b"has constructor arguments in the object store and max_restarts > 0"
+
+
+@contextmanager
+def dropped_stderr_lines(*needles: bytes) -> Iterator[None]:
+    """Drop the lines containing any of `needles` from what this process writes to its stderr
+    (file descriptor 2, where Ray's C++ core writes too) while the block runs; everything else
+    passes through as it comes. A no-op where descriptor 2 cannot be redirected."""
+    try:
+        saved = os.dup(2)
+        read_end, write_end = os.pipe()
+    except OSError:
+        yield
+        return
+    sys.stderr.flush()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    pump = threading.Thread(
+        target=_pass_lines, args=(read_end, saved, needles), name="stderr-filter", daemon=True
+    )
+    pump.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last write end closes: the pump reads to its end
+        pump.join(timeout=5)
+        os.close(saved)
+
+
+def _pass_lines(source: int, target: int, needles: tuple[bytes, ...]) -> None:
+    """Copy `source` to `target` but the whole lines holding a needle; a line's unfinished tail
+    waits for its end unless it is a progress bar's (ends in a carriage return)."""
+    tail = b""
+    with os.fdopen(source, "rb", buffering=0) as pipe:
+        while chunk := pipe.read(65536):
+            *lines, tail = (tail + chunk).split(b"\n")
+            out = b"".join(line + b"\n" for line in lines if not any(n in line for n in needles))
+            if tail.endswith(b"\r"):
+                out, tail = out + tail, b""
+            _write_all(target, out)
+    if not any(n in tail for n in needles):
+        _write_all(target, tail)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def process_started_at() -> float:
+    """When this process started (the user's launch, interpreter start and imports included),
+    else now."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # no psutil, or the platform hides it
+        return time.time()
 
 
 def format_eta(seconds: float | None) -> str:

@@ -47,6 +47,18 @@ def join(root: str, *names: str) -> str:
     return os.path.join(root, *names)
 
 
+def check_model_folder(name: str, field: str = "model") -> None:
+    """A model name that can only be a local folder (absolute, ./ or ~, or more parts than a
+    hub id's org/name) must be one: one line, without loading anything."""
+    if is_uri(name) or os.path.isdir(os.path.expanduser(name)):
+        return
+    if os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1:
+        raise ConfigError(
+            f"{field}: {name!r} is neither a local folder nor a model id for the Hugging Face "
+            "hub (no such folder)"
+        )
+
+
 def prepare_output_dir(
     path: str, overwrite: bool, field: str = "output_dir", keep: Collection[str] = ()
 ) -> None:

@@ -31,7 +31,7 @@ from raykit.core.precision import describe_precision
 from raykit.core.spec import check_reranker
 from raykit.data.groups import expand_paths
 from raykit.runtime.cluster import capacity, init_ray
-from raykit.runtime.console import quiet_ray_data
+from raykit.runtime.console import ACTOR_ARGS_NOTICE, dropped_stderr_lines, quiet_ray_data
 from raykit.runtime.failures import user_error
 from raykit.runtime.logs import is_verbose, logger
 from raykit.runtime.storage import absolute, check_writable, filesystem
@@ -152,6 +152,18 @@ def check_models(cfg: ScoreConfig) -> None:
         check_ensemble([m for m, _ in local], formats)
 
 
+def check_inputs(cfg: ScoreConfig) -> tuple[list[str], list[str], list[int]]:
+    """Everything that can be checked before Ray starts (options, hardware, models, where the
+    output goes), each failure one line; returns `plan_files`."""
+    cfg.check_paths()
+    cfg.check_hardware(cfg.use_gpu)
+    check_models(cfg)
+    check_writable(cfg.output, "output")
+    if cfg.errors_path:
+        check_writable(os.path.dirname(absolute(cfg.errors_path)), "errors_path")
+    return plan_files(cfg)
+
+
 def plan_files(cfg: ScoreConfig) -> tuple[list[str], list[str], list[int]]:
     """(input files, output names, indices still to do); refuses to clobber without a flag."""
     files = expand_paths(cfg.input, suffixes=INPUT_SUFFIXES)
@@ -207,20 +219,16 @@ def build_dataset(cfg: ScoreConfig, files: list[str], todo: list[int]) -> ray.da
     )
 
 
-def run_score(cfg: ScoreConfig) -> dict[str, Any]:
-    """Score every input row once; returns (and prints) the run summary."""
-    cfg.check_paths()
-    cfg.check_hardware(cfg.use_gpu)
-    check_models(cfg)
-    check_writable(cfg.output, "output")
-    if cfg.errors_path:
-        check_writable(os.path.dirname(absolute(cfg.errors_path)), "errors_path")
-    files, names, todo = plan_files(cfg)
+def run_score(cfg: ScoreConfig, launched_at: float | None = None) -> dict[str, Any]:
+    """Score every input row once; returns (and prints) the run summary. `launched_at`: when
+    the user launched the command (the CLI's process start), which `first_output_s` counts
+    from; by default, this call."""
+    files, names, todo = check_inputs(cfg)
     skipped = len(files) - len(todo)
     if skipped:
         logger.info(f"resume: {skipped} of {len(files)} file(s) already scored")
     stats = RunStats()
-    started = time.time()
+    started = launched_at or time.time()
     first_output = _score_files(cfg, files, names, todo, stats, started) if todo else None
     errors_file = merge_error_parts(cfg, names)
     wall = time.time() - started
@@ -249,6 +257,24 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     return summary
 
 
+def _stream_into(
+    sinks: OrderedSinks, dataset: Any, progress: Any, stats: RunStats, started: float
+) -> float | None:
+    """Write the scored blocks, in input order, into their files; when the first came."""
+    first_output = None
+    # No prefetching: a prefetching iterator hands out a block only once the next one is ready
+    # too, which held the first scores back by a whole window (7 s on CPU).
+    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+        if first_output is None:  # startup: Ray Data, actors, model load, first window
+            first_output = time.time()
+            logger.info(f"first scores after {first_output - started:.1f} s")
+        for file_index in pa.compute.unique(batch["_file"]).to_pylist():
+            part = batch.filter(pa.compute.equal(batch["_file"], file_index))
+            sinks.get(file_index).add(part)
+        update_progress(progress, stats)
+    return first_output
+
+
 def _score_files(
     cfg: ScoreConfig,
     files: list[str],
@@ -259,9 +285,7 @@ def _score_files(
 ) -> float | None:
     """Start Ray, size the actor pool and stream the `todo` files through it into their output
     files; returns when the first scores reached the driver."""
-    explicit = cfg.actor_pool_size[1] * (cfg.cpus_per_actor or 1.0)
-    wanted = explicit if cfg.num_actors or cfg.max_actors else (os.cpu_count() or 1)
-    local = init_ray(wanted + 1)
+    local = init_ray(cfg.ray_cpus())
     quiet_ray_data()
     cap = capacity(local)
     cfg = cfg.sized_for(cap.total_cpus, cap.gpus, local)
@@ -286,16 +310,9 @@ def _score_files(
     dataset = build_dataset(cfg, files, todo)
     sinks = OrderedSinks(cfg, files, names, todo, stats)
     progress = score_progress(len(todo), count_input_rows([files[i] for i in todo]))
-    first_output = None
     try:
-        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            if first_output is None:  # startup: Ray Data, actors, model load, first window
-                first_output = time.time()
-                logger.info(f"first scores after {first_output - started:.1f} s")
-            for file_index in pa.compute.unique(batch["_file"]).to_pylist():
-                part = batch.filter(pa.compute.equal(batch["_file"], file_index))
-                sinks.get(file_index).add(part)
-            update_progress(progress, stats)
+        with dropped_stderr_lines(ACTOR_ARGS_NOTICE):
+            first_output = _stream_into(sinks, dataset, progress, stats, started)
         sinks.finish_all()
     except Exception as exc:
         cause = user_error(exc)

@@ -590,6 +590,15 @@ def check_models(cfg: ServeConfig, local_only: bool = False) -> None:
             )
 
 
+def check_inputs(cfg: ServeConfig) -> None:
+    """Everything that can be checked before Ray starts, each failure one line."""
+    cfg.check_paths()
+    cfg.check_hardware(cfg.use_gpu)
+    if cfg.cpus_per_replica and cfg.max_replicas and cfg.cpus_per_replica * cfg.max_replicas < 1:
+        raise ConfigError("cpus_per_replica x max_replicas must be >= 1")
+    check_models(cfg)
+
+
 def run_serve(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
     """Start Serve's proxy on host:port, deploy the app, and block until Ctrl-C / SIGTERM
     (or, with `detach`, return and leave the app running on the cluster)."""
@@ -599,14 +608,9 @@ def run_serve(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
     from raykit.runtime.cluster import init_ray
 
     started = time.perf_counter()
-    cfg.check_paths()
-    cfg.check_hardware(cfg.use_gpu)
-    if cfg.cpus_per_replica and cfg.max_replicas and cfg.cpus_per_replica * cfg.max_replicas < 1:
-        raise ConfigError("cpus_per_replica x max_replicas must be >= 1")
-    check_models(cfg)
+    check_inputs(cfg)
     started_ray = not ray.is_initialized()
-    explicit = cfg.max_replicas and cfg.cpus_per_replica and cfg.max_replicas * cfg.cpus_per_replica
-    local = init_ray(explicit or (os.cpu_count() or 1))
+    local = init_ray(cfg.ray_cpus())
     cfg = fill_node(cfg, local)
     stop = stop or threading.Event()
     serve.start(http_options={"host": cfg.host, "port": cfg.port})

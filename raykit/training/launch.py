@@ -32,7 +32,6 @@ from raykit.data.groups import (
     DataError,
     GroupStream,
     collect_groups,
-    expand_paths,
     raise_for_invalid,
     stream_groups,
 )
@@ -72,26 +71,33 @@ def check_run_paths(cfg: FinetuneConfig) -> None:
             )
 
 
+def check_inputs(cfg: FinetuneConfig) -> None:
+    """Everything that can be checked before Ray starts, each failure one line: options and
+    hardware, the model, the output folder, the data files."""
+    cfg.check_paths()
+    cfg.check_files()
+    cfg.check_hardware(cfg.use_gpu)
+    check_run_paths(cfg)
+
+
 def finetune(
     cfg: FinetuneConfig,
     callbacks: list | None = None,
     console: bool = True,
     tracking_group: str | None = None,
+    launched_at: float | None = None,
 ) -> FinetuneResult:
     """Validate data, run the TorchTrainer, export the best checkpoint to `cfg.output_dir`.
 
     `callbacks` are Ray Train `UserCallback`s (a Tune trial passes `TuneReportCallback`).
     `console`: show rank 0's events here (a Tune trial, whose output nobody sees, passes False).
     `tracking_group`: the sweep a trial belongs to, for the trackers.
+    `launched_at`: when the user launched the run (the CLI passes its process's start), which
+    the start-up split counts from; by default, this call.
     """
-    launched_at = time.time()
-    cfg.check_paths()
-    cfg.check_hardware(cfg.use_gpu)
-    check_run_paths(cfg)
-    for paths in (cfg.train_data, cfg.eval_data):  # a missing file stops us before Ray starts
-        if paths:
-            expand_paths(paths)
-    init_ray(cfg.num_workers * cfg.cpus_per_worker)
+    launched_at = launched_at or time.time()
+    check_inputs(cfg)
+    init_ray(cfg.ray_cpus())
     startup = {"ray": time.time() - launched_at}
     ray.data.DataContext.get_current().enable_progress_bars = False
     quiet_ray_data()

@@ -10,6 +10,7 @@ import random
 import resource
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -173,10 +174,11 @@ class ThroughputWindow:
 
 
 # Start-up stages in order, each timed from the end of the one before: what the driver does
-# (start or join Ray, check the data) and then rank 0 (Ray Train's controller, worker group and
-# process group up; model loaded; optimizer, eval and data set up; eval_on_start; first step).
+# (from the launch: its imports and checks beside Ray's start; the data check) and then rank 0
+# (Ray Train's controller, worker group and process group up; model loaded; optimizer, eval
+# and data set up; eval_on_start; first step).
 STARTUP_STAGES = {
-    "ray": "Ray",
+    "ray": "launch and Ray",
     "data": "data check",
     "workers": "trainer and workers",
     "model": "model load",
@@ -230,6 +232,32 @@ def _micro_batches(
             break
         if index >= skip:
             yield index, rows_from_batch(batch)
+
+
+class FirstItemAhead:
+    """An iterator whose first item is fetched on a thread from the moment it is made."""
+
+    def __init__(self, items: Iterator[Any]):
+        self._items = items
+        self._first: list[Any] = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._fetch, name="first-batch", daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._first.append(next(self._items))
+        except StopIteration:
+            pass
+        except BaseException as exc:  # raised where the items are used
+            self._error = exc
+
+    def __iter__(self) -> Iterator[Any]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        yield from self._first
+        yield from self._items
 
 
 # A run inside a Tune trial reports its worker group so the sweep can free it (see tune).
@@ -291,6 +319,7 @@ class FinetuneRecipe:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
+        self._start_data()
         state = self._setup_model(model_path)
         self._mark("model")
         self._setup_peak_flops()
@@ -382,12 +411,31 @@ class FinetuneRecipe:
             inference_mode=not cfg.fsdp,
         )
 
+    def _start_data(self) -> None:
+        """This worker's training shard; a fresh run starts reading its first epoch now, on a
+        thread, so that Ray Data's split coordinator, read tasks and first blocks are under way
+        while the model loads and evaluates (seconds of the first step). A resumed run knows
+        where to start only from its checkpoint."""
+        self.train_shard = ray.train.get_dataset_shard("train")
+        self.first_epoch: FirstItemAhead | None = None
+        if ray.train.get_checkpoint() is None:
+            self.first_epoch = FirstItemAhead(
+                _micro_batches(self.train_shard, self.cfg, 0, 0, self.plan.micro_batches_per_epoch)
+            )
+
+    def _epoch_batches(self, epoch: int, skip: int) -> Iterator[tuple[int, list[dict]]]:
+        """(micro-batch index, records) of one epoch from its `skip`-th micro-batch on."""
+        if self.first_epoch is not None and (epoch, skip) == (0, 0):
+            batches, self.first_epoch = self.first_epoch, None
+            return iter(batches)
+        limit = self.plan.micro_batches_per_epoch
+        return _micro_batches(self.train_shard, self.cfg, epoch, skip, limit)
+
     def _setup_data(self, eval_groups: Any) -> None:
         """This worker's training shard, the eval groups (an object-store reference from the
         driver), and where the workers landed."""
         self.worker_nodes = self._gather_node_ids()
         self.eval_groups: list[dict] = ray.get(eval_groups) if eval_groups is not None else []
-        self.train_shard = ray.train.get_dataset_shard("train")
         group = ray.util.get_current_placement_group()
         self.group_hex = group.id.hex() if group is not None else None
 
@@ -691,9 +739,7 @@ class FinetuneRecipe:
         epoch_started_at_step = self.step
         skip = (self.step - epoch * plan.steps_per_epoch) * accumulation
         started = time.perf_counter()
-        for micro, records in _micro_batches(
-            self.train_shard, cfg, epoch, skip, plan.micro_batches_per_epoch
-        ):
+        for micro, records in self._epoch_batches(epoch, skip):
             last = (micro + 1) % accumulation == 0 or micro == plan.micro_batches_per_epoch - 1
             self.train_step(records, epoch, micro, sync=last)
             if not last:
