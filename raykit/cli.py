@@ -299,7 +299,7 @@ def serve_command(cfg: ServeConfig) -> None:
         return
     from raykit.serving.app import run_serve
 
-    run_serve(cfg)
+    run_serve(cfg, launched_at=LAUNCHED_AT)
 
 
 @config_command("mine", MineConfig, "Mine hard negatives (BM25 or dense) into training groups.")

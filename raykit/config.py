@@ -652,6 +652,11 @@ class ServeConfig(ForwardBudget, TokenLimits, Precision, ModelLoading, Console):
     downscale_delay_s: NonNegative = _opt(
         30.0, "Autoscaling: how long load must stay below target before a replica is removed."
     )
+    look_back_period_s: PositiveFloat = _opt(
+        10.0,
+        "Autoscaling: the window over which ongoing requests are averaged (Serve's default, "
+        "30 s, sees a load step half a minute late).",
+    )
     use_gpu: bool = _opt(False, "One GPU per replica.")
     cpus_per_replica: PositiveFloat | None = _opt(
         None,

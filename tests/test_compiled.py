@@ -10,6 +10,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from raykit.core import compiled
 from raykit.core.engine import InferenceEngine
 from tests.helpers import build_tiny_reranker
 
@@ -30,7 +31,7 @@ def engine(model: str) -> InferenceEngine:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_package_is_built_once_restored_after_and_never_trusted_when_wrong(
-    tiny_model_dir, tmp_path, caplog
+    tiny_model_dir, tmp_path, caplog, monkeypatch
 ):
     eager = np.array(engine(tiny_model_dir).score_pairs(PAIRS))
     cache = tmp_path / "compiled"
@@ -59,18 +60,21 @@ def test_a_package_is_built_once_restored_after_and_never_trusted_when_wrong(
     assert any("ignored: it does not load" in r.getMessage() for r in caplog.records)
     np.testing.assert_allclose(corrupt.score_pairs(PAIRS), eager, atol=1e-5)
 
-    # Mismatched: another model's package under this key loads, but scores otherwise.
+    # Mismatched: a package under this model's key that loads but is another model's (as if
+    # the key collided) is compiled again.
     other = build_tiny_reranker(tmp_path / "other", seed=1)
+    other_eager = np.array(engine(other).score_pairs(PAIRS))
     other_cache = tmp_path / "other-compiled"
-    assert engine(other).compile_model(str(other_cache))
-    (other_package,) = other_cache.glob("*.pt2")
-    shutil.copy(other_package, package)
+    other_cache.mkdir()
+    monkeypatch.setattr(compiled, "package_key", lambda parts: "collided")
+    shutil.copy(package, other_cache / "collided.pt2")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="raykit"):
-        mismatched = engine(tiny_model_dir)
-        assert mismatched.compile_model(str(cache))
+        mismatched = engine(other)
+        assert mismatched.compile_model(str(other_cache))
     assert any("its scores differ" in r.getMessage() for r in caplog.records)
-    np.testing.assert_allclose(mismatched.score_pairs(PAIRS), eager, atol=1e-5)
+    assert "compile_s" in mismatched.compile_split
+    np.testing.assert_allclose(mismatched.score_pairs(PAIRS), other_eager, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -85,12 +85,10 @@ def run_and_kill_a_worker(cfg: FinetuneConfig, run_dir: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
-def test_fsdp_computes_the_losses_of_ddp_and_exports_a_plain_model(ray_cluster, tmp_path, use_lora):
-    """Sharded (FSDP2) and replicated (DDP) training on two workers, of LoRA adapters or of
-    every weight, take the same steps (without dropout, whose masks depend on how a batch is
-    chunked), with gradient checkpointing on the sharded side; the export is the (merged)
-    causal LM."""
+def test_fsdp_computes_the_losses_of_ddp_and_exports_a_plain_model(ray_cluster, tmp_path):
+    """Sharded (FSDP2) and replicated (DDP) training of every weight on two workers take the
+    same steps, with gradient checkpointing on the sharded side; the export is the causal LM.
+    (LoRA's FSDP run is checked against DDP in the killed-worker test below.)"""
     from raykit.training.launch import finetune
 
     base = build_tiny_decoder(tmp_path / "qwen3", "qwen3")
@@ -99,8 +97,8 @@ def test_fsdp_computes_the_losses_of_ddp_and_exports_a_plain_model(ray_cluster, 
         "eval_steps": 2,
         "save_steps": 2,
         "lora_dropout": 0.0,
-        "use_lora": use_lora,
-        "learning_rate": 3e-3 if use_lora else 1e-3,
+        "use_lora": False,
+        "learning_rate": 1e-3,
     }
     ddp = finetune(lora_config(base, tmp_path, "ddp", **same), console=False)
     # Recomputing activations (gradient checkpointing) must not change a step either.
@@ -125,9 +123,11 @@ def test_fsdp_computes_the_losses_of_ddp_and_exports_a_plain_model(ray_cluster, 
 def test_sharded_lora_run_resumes_after_a_killed_worker_and_exports_the_adapter(
     ray_cluster, tmp_path
 ):
-    """An FSDP + LoRA run whose worker is killed resumes from its adapter checkpoint (optimizer
-    shards, every rank's RNG, data position) and reproduces the uninterrupted run's losses; it
-    learns; its adapter export, merged, scores exactly as base + adapter."""
+    """An FSDP + LoRA run (with gradient checkpointing) whose worker is killed resumes from its
+    adapter checkpoint (optimizer shards, every rank's RNG, data position) and takes the same
+    steps as an uninterrupted DDP run (without dropout, whose masks depend on how a batch is
+    chunked); it learns; its adapter export, merged, scores exactly as base + adapter, and the
+    DDP run's export is the merged causal LM."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -135,15 +135,31 @@ def test_sharded_lora_run_resumes_after_a_killed_worker_and_exports_the_adapter(
     from raykit.training.launch import finetune
 
     base = build_tiny_decoder(tmp_path / "qwen3", "qwen3")
-    reference = finetune(lora_config(base, tmp_path, "reference", fsdp=True), console=False)
-    cfg = lora_config(base, tmp_path, "killed", fsdp=True, max_failures=1, save_merged_model=False)
+    reference = finetune(lora_config(base, tmp_path, "reference", lora_dropout=0.0), console=False)
+    merged_export = Path(reference.output_dir)
+    assert not (merged_export / "adapter_config.json").exists()
+    config = json.loads((merged_export / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForCausalLM"]
+    cfg = lora_config(
+        base,
+        tmp_path,
+        "killed",
+        fsdp=True,
+        gradient_checkpointing=True,
+        lora_dropout=0.0,
+        max_failures=1,
+        save_merged_model=False,
+    )
     killed = run_and_kill_a_worker(cfg, tmp_path / "ray" / "killed")
 
     resumed = killed.summary["resumed_from_step"]
     assert resumed > 0 and resumed % 3 == 0, "the run was meant to be interrupted"
     assert [e["step"] for e in killed.summary["loss"]] == list(range(1, 31))
     expected = [e["loss"] for e in reference.summary["loss"]]
-    assert [e["loss"] for e in killed.summary["loss"]] == pytest.approx(expected, abs=1e-5)
+    assert [e["loss"] for e in killed.summary["loss"]] == pytest.approx(expected, abs=1e-4)
+    assert killed.best_metrics["nDCG@10"] == pytest.approx(
+        reference.best_metrics["nDCG@10"], abs=1e-4
+    )
     before, after = killed.summary["eval_before"], killed.summary["eval"][-1]
     assert after["nDCG@10"] > before["nDCG@10"] + 0.1, (before, after)
 

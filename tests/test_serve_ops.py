@@ -197,6 +197,7 @@ def test_autoscaling_adds_a_replica_under_load_and_scales_to_zero_when_idle(
         target_ongoing_requests=1,
         upscale_delay_s=0,
         downscale_delay_s=2,
+        look_back_period_s=2,
     )
     serve.run(app_builder(args), name="elastic", route_prefix="/elastic")
     url = served + "/elastic"
@@ -274,3 +275,23 @@ def test_a_serve_config_file_rolls_out_a_checkpoint_in_place(served, tiny_model_
         assert info(url)["revision"] == model_revision(other_model)
     finally:
         client.delete_apps(["declared"], blocking=True)
+
+
+def test_an_app_added_to_a_running_serve_names_the_proxy_it_joined(served, tiny_model_dir, caplog):
+    """`raykit serve --detach` on a cluster whose Serve already runs: its app is behind that
+    proxy, whatever --host/--port say; the address it prints is the proxy's (and it says why)."""
+    import logging
+
+    from raykit.serving.app import proxy_address
+
+    host, port = served.removeprefix("http://").split(":")
+    with caplog.at_level(logging.WARNING, logger="raykit"):
+        joined = proxy_address(ServeConfig(model=[tiny_model_dir], port=int(port) + 1))
+    assert joined == (host, int(port))
+    assert f"its proxy at {host}:{port}: --host 127.0.0.1 --port {int(port) + 1} are ignored" in (
+        caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="raykit"):
+        assert proxy_address(ServeConfig(model=[tiny_model_dir], port=int(port))) == joined
+    assert not caplog.records

@@ -55,9 +55,8 @@ ROUTES = ("/v1/rerank", "/v2/rerank", "/rerank", "/info", "/metrics", MODELS_PAT
           LIVE_PATH)  # fmt: skip
 UNCOUNTED_ROUTES = (HEALTH_PATH, LIVE_PATH, "/metrics")  # probes and scrapes
 OTHER_ROUTE = "other"  # the metrics label of every path that is not a route
-# Serve's defaults (a 30 s look-back, metrics pushed every 10 s) see a load step half a minute
-# late; a reranker replica is cheap to add, so react within seconds.
-AUTOSCALE_LOOK_BACK_S = 10.0
+# Serve's default (metrics pushed every 10 s) sees a load step late; a reranker replica is
+# cheap to add, so react within seconds (the look-back is `look_back_period_s`).
 AUTOSCALE_METRICS_S = 1.0
 MODEL_HEALTH_CHECK_S = 2.0  # Serve's default is 10 s
 # Options that change nothing in a replica: changing them never restarts one.
@@ -490,7 +489,7 @@ def replica_count(cfg: ServeConfig) -> dict[str, Any]:
             "target_ongoing_requests": cfg.target_ongoing_requests,
             "upscale_delay_s": cfg.upscale_delay_s,
             "downscale_delay_s": cfg.downscale_delay_s,
-            "look_back_period_s": AUTOSCALE_LOOK_BACK_S,
+            "look_back_period_s": cfg.look_back_period_s,
             "metrics_interval_s": AUTOSCALE_METRICS_S,
         }
     }
@@ -599,21 +598,40 @@ def check_inputs(cfg: ServeConfig) -> None:
     check_models(cfg)
 
 
-def run_serve(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
+def proxy_address(cfg: ServeConfig) -> tuple[str, int]:
+    """Where Serve's HTTP proxy listens: `--host`/`--port`, unless Serve was already running
+    on the cluster (a second app, `--detach`), whose proxy keeps its own (said once)."""
+    from ray.serve.context import _get_global_client
+
+    options = _get_global_client().http_config
+    if (options.host, options.port) != (cfg.host, cfg.port):
+        logger.warning(
+            f"Serve is already running on this cluster, its proxy at {options.host}:"
+            f"{options.port}: --host {cfg.host} --port {cfg.port} are ignored"
+        )
+    return options.host, options.port
+
+
+def run_serve(
+    cfg: ServeConfig, stop: threading.Event | None = None, launched_at: float | None = None
+) -> None:
     """Start Serve's proxy on host:port, deploy the app, and block until Ctrl-C / SIGTERM
-    (or, with `detach`, return and leave the app running on the cluster)."""
+    (or, with `detach`, return and leave the app running on the cluster). `launched_at`: when
+    the user launched the command (the CLI's process start), which "ready in" counts from, so
+    that it includes Ray's start; by default, this call."""
     import ray
 
     from raykit.core.precision import describe_precision
     from raykit.runtime.cluster import init_ray
 
-    started = time.perf_counter()
+    started = launched_at or time.time()
     check_inputs(cfg)
     started_ray = not ray.is_initialized()
     local = init_ray(cfg.ray_cpus())
     cfg = fill_node(cfg, local)
     stop = stop or threading.Event()
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    host, port = proxy_address(cfg)
     try:
         serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
         prefix = cfg.route_prefix.rstrip("/")
@@ -626,11 +644,11 @@ def run_serve(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
         device = "cuda" if cfg.use_gpu else "cpu"
         compiled = "compiled" if cfg.compiles(device) else "eager"
         logger.info(
-            f"ready in {time.perf_counter() - started:.1f} s: {replicas} replica(s) x "
+            f"ready in {time.time() - started:.1f} s: {replicas} replica(s) x "
             f"{each}, {describe_precision(cfg.precision, device)}, {compiled}"
         )
         logger.info(
-            f"serving {', '.join(cfg.model)} at http://{cfg.host}:{cfg.port}{prefix}/v1/rerank "
+            f"serving {', '.join(cfg.model)} at http://{host}:{port}{prefix}/v1/rerank "
             "(Ctrl-C to stop)"
         )
         if cfg.detach:
