@@ -19,6 +19,7 @@ import typer
 from raykit.config import (
     RENAMED_KEYS,
     Adapters,
+    CompileCache,
     ConfigError,
     Console,
     EvaluateConfig,
@@ -50,6 +51,7 @@ COMMAND_CONFIGS: dict[str, type] = {}
 # When the user launched this process (set by `main`): start-up times count from there.
 LAUNCHED_AT: float | None = None
 SHARED_GROUPS = (
+    CompileCache,
     ModelLoading,
     Precision,
     TokenLimits,

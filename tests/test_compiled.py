@@ -51,6 +51,14 @@ def test_a_package_is_built_once_restored_after_and_never_trusted_when_wrong(
     np.testing.assert_allclose(second.score_pairs(PAIRS), eager, atol=1e-5)
     assert first.stats.forward_passes == second.stats.forward_passes  # warm-up not counted
 
+    # Restore only (`raykit score --compile auto`): a kept package is used, none is built.
+    kept = engine(tiny_model_dir)
+    assert kept.compile_model(str(cache), build=False) and "restore_s" in kept.compile_split
+    empty = engine(tiny_model_dir)
+    assert not empty.compile_model(str(tmp_path / "empty"), build=False)
+    assert empty.scorer is None and not list((tmp_path / "empty").glob("*.pt2"))
+    np.testing.assert_allclose(empty.score_pairs(PAIRS), eager, atol=1e-5)
+
     # Corrupt: it does not load, so it is compiled again (one warning), scores still right.
     package.write_bytes(package.read_bytes()[:1000])
     with caplog.at_level(logging.WARNING, logger="raykit"):

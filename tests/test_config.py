@@ -178,14 +178,21 @@ def test_search_specs_are_checked_by_the_config_without_ray():
 
 
 def test_every_option_group_has_its_help_panel():
-    """`raykit finetune --help` shows each shared group's panel, LoRA and sharding included."""
+    """Each command's --help shows the panel of each shared group it has (`raykit finetune`'s
+    LoRA and sharding included)."""
     from typer.testing import CliRunner
 
-    from raykit.cli import SHARED_GROUPS, app
+    from raykit.cli import COMMAND_CONFIGS, SHARED_GROUPS, app
 
-    text = CliRunner().invoke(app, ["finetune", "--help"], env={"COLUMNS": "200"}).output
+    def help_text(command: str) -> str:
+        return CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
+
     for group in SHARED_GROUPS:
-        assert f" {group.panel} " in text, group.panel
+        commands = [name for name, cls in COMMAND_CONFIGS.items() if issubclass(cls, group)]
+        assert commands, group.panel
+        for command in commands:
+            assert f" {group.panel} " in help_text(command), (command, group.panel)
+    text = help_text("finetune")
     assert "LoRA and sharding" in text and "--lora_rank" in text
 
 

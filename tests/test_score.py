@@ -87,6 +87,8 @@ def test_pairs_groups_and_parquet_inputs_score_like_reranker(
     write_jsonl(tmp_path / "in" / "groups.jsonl", group_rows)
     pq.write_table(pa.Table.from_pylist(pairs), tmp_path / "in" / "ids.parquet")
 
+    # Compiled: one actor builds the package (the other waits for it and restores it), and
+    # the scores still equal the eager Reranker's.
     cfg = score_config(
         tiny_model_dir,
         [tmp_path / "in"],
@@ -94,10 +96,13 @@ def test_pairs_groups_and_parquet_inputs_score_like_reranker(
         group_by=None,
         normalize=True,
         num_actors=2,
+        compile="on",
+        compile_cache=str(tmp_path / "compiled"),
     )
     summary = run_score(cfg)
     # Not Ray's notice about actor arguments (ray-project/ray#57733), once per scoring actor.
     assert ACTOR_ARGS_NOTICE.decode() not in capfd.readouterr().err
+    assert len(list((tmp_path / "compiled").glob("*.pt2"))) == 1
 
     reranker = Reranker(tiny_model_dir, device="cpu", max_length=64)
     expected = reranker.compute_score([[p["query"], p["passage"]] for p in pairs])

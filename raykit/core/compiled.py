@@ -178,10 +178,12 @@ def load_or_build(
     cache_dir: str,
     precision: str,
     shared_dir: str | None = None,
-) -> tuple[Callable, dict[str, float]]:
+    build: bool = True,
+) -> tuple[Callable | None, dict[str, float]]:
     """The compiled scoring function of `model` (batch -> scores) and how it was had:
     {"restore_s": ...} from the node's cache, {"fetch_s": ...} from `shared_dir` (a URI), or
-    {"compile_s": ...} after building the package (then put in `shared_dir` too)."""
+    {"compile_s": ...} after building the package (then put in `shared_dir` too). Without
+    `build`, only a kept package is used: (None, {}) when there is none that scores right."""
 
     name = f"{package_key(key)}.pt2"
     path = os.path.join(cache_dir, name)
@@ -206,6 +208,8 @@ def load_or_build(
                 if loaded is not None:
                     return _call(loaded), {"fetch_s": time.perf_counter() - started}
                 logger.warning(f"compiled model {shared} ignored: {why}; compiling again")
+            if not build:
+                return None, {}
             started = time.perf_counter()
             build_package(model, checks[-1], key["max_len"], path)
         finally:

@@ -212,23 +212,24 @@ class InferenceEngine:
             max_batch_size=max_batch_size,
         )
 
-    def compile_model(self, cache_dir: str | None = None) -> bool:
+    def compile_model(self, cache_dir: str | None = None, build: bool = True) -> bool:
         """Compile the model before it scores, so no request waits for a compile. With
         `cache_dir`, an encoder loaded from a folder is compiled ahead of time into a package
         kept there (`raykit.core.compiled`): the next process with the same checkpoint, torch,
         precision and CPU loads it in a fraction of a second. Otherwise, or if exporting fails,
         `torch.compile` (dynamic shapes, inductor freezing) compiles it on the shapes scoring
         meets. On failure (no C++ compiler, an op inductor cannot take) it logs why and keeps
-        the eager model: returns whether the model is compiled."""
+        the eager model: returns whether the model is compiled. Without `build`, only a package
+        already kept in `cache_dir` (or beside a remote model) is used; nothing compiles."""
         if cache_dir and self._can_package():
             try:
-                return self._compile_package(cache_dir)
+                return self._compile_package(cache_dir, build)
             except Exception as exc:  # export or AOTInductor cannot take it: torch.compile
                 logger.warning(
                     f"ahead-of-time compile failed, using torch.compile: {type(exc).__name__}: "
                     f"{str(exc).splitlines()[0] if str(exc) else ''}"
                 )
-        return self._torch_compile()
+        return self._torch_compile() if build else False
 
     def _can_package(self) -> bool:
         """An encoder from a folder (its revision keys the package), weights in the dtype it
@@ -240,7 +241,7 @@ class InferenceEngine:
             and self.precision != "int8"
         )
 
-    def _compile_package(self, cache_dir: str) -> bool:
+    def _compile_package(self, cache_dir: str, build: bool = True) -> bool:
         from raykit.core.compiled import key_parts, load_or_build, shared_package_dir
 
         checks = self._warm_up_batches()
@@ -248,8 +249,11 @@ class InferenceEngine:
         key = key_parts(self.revision or "", self.precision, self.device, inputs, self.max_len)
         shared = shared_package_dir(self.source) if self.source else None
         self.scorer, split = load_or_build(
-            self.model, key, checks, cache_dir, self.precision, shared
+            self.model, key, checks, cache_dir, self.precision, shared, build
         )
+        if self.scorer is None:
+            logger.info("no compiled package of this model kept yet: scoring eagerly")
+            return False
         started = time.perf_counter()
         self.warm_up()
         self.stats = EngineStats()  # the warm-up is not traffic

@@ -97,6 +97,11 @@ class PairScorer:
             for model in models
         ]
         check_ensemble(models, [input_format(e.spec, e.tokenizer) for e in self.engines])
+        if cfg.compile == "on" or (cfg.compile == "auto" and not cfg.use_gpu):
+            # The serving replicas' packages (one per checkpoint, precision, CPU and thread
+            # count): auto restores a kept one, on compiles it first when none is kept.
+            for engine in self.engines:
+                engine.compile_model(cfg.compile_cache_dir(), build=cfg.compile == "on")
 
     def score(self, encodings: list[dict[str, list[int]]]) -> np.ndarray:
         scores = [engine.score_encodings(encodings) for engine in self.engines]
@@ -117,6 +122,15 @@ class PairScorer:
             .append_column("score", pa.array(scores))
             .append_column("_tokens", pa.array(lengths, pa.int32()))
         )
+
+
+def _compiling(cfg: ScoreConfig) -> str:
+    """How the actors run the model, for the plan line."""
+    if cfg.compile == "on":
+        return "compiled (a kept package, else compiled first)"
+    if cfg.compile == "auto" and not cfg.use_gpu:
+        return "compiled if a package is kept, else eager (--compile on builds one)"
+    return "eager"
 
 
 def input_format(spec: Any, tokenizer: Any) -> tuple:
@@ -293,7 +307,7 @@ def _score_files(
     device = "GPU" if cfg.use_gpu else f"{cfg.cpus_per_actor:g} CPU"
     actors = f"{low}-{high}" if low != high else str(high)
     precision = describe_precision(cfg.precision, "cuda" if cfg.use_gpu else "cpu")
-    logger.info(f"scoring with {actors} actor(s) x {device}, {precision}")
+    logger.info(f"scoring with {actors} actor(s) x {device}, {precision}, {_compiling(cfg)}")
     # Rows must reach the driver in input order: that is how a file is known to be complete.
     context = ray.data.DataContext.get_current()
     options = context.execution_options
