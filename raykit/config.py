@@ -602,6 +602,10 @@ class ScoreConfig(CompileCache, ForwardBudget, TokenLimits, Precision, ModelLoad
     def check_paths(self) -> None:
         _check_model_folders(self.model)
 
+    def compiles(self) -> bool:
+        """Whether the actors score with compiled packages: `on`, or `auto` on CPU."""
+        return self.compile == "on" or (self.compile == "auto" and not self.use_gpu)
+
     def ray_cpus(self) -> float | None:
         """Every core for the actors unless their number is given, and one for reading."""
         explicit = self.actor_pool_size[1] * (self.cpus_per_actor or 1.0)

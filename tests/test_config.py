@@ -217,3 +217,17 @@ def test_a_bad_value_in_the_yaml_file_names_the_file(tmp_path):
     # The same key given as a flag is the flag's error, without the file.
     with pytest.raises(ConfigError, match=r"^warmup_ratio: must be in"):
         load_config(FinetuneConfig, path, warmup_ratio=3.0)
+
+
+@pytest.mark.parametrize(
+    ("compile_mode", "use_gpu", "compiles"),
+    [("auto", False, True), ("auto", True, False), ("on", True, True), ("off", False, False)],
+)
+def test_score_compiles_when_on_or_auto_on_cpu_and_the_plan_line_says_so(
+    compile_mode: str, use_gpu: bool, compiles: bool
+):
+    from raykit.scoring.pipeline import _compiling
+
+    cfg = ScoreConfig(input=["pairs.jsonl"], compile=compile_mode, use_gpu=use_gpu)
+    assert cfg.compiles() is compiles
+    assert (_compiling(cfg) == "eager") is not compiles

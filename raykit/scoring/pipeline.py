@@ -97,7 +97,7 @@ class PairScorer:
             for model in models
         ]
         check_ensemble(models, [input_format(e.spec, e.tokenizer) for e in self.engines])
-        if cfg.compile == "on" or (cfg.compile == "auto" and not cfg.use_gpu):
+        if cfg.compiles():
             # The serving replicas' packages (one per checkpoint, precision, CPU and thread
             # count): auto restores a kept one, on compiles it first when none is kept.
             for engine in self.engines:
@@ -126,11 +126,11 @@ class PairScorer:
 
 def _compiling(cfg: ScoreConfig) -> str:
     """How the actors run the model, for the plan line."""
+    if not cfg.compiles():
+        return "eager"
     if cfg.compile == "on":
         return "compiled (a kept package, else compiled first)"
-    if cfg.compile == "auto" and not cfg.use_gpu:
-        return "compiled if a package is kept, else eager (--compile on builds one)"
-    return "eager"
+    return "compiled if a package is kept, else eager (--compile on builds one)"
 
 
 def input_format(spec: Any, tokenizer: Any) -> tuple:
