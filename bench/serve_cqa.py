@@ -9,7 +9,9 @@ naive: one uvicorn process, an `async def` route that runs the model inline (one
   time, no batching), the request's 20 documents padded to the longest, 2 torch threads.
 raykit: `raykit serve` on its defaults (Ray Serve, an ingress + model replicas that compile their
   model, one token-budgeted queue of pairs per replica); raykit-eager: the same, --compile off.
-  Measuring starts once `raykit serve` prints "ready in" (every replica compiled).
+  Measuring starts once `raykit serve` prints "ready in" (every replica compiled). The defaults
+  autoscale (1 replica, up to the node's cores under load), so throughput at a fixed replica
+  count, the figure to compare across sessions, is raykit-2x1's (2 replicas x 1 thread).
 
 Run: python bench/serve_cqa.py [--rounds 2 --seconds 60 --warmup 15]
 (writes bench/results/serve_cqa.json)
