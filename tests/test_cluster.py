@@ -1,5 +1,6 @@
 """A two-node Ray cluster on this machine with S3 storage (moto): `ray job submit` of the jobs,
-workers on different nodes, checkpoints and outputs on S3, and a training worker killed mid-run.
+workers on different nodes, checkpoints and outputs on S3, a training worker killed mid-run,
+and a compiled package shared through the bucket.
 
 The cluster is started the way a user starts one (`ray start --head`, `ray start --address`),
 with token auth off (Ray 2.60: RAY_AUTH_MODE=disabled) and the S3 endpoint in the environment of
@@ -244,54 +245,6 @@ def read_s3_json(uri: str) -> dict:
         return json.loads(f.read())
 
 
-def test_jobs_run_on_two_nodes_with_s3_storage(cluster, tiny_model_dir, tmp_path):
-    from raykit.core.reranker import Reranker
-
-    model_uri = f"s3://{BUCKET}/models/two-node"
-    args = finetune_args(
-        tiny_model_dir,
-        max_steps="6",
-        storage_path=f"s3://{BUCKET}/checkpoints",
-        run_name="two-node",
-        output_dir=model_uri,
-    )
-    _, result = cluster.submit("jobs/finetune.py", *args)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "succeeded" in (result.stdout + result.stderr).lower()
-    summary = read_s3_json(f"{model_uri}/train_summary.json")
-    nodes = {n["node_id"] for n in cluster.nodes()}
-    assert len(set(summary["worker_nodes"])) == 2 and set(summary["worker_nodes"]) == nodes
-    fs, path = pafs.FileSystem.from_uri(f"s3://{BUCKET}/checkpoints/two-node")
-    assert fs.get_file_info(path).type == pafs.FileType.Directory  # Ray Train's run on S3
-
-    # Batch scoring on the same cluster: model and input on S3, output to S3.
-    rows = [
-        {"query_id": i, "query": "what is ray", "passage": f"passage number {i}"} for i in range(50)
-    ]
-    fs, path = pafs.FileSystem.from_uri(f"s3://{BUCKET}/pairs/part-0.jsonl")
-    with fs.open_output_stream(path) as f:
-        f.write("".join(json.dumps(r) + "\n" for r in rows).encode())
-    _, result = cluster.submit(
-        "jobs/score.py",
-        "--model",
-        model_uri,
-        "--input",
-        f"s3://{BUCKET}/pairs/",
-        "--output",
-        f"s3://{BUCKET}/scored",
-        "--max_len",
-        "64",
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    fs, path = pafs.FileSystem.from_uri(f"s3://{BUCKET}/scored/part-0.parquet")
-    scored = pq.read_table(path, filesystem=fs).to_pylist()
-    assert [r["query_id"] for r in scored] == list(range(50))
-    expected = Reranker(model_uri, device="cpu", max_length=64).compute_score(
-        [[r["query"], r["passage"]] for r in rows]
-    )
-    assert [r["score"] for r in scored] == pytest.approx(expected, abs=1e-4)
-
-
 def test_sweep_with_s3_storage_and_output(cluster, tiny_model_dir):
     """`jobs/tune.py` with --storage_path and --output_dir on S3: trial checkpoints, the trial
     table and the best model all land in the bucket (none in a local folder named `s3:`)."""
@@ -323,7 +276,16 @@ def test_sweep_with_s3_storage_and_output(cluster, tiny_model_dir):
 
 
 @pytest.mark.fault
-def test_killed_training_worker_resumes_from_the_s3_checkpoint(cluster, tiny_model_dir):
+def test_a_two_node_job_on_s3_survives_a_killed_worker_then_scores_with_a_shared_package(
+    cluster, tiny_model_dir, tmp_path
+):
+    """`jobs/finetune.py` on two nodes, checkpoints and model on S3, one training worker killed
+    mid-run: it resumes from the S3 checkpoint. Then `jobs/score.py` scores S3 input with the S3
+    model, compiling it (`--compile on`): the package goes beside the model in the bucket, and
+    another node (this process, its own empty cache) fetches it instead of compiling."""
+    from raykit.core.engine import InferenceEngine
+    from raykit.core.reranker import Reranker
+
     model_uri = f"s3://{BUCKET}/models/fault"
     args = finetune_args(
         tiny_model_dir,
@@ -373,3 +335,48 @@ def test_killed_training_worker_resumes_from_the_s3_checkpoint(cluster, tiny_mod
     assert f"resumed from checkpoint at step {resumed}/30" in logs
     # One loss entry per step: nothing repeated or lost around the restart.
     assert [entry["step"] for entry in summary["loss"]] == list(range(1, 31))
+    # One worker per node (`trainer_node=1` each), after the restart too; Ray Train's run on S3.
+    nodes = {n["node_id"] for n in cluster.nodes()}
+    assert len(set(summary["worker_nodes"])) == 2 and set(summary["worker_nodes"]) == nodes
+    fs, path = pafs.FileSystem.from_uri(f"s3://{BUCKET}/checkpoints/fault")
+    assert fs.get_file_info(path).type == pafs.FileType.Directory
+
+    # Batch scoring on the same cluster: model and input on S3, output to S3, compiled.
+    rows = [
+        {"query_id": i, "query": "what is ray", "passage": f"passage number {i}"} for i in range(50)
+    ]
+    fs, path = pafs.FileSystem.from_uri(f"s3://{BUCKET}/pairs/part-0.jsonl")
+    with fs.open_output_stream(path) as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows).encode())
+    _, result = cluster.submit(
+        "jobs/score.py",
+        "--model",
+        model_uri,
+        "--input",
+        f"s3://{BUCKET}/pairs/",
+        "--output",
+        f"s3://{BUCKET}/scored",
+        "--max_len",
+        "64",
+        "--compile",
+        "on",
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    fs, path = pafs.FileSystem.from_uri(f"s3://{BUCKET}/scored/part-0.parquet")
+    scored = pq.read_table(path, filesystem=fs).to_pylist()
+    assert [r["query_id"] for r in scored] == list(range(50))
+    expected = Reranker(model_uri, device="cpu", max_length=64).compute_score(
+        [[r["query"], r["passage"]] for r in rows]
+    )
+    assert [r["score"] for r in scored] == pytest.approx(expected, abs=1e-4)
+
+    # The scoring actor's package, beside the model on S3 (not in its folder) ...
+    fs, path = pafs.FileSystem.from_uri(f"{model_uri}.raykit-compiled")
+    (package,) = fs.get_file_info(pafs.FileSelector(path))
+    assert package.path.endswith(".pt2") and package.size > 10_000
+    # ... is what another node with an empty cache loads: fetched, not compiled, and exact.
+    engine = InferenceEngine.load(model_uri, device="cpu", dtype="float32", threads=1, max_len=64)
+    assert engine.compile_model(str(tmp_path / "another-node"))
+    assert "fetch_s" in engine.compile_split, engine.compile_split
+    pairs = [(r["query"], r["passage"]) for r in rows]
+    assert engine.score_pairs(pairs) == pytest.approx(expected, abs=1e-5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import shutil
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,12 +60,15 @@ def test_a_package_is_built_once_restored_after_and_never_trusted_when_wrong(
     assert empty.scorer is None and not list((tmp_path / "empty").glob("*.pt2"))
     np.testing.assert_allclose(empty.score_pairs(PAIRS), eager, atol=1e-5)
 
-    # Corrupt: it does not load, so it is compiled again (one warning), scores still right.
-    package.write_bytes(package.read_bytes()[:1000])
-    with caplog.at_level(logging.WARNING, logger="raykit"):
+    # Corrupt: it does not load, so it is built again (one warning), scores still right. The
+    # build is the good package's bytes (compiling was shown above; this is about the check).
+    good = package.read_bytes()
+    package.write_bytes(good[:1000])
+    with monkeypatch.context() as patched, caplog.at_level(logging.WARNING, logger="raykit"):
+        patched.setattr(compiled, "build_package", lambda *args: Path(args[-1]).write_bytes(good))
         corrupt = engine(tiny_model_dir)
         assert corrupt.compile_model(str(cache))
-    assert "compile_s" in corrupt.compile_split
+    assert "compile_s" in corrupt.compile_split and package.read_bytes() == good
     assert any("ignored: it does not load" in r.getMessage() for r in caplog.records)
     np.testing.assert_allclose(corrupt.score_pairs(PAIRS), eager, atol=1e-5)
 
@@ -88,11 +92,12 @@ def test_a_package_is_built_once_restored_after_and_never_trusted_when_wrong(
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_model_on_remote_storage_shares_its_package_with_other_nodes(
-    tiny_model_dir, tmp_path, caplog
+    tiny_model_dir, tmp_path, caplog, monkeypatch
 ):
-    """A file:// URI stands for s3://. The engine that compiles puts its package beside the
-    model's folder (not in it); an engine with another node's empty cache fetches it instead of
-    compiling; a corrupt shared package is ignored, compiled again and replaced."""
+    """A file:// URI stands for s3:// (tests/test_cluster.py does it on an S3 API). The engine
+    that compiles puts its package beside the model's folder (not in it); an engine with
+    another node's empty cache fetches it instead of compiling; a corrupt shared package is
+    ignored, built again and replaced."""
     remote = tmp_path / "bucket" / "models" / "m"
     shutil.copytree(tiny_model_dir, remote)
     uri = f"file://{remote}"
@@ -107,14 +112,18 @@ def test_a_model_on_remote_storage_shares_its_package_with_other_nodes(
     assert second.compile_model(str(tmp_path / "node2")) and "fetch_s" in second.compile_split
     np.testing.assert_allclose(second.score_pairs(PAIRS), eager, atol=1e-5)
 
+    # A corrupt shared package: ignored, built again (as the good package's bytes: compiling
+    # was shown above) and replaced.
+    good = shared.read_bytes()
     shared.write_bytes(b"not a package")
-    with caplog.at_level(logging.WARNING, logger="raykit"):
+    with monkeypatch.context() as patched, caplog.at_level(logging.WARNING, logger="raykit"):
+        patched.setattr(compiled, "build_package", lambda *args: Path(args[-1]).write_bytes(good))
         third = engine(uri)
         assert third.compile_model(str(tmp_path / "node3"))
     assert "compile_s" in third.compile_split
     assert any(f"{shared.name} ignored: it does not load" in r.getMessage() for r in caplog.records)
     np.testing.assert_allclose(third.score_pairs(PAIRS), eager, atol=1e-5)
-    assert shared.stat().st_size > 10_000  # replaced by the package just compiled
+    assert shared.read_bytes() == good  # replaced by the package just built
 
 
 def test_decoders_and_int8_are_not_packaged(tiny_model_dir):
