@@ -230,5 +230,5 @@ def test_score_compiles_when_on_or_auto_on_cpu_and_the_plan_line_says_so(
     from raykit.scoring.pipeline import _compiling
 
     cfg = ScoreConfig(input=["pairs.jsonl"], compile=compile_mode, use_gpu=use_gpu)
-    assert cfg.compiles() is compiles
+    assert cfg.compiles(cfg.device_type) is compiles
     assert (_compiling(cfg) == "eager") is not compiles

@@ -97,7 +97,7 @@ class PairScorer:
             for model in models
         ]
         check_ensemble(models, [input_format(e.spec, e.tokenizer) for e in self.engines])
-        if cfg.compiles():
+        if cfg.compiles(cfg.device_type):
             # The serving replicas' packages (one per checkpoint, precision, CPU and thread
             # count): auto restores a kept one, on compiles it first when none is kept.
             for engine in self.engines:
@@ -126,7 +126,7 @@ class PairScorer:
 
 def _compiling(cfg: ScoreConfig) -> str:
     """How the actors run the model, for the plan line."""
-    if not cfg.compiles():
+    if not cfg.compiles(cfg.device_type):
         return "eager"
     if cfg.compile == "on":
         return "compiled (a kept package, else compiled first)"
