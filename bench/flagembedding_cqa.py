@@ -62,9 +62,9 @@ def same_truncation() -> list[str]:
     ]
 
 
-def recipe(args: argparse.Namespace, train: str, output: str, raykit: bool = False) -> list[str]:
-    """The flags both trainers take (FlagEmbedding's names); raykit's token limits are the cuts
-    FlagEmbedding makes (`same_truncation`)."""
+def recipe(args: argparse.Namespace, train: str, output: str) -> list[str]:
+    """The flags both trainers take (FlagEmbedding's names), less the token limits: each
+    runner adds its own (`same_truncation`)."""
     flags = {
         "model_name_or_path": resolve_model_path("minilm-l6"),
         "train_data": train,
@@ -73,7 +73,6 @@ def recipe(args: argparse.Namespace, train: str, output: str, raykit: bool = Fal
         "num_train_epochs": args.epochs,
         "per_device_train_batch_size": GROUPS_PER_STEP // 2,
         "train_group_size": args.group_size,
-        "max_len": args.max_len,
         "warmup_ratio": 0.1,
         "weight_decay": 0.01,
         "dataloader_drop_last": True,
@@ -83,10 +82,7 @@ def recipe(args: argparse.Namespace, train: str, output: str, raykit: bool = Fal
         flags["max_steps"] = args.max_steps
     if args.bf16:
         flags["bf16"] = True
-    if raykit:
-        del flags["max_len"]
-    listed = [item for key, value in flags.items() for item in (f"--{key}", str(value))]
-    return listed + (same_truncation() if raykit else [])
+    return [item for key, value in flags.items() for item in (f"--{key}", str(value))]
 
 
 def timed(argv: list[str], env: dict[str, str], log: Path) -> float:
@@ -105,7 +101,8 @@ def run_flagembedding(args: argparse.Namespace, train: str, work: Path) -> dict:
     torchrun = str(Path(args.peers) / "bin" / "torchrun")
     argv = [torchrun, "--nproc_per_node", "2", "-m"]
     argv += ["FlagEmbedding.finetune.reranker.encoder_only.base", *recipe(args, train, output)]
-    argv += ["--query_max_len", str(FE_QUERY_MAX_LEN), "--passage_max_len", str(FE_PASSAGE_MAX_LEN)]
+    argv += ["--max_len", str(args.max_len), "--query_max_len", str(FE_QUERY_MAX_LEN)]
+    argv += ["--passage_max_len", str(FE_PASSAGE_MAX_LEN)]
     argv += ["--use_cpu", "True", "--ddp_backend", "gloo", "--save_strategy", "no"]
     argv += ["--report_to", "none", "--overwrite_output_dir"]
     wall = timed(argv, env, log)
@@ -119,7 +116,7 @@ def run_flagembedding(args: argparse.Namespace, train: str, work: Path) -> dict:
 def run_raykit(args: argparse.Namespace, train: str, work: Path) -> dict:
     output = work / "raykit"
     argv = [sys.executable, "-c", "from raykit.cli import main; main()", "finetune"]
-    argv += [*recipe(args, train, str(output), raykit=True), "--num_workers", "2"]
+    argv += [*recipe(args, train, str(output)), *same_truncation(), "--num_workers", "2"]
     argv += ["--storage_path", str(work / "ray"), "--overwrite_output_dir", "True"]
     env = {**os.environ, "RAY_ADDRESS": ""}
     wall = timed(argv, env, work / "raykit.log")

@@ -25,6 +25,11 @@ def package_code(package) -> str:
         return archive.read(name).decode()
 
 
+def built_as(package: bytes):
+    """A stand-in for `compiled.build_package` that writes `package` (a known-good build)."""
+    return lambda *args: Path(args[-1]).write_bytes(package)
+
+
 def engine(model: str) -> InferenceEngine:
     return InferenceEngine.load(model, device="cpu", dtype="float32", threads=1, max_len=64)
 
@@ -65,7 +70,7 @@ def test_a_package_is_built_once_restored_after_and_never_trusted_when_wrong(
     good = package.read_bytes()
     package.write_bytes(good[:1000])
     with monkeypatch.context() as patched, caplog.at_level(logging.WARNING, logger="raykit"):
-        patched.setattr(compiled, "build_package", lambda *args: Path(args[-1]).write_bytes(good))
+        patched.setattr(compiled, "build_package", built_as(good))
         corrupt = engine(tiny_model_dir)
         assert corrupt.compile_model(str(cache))
     assert "compile_s" in corrupt.compile_split and package.read_bytes() == good
@@ -117,7 +122,7 @@ def test_a_model_on_remote_storage_shares_its_package_with_other_nodes(
     good = shared.read_bytes()
     shared.write_bytes(b"not a package")
     with monkeypatch.context() as patched, caplog.at_level(logging.WARNING, logger="raykit"):
-        patched.setattr(compiled, "build_package", lambda *args: Path(args[-1]).write_bytes(good))
+        patched.setattr(compiled, "build_package", built_as(good))
         third = engine(uri)
         assert third.compile_model(str(tmp_path / "node3"))
     assert "compile_s" in third.compile_split
