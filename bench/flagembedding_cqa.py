@@ -77,6 +77,7 @@ def recipe(args: argparse.Namespace, train: str, output: str) -> list[str]:
         "weight_decay": 0.01,
         "dataloader_drop_last": True,
         "logging_steps": 20,
+        "seed": args.seed,
     }
     if args.max_steps:
         flags["max_steps"] = args.max_steps
@@ -151,7 +152,8 @@ def main() -> None:
     parser.add_argument("--group_size", type=int, default=8)
     parser.add_argument("--max_len", type=int, default=512)
     parser.add_argument("--max_steps", type=int, default=None, help="a short run: speed only")
-    parser.add_argument("--order", default="raykit,flagembedding")
+    parser.add_argument("--order", default="raykit,flagembedding", help="or just one of them")
+    parser.add_argument("--seed", type=int, default=42, help="both trainers' (HF's default: 42)")
     parser.add_argument(
         "--bf16", action="store_true", help="both train with bf16 autocast (a CPU with native bf16)"
     )
@@ -168,13 +170,16 @@ def main() -> None:
             run["pairs_per_s"] = round(pairs / run["train_s"], 2)
             results[name] = run
             print(name, json.dumps(run), flush=True)
+    if "raykit" not in results or "flagembedding" not in results:
+        return
     ours, theirs = results["raykit"], results["flagembedding"]
     results["training_speed_over_flagembedding"] = round(theirs["train_s"] / ours["train_s"], 2)
     results["wall_over_flagembedding"] = round(theirs["wall_s"] / ours["wall_s"], 2)
     results["ndcg_difference"] = round(ours["ndcg@10"] - theirs["ndcg@10"], 4)
     print(json.dumps({k: v for k, v in results.items() if k not in ("args",)}, indent=2))
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    name = "flagembedding_cqa_bf16.json" if args.bf16 else "flagembedding_cqa.json"
+    name = "flagembedding_cqa" + ("_bf16" if args.bf16 else "")
+    name += f"_seed{args.seed}.json" if args.seed != 42 else ".json"
     (ROOT / "bench" / "results" / name).write_text(json.dumps(results))
 
 

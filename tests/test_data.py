@@ -10,6 +10,7 @@ from raykit.data.groups import (
     checked_here,
     count_rows,
     expand_paths,
+    interleaved_records,
     read_groups,
     sample_group,
     stream_groups,
@@ -95,6 +96,38 @@ def test_directories_and_gzip(ray_cluster, tmp_path):
     assert [f.rsplit("/", 1)[1] for f in files] == ["one.jsonl", "two.jsonl.gz"]
     dataset, report = read_groups([str(tmp_path / "d")])
     assert report.valid_rows == 3 and dataset.count() == 3
+
+
+def source_files(folder, sizes: dict[str, int]) -> None:
+    """One file per source, its queries named after it (`a0`, `a1`, ...), as a folder of
+    per-source training files is."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in sizes.items():
+        rows = [{"query": f"{name}{i}", "pos": ["p"], "neg": ["n"]} for i in range(n)]
+        write_jsonl(folder / f"{name}.jsonl", rows)
+
+
+def test_files_are_read_side_by_side_each_at_its_share(tmp_path):
+    source_files(tmp_path, {"a": 300, "b": 100})
+    with open(tmp_path / "b.jsonl", "a") as f:
+        f.write('{"query": "bad"}\n')  # counted as a line, never returned
+    paths = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    queries = [r["query"] for r in interleaved_records(paths, [300, 101])]
+    assert sorted(queries) == sorted([f"a{i}" for i in range(300)] + [f"b{i}" for i in range(100)])
+    assert queries[:3] == ["a0", "a1", "a2"]  # each file in its own order
+    # Every quarter of the stream holds about a quarter of b (in turns of 16 lines), where a
+    # file-after-file read has none of b in its first three quarters.
+    for quarter in range(4):
+        part = queries[quarter * 100 : (quarter + 1) * 100]
+        assert 15 <= sum(q.startswith("b") for q in part) <= 35, (quarter, part)
+
+
+def test_a_folder_of_sources_trains_on_a_mix_of_them_from_the_first_step(ray_cluster, tmp_path):
+    source_files(tmp_path / "data", {"msmarco": 200, "nq": 200, "hotpot": 200})
+    stream = stream_groups(str(tmp_path / "data"))
+    assert stream.rows == 600
+    first = [row["query"] for row in stream.dataset.take(48)]
+    assert {q.rstrip("0123456789") for q in first} == {"msmarco", "nq", "hotpot"}
 
 
 def test_directories_skip_names_starting_with_underscore_or_dot(tmp_path, caplog):

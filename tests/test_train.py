@@ -22,7 +22,12 @@ from raykit.cli import app, normalize_argv
 from raykit.config import FinetuneConfig, load_config
 from raykit.core.activation import sigmoid_array
 from raykit.core.reranker import Reranker
-from raykit.training.recipe import ThroughputWindow, plan_steps
+from raykit.training.recipe import (
+    SHUFFLE_BUFFER_BYTES,
+    ThroughputWindow,
+    _micro_batches,
+    plan_steps,
+)
 from tests.helpers import (
     SAMPLE_DEV,
     SAMPLE_TRAIN,
@@ -49,6 +54,42 @@ def test_plan_gives_every_worker_the_same_steps():
     assert plan_steps(cfg, 100).micro_batches_per_epoch == 8
     cfg.max_steps = 7
     assert plan_steps(cfg, 100).total_steps == 7
+
+
+def test_the_shuffle_buffer_holds_a_small_shard_whole_and_a_large_one_by_bytes():
+    cfg = FinetuneConfig(train_data=["x"], num_workers=2, per_device_train_batch_size=2)
+    # CQA: 720 groups in 1.28 MB; each worker's 360 are shuffled whole.
+    assert plan_steps(cfg, 720, 1_283_705).shuffle_rows == 360
+    # 1M groups of 3.6 kB: a buffer of SHUFFLE_BUFFER_BYTES, not the 500k-group shard; of
+    # 1.8 kB (CQA's): at most SHUFFLE_BUFFER_ROWS' 16384.
+    plan = plan_steps(cfg, 1_000_000, 3_600_000_000)
+    assert plan.shuffle_rows == SHUFFLE_BUFFER_BYTES * 1_000_000 // 3_600_000_000 == 9320
+    assert plan_steps(cfg, 1_000_000, 1_783_000_000).shuffle_rows == 16384
+    # Huge groups still shuffle 64 at a time; unknown sizes get the same floor.
+    assert plan_steps(cfg, 10_000, 10**12).shuffle_rows == 64
+    assert plan_steps(cfg, 10_000).shuffle_rows == 64
+
+
+def test_each_epoch_shuffles_the_whole_shard_anew_and_a_resumed_epoch_repeats_it(ray_cluster):
+    import ray
+
+    records = [{"query": f"q{i}", "pos": ["p"], "neg": ["n"]} for i in range(400)]
+    shard = ray.data.from_items(records).streaming_split(1, equal=True)[0]
+    cfg = FinetuneConfig(train_data=["x"], per_device_train_batch_size=4)
+    plan = plan_steps(cfg, len(records))
+    plan.shuffle_rows = 400  # as for a shard that fits the buffer
+
+    def order(epoch: int, skip: int = 0) -> list[int]:
+        batches = _micro_batches(shard, cfg, plan, epoch, skip)
+        return [int(r["query"][1:]) for _, rows in batches for r in rows]
+
+    first, second = order(0), order(1)
+    assert sorted(first) == sorted(second) == list(range(400))
+    assert first != second
+    # Shuffled across the shard, not in a window moving down the file: the first 8 groups
+    # come from all over it.
+    assert max(first[:8]) - min(first[:8]) > 200
+    assert order(0, skip=10) == first[40:]  # resuming at micro-batch 10 of epoch 0
 
 
 def test_throughput_window_sums_and_reports_rates():

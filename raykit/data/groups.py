@@ -18,6 +18,7 @@ from __future__ import annotations
 import codecs
 import io
 import json
+import math
 import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -370,11 +371,11 @@ def start_counts(files: Sequence[str]) -> list[ray.ObjectRef]:
     return _start_file_tasks(count_rows, files)
 
 
-def total_rows(counts: Sequence[ray.ObjectRef]) -> int:
-    """The sum of the counting tasks' results; an unreadable file raises its DataError."""
+def file_rows(counts: Sequence[ray.ObjectRef]) -> list[int]:
+    """The counting tasks' results, file by file; an unreadable file raises its DataError."""
     import ray
 
-    return sum(_raise_data_errors(ray.get(list(counts))))
+    return list(_raise_data_errors(ray.get(list(counts))))
 
 
 # ---------------------------------------------------------------------------- datasets
@@ -394,30 +395,86 @@ def _text_bytes(record: dict) -> int:
     return len(record["query"]) + sum(map(len, record["pos"])) + sum(map(len, record["neg"]))
 
 
-def _read_group_file(batch: pa.Table) -> Iterator[pa.Table]:
-    """Ray Data read stage: the valid groups of one file as `GROUP_SCHEMA` blocks."""
-    (path,) = batch["path"].to_pylist()
-    records: list[dict] = []
+def _blocks(records: Iterator[dict]) -> Iterator[pa.Table]:
+    """`GROUP_SCHEMA` blocks of at most `READ_ROWS_PER_BLOCK` records or `READ_BLOCK_BYTES`."""
+    block: list[dict] = []
     size = 0
-    for _, record, problem in checked_lines(path):
-        if problem is not None:
-            continue
-        records.append(record)
+    for record in records:
+        block.append(record)
         size += _text_bytes(record)
-        if len(records) == READ_ROWS_PER_BLOCK or size >= READ_BLOCK_BYTES:
-            yield _records_to_table(records)
-            records, size = [], 0
-    if records:
-        yield _records_to_table(records)
+        if len(block) == READ_ROWS_PER_BLOCK or size >= READ_BLOCK_BYTES:
+            yield _records_to_table(block)
+            block, size = [], 0
+    if block:
+        yield _records_to_table(block)
 
 
-def groups_dataset(files: Sequence[str]) -> ray.data.Dataset:
-    """The valid groups of `files` as a Ray Dataset: one read task per file, small blocks."""
+def _valid_records(path: str) -> Iterator[dict]:
+    return (record for _, record, problem in checked_lines(path) if problem is None)
+
+
+def _read_group_file(batch: pa.Table) -> Iterator[pa.Table]:
+    """Ray Data read stage: the valid groups of one file."""
+    (path,) = batch["path"].to_pylist()
+    yield from _blocks(_valid_records(path))
+
+
+# Files read side by side take turns of this many lines, each file kept at its share of the rows
+# read so far; one reader reads at most `FILES_PER_READER` files (open at once).
+INTERLEAVE_LINES = 16
+FILES_PER_READER = 64
+
+
+def interleaved_records(paths: Sequence[str], rows: Sequence[int]) -> Iterator[dict]:
+    """The valid records of `paths` (with `rows` lines each, as counted), read side by side: the
+    next lines always come from the file furthest behind its share, so every stretch of the
+    stream mixes the files in proportion to their rows."""
+    lines = [checked_lines(path) for path in paths]
+    taken = [0] * len(paths)
+    live = [i for i, count in enumerate(rows) if count > 0]
+    while live:
+        index = min(live, key=lambda i: taken[i] / rows[i])
+        for _ in range(INTERLEAVE_LINES):
+            item = next(lines[index], None)
+            if item is None:
+                live.remove(index)
+                break
+            taken[index] += 1
+            _, record, problem = item
+            if problem is None:
+                yield record
+
+
+def _read_interleaved(batch: pa.Table) -> Iterator[pa.Table]:
+    """Ray Data read stage: the valid groups of several files, side by side."""
+    (paths,), (rows,) = batch["paths"].to_pylist(), batch["rows"].to_pylist()
+    yield from _blocks(interleaved_records(paths, rows))
+
+
+def groups_dataset(files: Sequence[str], rows: Sequence[int] | None = None) -> ray.data.Dataset:
+    """The valid groups of `files` as a Ray Dataset in small blocks.
+
+    With each file's row count (`rows`), several files are read side by side
+    (`interleaved_records`), so that training does not see one file after another (a folder of
+    per-source files, as FlagEmbedding's recipes have) but a mix of all of them throughout each
+    epoch; more than `FILES_PER_READER` files go to several readers, each taking every n-th file.
+    Without counts: one read task per file, in order.
+    """
     import ray
 
-    dataset = ray.data.from_items(
-        [{"path": path} for path in files], override_num_blocks=len(files)
-    ).map_batches(_read_group_file, batch_size=1, batch_format="pyarrow")
+    if rows is None or len(files) == 1:
+        items = [{"path": path} for path in files]
+        read = _read_group_file
+    else:
+        readers = math.ceil(len(files) / FILES_PER_READER)
+        items = [
+            {"paths": list(files[i::readers]), "rows": list(rows[i::readers])}
+            for i in range(readers)
+        ]
+        read = _read_interleaved
+    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        read, batch_size=1, batch_format="pyarrow"
+    )
     dataset.context.target_max_block_size = READ_BLOCK_BYTES
     return dataset
 
@@ -430,6 +487,7 @@ class GroupStream:
     rows: int  # rows the plan goes by: all non-blank rows, or the valid ones with skip_invalid
     report: DataReport  # validation results that have come in
     pending: list  # ObjectRefs of the per-file reports still being checked
+    bytes: int = 0  # the files' size: with `rows`, how big a group is on average
 
     def finish(self) -> DataReport:
         """Wait for the rest of the validation; the whole report."""
@@ -460,6 +518,15 @@ def checked_here(files: Sequence[str]) -> bool:
     return sum(os.path.getsize(f) for f in files) <= CHECK_HERE_BYTES
 
 
+def files_bytes(files: Sequence[str]) -> int:
+    """The total size of `files` (local or URIs), from their metadata."""
+    total = 0
+    for path in files:
+        fs, fs_path = filesystem(path)
+        total += fs.get_file_info(fs_path).size or 0
+    return total
+
+
 def stream_groups(paths: str | Sequence[str], skip_invalid: bool = False) -> GroupStream:
     """Count the rows, start validation and open the dataset, without waiting for validation
     (unless `skip_invalid`, whose plan needs the count of valid rows).
@@ -471,16 +538,19 @@ def stream_groups(paths: str | Sequence[str], skip_invalid: bool = False) -> Gro
 
     files = expand_paths(paths)
     if checked_here(files):
-        report = merge_reports(DataReport(), [_file_task(check_file, f) for f in files])
-        rows = report.valid_rows + report.invalid_rows
-        stream = GroupStream(groups_dataset(files), rows, report, [])
+        reports = _raise_data_errors([_file_task(check_file, f) for f in files])
+        rows = [r.valid_rows + r.invalid_rows for r in reports]
+        dataset = groups_dataset(files, rows)
+        stream = GroupStream(dataset, sum(rows), merge_reports(DataReport(), reports), [])
     else:
         counts = start_counts(files)  # first, so that they get the idle Ray workers
         pending = start_validation(files)
-        rows = total_rows(counts)
+        rows = file_rows(counts)
         finished, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
-        stream = GroupStream(groups_dataset(files), rows, DataReport(), pending)
+        dataset = groups_dataset(files, rows)
+        stream = GroupStream(dataset, sum(rows), DataReport(), pending)
         merge_reports(stream.report, ray.get(finished))
+    stream.bytes = files_bytes(files)
     if skip_invalid:
         stream.rows = stream.finish().valid_rows
     else:

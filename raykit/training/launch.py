@@ -131,7 +131,7 @@ def _train_and_export(
     train, eval_groups, eval_lines = _read_datasets(cfg)
     datasets = {"train": train.dataset}
     startup["data"] = time.time() - launched_at
-    plan = plan_steps(cfg, train.rows)
+    plan = plan_steps(cfg, train.rows, train.bytes)
     dropped = train.rows - plan.groups_per_worker * cfg.num_workers
     if dropped:
         logger.info(

@@ -61,9 +61,25 @@ class TrainPlan:
     total_steps: int
     epochs: int
     warmup_steps: int
+    shuffle_rows: int = 64  # each worker's shuffle buffer, in groups (see `shuffle_rows`)
 
 
-def plan_steps(cfg: FinetuneConfig, valid_groups: int) -> TrainPlan:
+# Each epoch a worker shuffles its shard in a buffer of this many bytes of groups (a whole small
+# shard: CQA's 360 groups a worker; 16384 CQA-sized groups of a large one), like HF's
+# per-epoch shuffle where it fits. A larger buffer delays the first step (it fills first).
+SHUFFLE_BUFFER_BYTES = 32 * 2**20
+SHUFFLE_BUFFER_ROWS = (64, 16384)
+
+
+def shuffle_rows(groups_per_worker: int, data_bytes: int, groups: int) -> int:
+    """Groups in a worker's shuffle buffer: `SHUFFLE_BUFFER_BYTES` of them, within
+    `SHUFFLE_BUFFER_ROWS`, never more than the worker's shard."""
+    low, high = SHUFFLE_BUFFER_ROWS
+    fitting = SHUFFLE_BUFFER_BYTES * groups // data_bytes if data_bytes > 0 else low
+    return max(1, min(groups_per_worker, max(low, min(high, fitting))))
+
+
+def plan_steps(cfg: FinetuneConfig, valid_groups: int, data_bytes: int = 0) -> TrainPlan:
     # Ray Train's streaming split gives every worker the same number of rows (it drops at most
     # num_workers - 1 rows), so the per-worker batch count is identical and DDP never hangs.
     per_worker = valid_groups // cfg.num_workers
@@ -84,6 +100,7 @@ def plan_steps(cfg: FinetuneConfig, valid_groups: int) -> TrainPlan:
         total_steps=total,
         epochs=math.ceil(total / steps_per_epoch),
         warmup_steps=int(cfg.warmup_ratio * total),
+        shuffle_rows=shuffle_rows(per_worker, data_bytes, valid_groups),
     )
 
 
@@ -217,18 +234,19 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _micro_batches(
-    shard: Any, cfg: FinetuneConfig, epoch: int, skip: int, limit: int
+    shard: Any, cfg: FinetuneConfig, plan: TrainPlan, epoch: int, skip: int
 ) -> Iterator[tuple[int, list[dict]]]:
-    """This worker's micro-batches of records for one epoch, skipping the first `skip`."""
+    """This worker's micro-batches of records for one epoch, skipping the first `skip`: its
+    shard shuffled anew each epoch (seeded, so a resumed epoch repeats it)."""
     batches = shard.iter_batches(
         batch_size=cfg.per_device_train_batch_size,
         batch_format="numpy",
         drop_last=cfg.dataloader_drop_last,
-        local_shuffle_buffer_size=max(64, 4 * cfg.per_device_train_batch_size),
+        local_shuffle_buffer_size=max(plan.shuffle_rows, cfg.per_device_train_batch_size),
         local_shuffle_seed=cfg.seed + epoch,
     )
     for index, batch in enumerate(batches):
-        if index >= limit:
+        if index >= plan.micro_batches_per_epoch:
             break
         if index >= skip:
             yield index, rows_from_batch(batch)
@@ -420,7 +438,7 @@ class FinetuneRecipe:
         self.first_epoch: FirstItemAhead | None = None
         if ray.train.get_checkpoint() is None:
             self.first_epoch = FirstItemAhead(
-                _micro_batches(self.train_shard, self.cfg, 0, 0, self.plan.micro_batches_per_epoch)
+                _micro_batches(self.train_shard, self.cfg, self.plan, 0, 0)
             )
 
     def _epoch_batches(self, epoch: int, skip: int) -> Iterator[tuple[int, list[dict]]]:
@@ -428,8 +446,7 @@ class FinetuneRecipe:
         if self.first_epoch is not None and (epoch, skip) == (0, 0):
             batches, self.first_epoch = self.first_epoch, None
             return iter(batches)
-        limit = self.plan.micro_batches_per_epoch
-        return _micro_batches(self.train_shard, self.cfg, epoch, skip, limit)
+        return _micro_batches(self.train_shard, self.cfg, self.plan, epoch, skip)
 
     def _setup_data(self, eval_groups: Any) -> None:
         """This worker's training shard, the eval groups (an object-store reference from the
@@ -798,10 +815,15 @@ class FinetuneRecipe:
             if torch.distributed.is_initialized()
             else ""
         )
+        shuffled = (
+            "shuffled whole"
+            if plan.shuffle_rows >= plan.groups_per_worker
+            else f"shuffled {plan.shuffle_rows} at a time"
+        )
         self.log(
             f"training {plan.total_steps} steps ({plan.steps_per_epoch}/epoch, {plan.epochs} "
             f"epoch(s)), {self.world_size} worker(s) on {self.device.type}, "
-            f"{plan.groups_per_worker} groups per worker per epoch{backend}"
+            f"{plan.groups_per_worker} groups per worker per epoch ({shuffled}){backend}"
         )
 
     def summary(self) -> dict[str, Any]:
