@@ -1,3 +1,4 @@
+import collections
 import gzip
 import json
 
@@ -188,12 +189,21 @@ def test_sample_group_puts_positive_first_and_aligns_teacher_scores():
     assert group.teacher_scores[1:] == [float(p[1:]) for p in group.passages[1:]]
 
 
-def test_sample_group_repeats_negatives_when_too_few():
+def test_sample_group_repeats_too_few_negatives_evenly():
+    """7 negatives from 2 (or 3): each comes 3 or 4 times (2 or 3), as FlagEmbedding samples,
+    in every draw; drawing with replacement gives 5-2, 6-1 or 7-0 splits in most seeds."""
     record = {"query": "q", "pos": ["p"], "neg": ["n0", "n1"]}
-    group = sample_group(record, 8, np.random.default_rng(1))
-    assert len(group.passages) == 8
-    assert set(group.passages[1:]) <= {"n0", "n1"}
-    assert group.teacher_scores is None
+    for seed in range(50):
+        group = sample_group(record, 8, np.random.default_rng(seed))
+        assert len(group.passages) == 8 and group.teacher_scores is None
+        counts = collections.Counter(group.passages[1:])
+        assert set(counts) == {"n0", "n1"} and sorted(counts.values()) == [3, 4], counts
+    record["neg"] = ["n0", "n1", "n2"]
+    for seed in range(50):
+        counts = collections.Counter(
+            sample_group(record, 8, np.random.default_rng(seed)).passages[1:]
+        )
+        assert sorted(counts.values()) in ([2, 2, 3], [1, 3, 3]), counts
 
 
 def test_sampling_is_seeded():

@@ -631,13 +631,16 @@ class SampledGroup:
 def sample_group(record: dict, group_size: int, rng: np.random.Generator) -> SampledGroup:
     """1 random positive + `group_size - 1` negatives.
 
-    Negatives are drawn without replacement when there are enough of them, and with replacement
-    (repeating some) when a record has fewer than `group_size - 1`.
+    Negatives are drawn without replacement; a record with fewer than `group_size - 1` repeats
+    its list as often as needed first, so each negative comes as often as the others, give or
+    take one (FlagEmbedding's sampling; drawing with replacement would let one negative fill
+    most of the group).
     """
     pos, neg = list(record["pos"]), list(record["neg"])
     pos_index = int(rng.integers(len(pos)))
     need = group_size - 1
-    neg_index = rng.choice(len(neg), size=need, replace=len(neg) < need)
+    pool = np.tile(np.arange(len(neg)), math.ceil(need / len(neg)))
+    neg_index = rng.choice(pool, size=need, replace=False)
     passages = [pos[pos_index]] + [neg[i] for i in neg_index]
     teacher = None
     if record.get("pos_scores") is not None and record.get("neg_scores") is not None:
