@@ -19,7 +19,6 @@ import codecs
 import io
 import json
 import math
-import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -513,9 +512,7 @@ CHECK_HERE_BYTES = 16 * 2**20
 
 def checked_here(files: Sequence[str]) -> bool:
     """Whether `stream_groups` checks `files` on this process rather than in Ray tasks."""
-    if any(is_uri(f) for f in files):
-        return False
-    return sum(os.path.getsize(f) for f in files) <= CHECK_HERE_BYTES
+    return not any(is_uri(f) for f in files) and files_bytes(files) <= CHECK_HERE_BYTES
 
 
 def files_bytes(files: Sequence[str]) -> int:

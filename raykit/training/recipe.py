@@ -76,7 +76,7 @@ def shuffle_rows(groups_per_worker: int, data_bytes: int, groups: int) -> int:
     `SHUFFLE_BUFFER_ROWS`, never more than the worker's shard."""
     low, high = SHUFFLE_BUFFER_ROWS
     fitting = SHUFFLE_BUFFER_BYTES * groups // data_bytes if data_bytes > 0 else low
-    return max(1, min(groups_per_worker, max(low, min(high, fitting))))
+    return min(groups_per_worker, max(low, min(high, fitting)))
 
 
 def plan_steps(cfg: FinetuneConfig, valid_groups: int, data_bytes: int = 0) -> TrainPlan:
