@@ -19,9 +19,6 @@ from tests.helpers import build_tiny_reranker, free_ports, serve_args
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")  # slow starts under load
-# Ray Train's controller acts on reports, finished and dead workers at each poll (every 2 s by
-# default); a tiny run is mostly such waits. Nodes and workers started by the tests inherit this.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # one actor less per run
 # Compiled models the tests make go to a folder of their own, not the user's ~/.cache.
 os.environ.setdefault("RAYKIT_CACHE", tempfile.mkdtemp(prefix="raykit-test-cache-"))

@@ -154,7 +154,8 @@ def test_rollout_under_load_fails_no_request_and_answers_wholly_a_or_b(
             run_rollout(ServeConfig(model=[f"other={other_model}"], app_name="roll", rollout=True))
         run_rollout(ServeConfig(model=[other_model], app_name="roll", rollout=True))
         switched = time.monotonic()
-        wait_for(lambda: sum(t > switched for t, _, _ in replies) > 20, 60, "traffic after")
+        # Replies that left before the switch may land in its first 0.5 s: count only later ones.
+        wait_for(lambda: sum(t > switched + 0.5 for t, _, _ in replies) > 20, 60, "traffic after")
     finally:
         stop.set()
         for thread in clients:

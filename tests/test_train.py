@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from raykit.core.activation import sigmoid_array
 from raykit.core.reranker import Reranker
 from raykit.training.recipe import (
     SHUFFLE_BUFFER_BYTES,
+    FinetuneRecipe,
     ThroughputWindow,
     _micro_batches,
     plan_steps,
@@ -90,6 +92,26 @@ def test_each_epoch_shuffles_the_whole_shard_anew_and_a_resumed_epoch_repeats_it
     # come from all over it.
     assert max(first[:8]) - min(first[:8]) > 200
     assert order(0, skip=10) == first[40:]  # resuming at micro-batch 10 of epoch 0
+
+
+def test_only_evaluations_and_checkpoints_are_reported_to_ray():
+    """A `ray.train.report` waits until Ray Train's controller has taken the previous one (it
+    polls every 2 s), so a logged step is not a report: logging every step, evaluating every 5
+    and saving every 4, 12 steps report at 4, 5, 8, 10 and 12 only, and log all 12."""
+    calls: dict[str, list] = {"report": [], "log": [], "eval": []}
+    recipe = SimpleNamespace(
+        cfg=SimpleNamespace(eval_steps=5, save_steps=4, logging_steps=1),
+        plan=SimpleNamespace(total_steps=12),
+        eval_groups=["a group"],
+        evaluate=lambda label: calls["eval"].append((recipe.step, label)),
+        log_progress=lambda: calls["log"].append(recipe.step) or {"loss": 1.0},
+        report=lambda metrics, save: calls["report"].append((recipe.step, save)),
+    )
+    for recipe.step in range(1, 13):
+        FinetuneRecipe._between_steps(recipe)
+    assert calls["report"] == [(4, True), (5, False), (8, True), (10, False), (12, True)]
+    assert calls["eval"] == [(5, ""), (10, ""), (12, "final")]
+    assert calls["log"] == list(range(1, 13))
 
 
 def test_throughput_window_sums_and_reports_rates():

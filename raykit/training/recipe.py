@@ -794,14 +794,20 @@ class FinetuneRecipe:
         """Evaluate, log and report as the schedule says. Evaluation comes first so that every
         report carries the freshest metrics, and there is one report per step at most: a
         scheduler such as ASHA may stop the trial on any report, so a checkpoint due at this
-        step travels with that step's metrics."""
+        step travels with that step's metrics.
+
+        Only an evaluation or a checkpoint is reported to Ray: a report waits until Ray Train's
+        controller has taken the previous one (it polls every 2 s by default), so reporting each
+        logged step would hold fast steps to one per poll. Logged steps reach the console and
+        trackers through rank 0's events instead."""
         cfg, step, final = self.cfg, self.step, self.step == self.plan.total_steps
-        if self.eval_groups and (final or (cfg.eval_steps and step % cfg.eval_steps == 0)):
+        evaluate = self.eval_groups and (final or (cfg.eval_steps and step % cfg.eval_steps == 0))
+        if evaluate:
             self.evaluate("final" if final else "")
         save_every = cfg.save_steps or cfg.eval_steps
         save = final or bool(save_every and step % save_every == 0)
         metrics = self.log_progress() if final or step % cfg.logging_steps == 0 else {}
-        if metrics or save:
+        if evaluate or save:
             self.report(metrics, save=save)
 
     def _log_start(self) -> None:
