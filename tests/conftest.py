@@ -11,12 +11,16 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import uuid
 
 import pytest
 
-from tests.helpers import build_tiny_reranker, free_ports, serve_args
+from tests.helpers import build_tiny_reranker, free_ports, serve_args, stop_processes_with_env
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Every process of the session's Ray instance inherits this, so none outlives the session.
+SESSION_MARK = ("RAYKIT_TEST_SESSION", uuid.uuid4().hex)
+os.environ[SESSION_MARK[0]] = SESSION_MARK[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")  # slow starts under load
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # one actor less per run
@@ -79,6 +83,9 @@ def ray_cluster():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+    # A worker can outlive `ray.shutdown()` (a Train controller whose driver a test killed did,
+    # idle, until killed): stop whatever of the session is left.
+    stop_processes_with_env(*SESSION_MARK)
 
 
 @pytest.fixture(scope="session")

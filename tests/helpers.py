@@ -285,6 +285,18 @@ def stop_processes_mentioning(text: str) -> None:
         wait_for(lambda: not processes_mentioning(text), 10, "processes to exit", 0.2)
 
 
+def stop_processes_with_env(variable: str, value: str) -> None:
+    """Kill every process (but this one) whose environment carries `variable=value`: the Ray
+    processes of one test cluster or session, whatever their command line says."""
+    needle = f"{variable}={value}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if needle in (entry / "environ").read_bytes():
+                os.kill(int(entry.name), signal.SIGKILL)
+
+
 def orphaned_ray_processes(existing: set[int]) -> list[int]:
     """Ray processes (not in `existing`) whose parent is gone: agents of a node started with
     `ray start` outlive its raylet, and rewrite their command line and environment, so neither

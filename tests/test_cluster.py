@@ -32,6 +32,7 @@ from tests.helpers import (
     orphaned_ray_processes,
     running_pids,
     stop_processes_mentioning,
+    stop_processes_with_env,
     wait_for,
 )
 
@@ -201,25 +202,13 @@ def cluster(s3_env):
     finally:
         stop_processes_mentioning(str(temp_dir))
         stop_processes_mentioning(str(worker_temp_dir))
-        stop_marked_processes(marker)  # agents and workers whose command line shows neither
+        # Agents and workers whose command line shows neither temp dir.
+        stop_processes_with_env("RAYKIT_TEST_CLUSTER", marker)
         for pid in orphaned_ray_processes(existing):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
         shutil.rmtree(temp_dir, ignore_errors=True)
         shutil.rmtree(worker_temp_dir, ignore_errors=True)
-
-
-def stop_marked_processes(marker: str) -> None:
-    """Kill every process whose environment carries RAYKIT_TEST_CLUSTER=marker."""
-    needle = f"RAYKIT_TEST_CLUSTER={marker}".encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes():
-                os.kill(int(entry.name), 9)
-        except (OSError, ProcessLookupError):
-            pass
 
 
 def finetune_args(model: str, **extra: str) -> list[str]:
