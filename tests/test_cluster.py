@@ -292,11 +292,16 @@ def test_a_two_node_job_on_s3_survives_a_killed_worker_then_scores_with_a_shared
     job_id, result = cluster.submit("jobs/finetune.py", *args, wait=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
-    def past_a_checkpoint() -> bool:
-        logs = cluster.logs(job_id)
-        return any(f"step {s}/30 " in logs for s in range(7, 30))
+    # Ray Train's checkpoint manager writes its snapshot when it registers a checkpoint (a
+    # checkpoint folder alone may still wait in the report queue).
+    fs, snapshot = pafs.FileSystem.from_uri(
+        f"s3://{BUCKET}/checkpoints/fault/checkpoint_manager_snapshot.json"
+    )
 
-    wait_for(past_a_checkpoint, 600, "training past its first checkpoint", interval=0.5)
+    def checkpoint_registered() -> bool:
+        return fs.get_file_info(snapshot).type == pafs.FileType.File
+
+    wait_for(checkpoint_registered, 600, "a registered checkpoint", interval=0.2)
     # The state API over HTTP, not the `ray list` CLI: a step takes well under a second now.
     workers = list_actors(
         address=cluster.dashboard,

@@ -54,9 +54,9 @@ def lora_config(model: str, tmp_path: Path, name: str, **extra) -> FinetuneConfi
 
 
 def run_and_kill_a_worker(cfg: FinetuneConfig, run_dir: Path):
-    """`finetune(cfg)` in a thread; once its second checkpoint exists (so the first one is
-    registered), one training worker is killed: Ray Train restarts the group from the latest
-    registered checkpoint."""
+    """`finetune(cfg)` in a thread; once Ray Train has registered a checkpoint (its checkpoint
+    manager's snapshot is written; a checkpoint folder alone may still wait in the report
+    queue), one training worker is killed: Ray Train restarts the group from that checkpoint."""
     from raykit.training.launch import finetune
 
     outcome: dict = {}
@@ -70,9 +70,9 @@ def run_and_kill_a_worker(cfg: FinetuneConfig, run_dir: Path):
     thread = threading.Thread(target=target)
     thread.start()
     wait_for(
-        lambda: len(list(run_dir.glob("checkpoint_*"))) >= 2 or not thread.is_alive(),
+        lambda: (run_dir / "checkpoint_manager_snapshot.json").exists() or not thread.is_alive(),
         300,
-        "the second checkpoint",
+        "a registered checkpoint",
         interval=0.05,
     )
     workers = actor_pids("RayTrainWorker")
