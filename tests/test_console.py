@@ -7,6 +7,7 @@ import collections
 import os
 import subprocess
 import sys
+import uuid
 
 import pytest
 
@@ -71,25 +72,31 @@ def test_summary_table_lines_up_before_and_after():
 
 
 def test_events_reach_the_driver_once_each(ray_cluster, capsys):
-    """Rank 0 sends through the queue; the driver prints each event once, in order. On a
-    terminal, progress moves the bar instead of printing lines."""
-    with RunConsole(interactive=False) as console:
-        sender = EventSender(console.queue, enabled=True)
-        EventSender(console.queue, enabled=False).send("message", text="from rank 1")
-        sender.send("message", text="first")
-        sender.send("progress", **{k: v for k, v in PROGRESS.items() if k != "kind"})
-    lines = capsys.readouterr().out.splitlines()
-    assert lines == ["[raykit] first", f"[raykit] {event_line(PROGRESS)}"]
+    """Rank 0 sends to the run's mailbox (its lock actor); the driver prints each event once, in
+    order. On a terminal, progress moves the bar instead of printing lines."""
+    from raykit.runtime.cluster import hold_run_lock
 
-    with RunConsole(interactive=True) as console:
-        sender = EventSender(console.queue, enabled=True)
-        fields = {k: v for k, v in PROGRESS.items() if k != "kind"}
-        for step in (4, 8):
-            sender.send("progress", **{**fields, "step": step})
-        sender.send("message", text="between")
-    assert console.bar is not None and console.bar.n == 8 and console.bar.total == 10
-    out = capsys.readouterr().out
-    assert out.count("[raykit] between") == 1 and "step 8/10 epoch" not in out
+    mailbox = hold_run_lock(f"console-test-{uuid.uuid4().hex}", "'console test'")
+    try:
+        with RunConsole(mailbox, interactive=False):
+            sender = EventSender(mailbox, enabled=True)
+            EventSender(mailbox, enabled=False).send("message", text="from rank 1")
+            sender.send("message", text="first")
+            sender.send("progress", **{k: v for k, v in PROGRESS.items() if k != "kind"})
+        lines = capsys.readouterr().out.splitlines()
+        assert lines == ["[raykit] first", f"[raykit] {event_line(PROGRESS)}"]
+
+        with RunConsole(mailbox, interactive=True) as console:
+            sender = EventSender(mailbox, enabled=True)
+            fields = {k: v for k, v in PROGRESS.items() if k != "kind"}
+            for step in (4, 8):
+                sender.send("progress", **{**fields, "step": step})
+            sender.send("message", text="between")
+        assert console.bar is not None and console.bar.n == 8 and console.bar.total == 10
+        out = capsys.readouterr().out
+        assert out.count("[raykit] between") == 1 and "step 8/10 epoch" not in out
+    finally:
+        ray_cluster.kill(mailbox)
 
 
 def run_finetune(tmp_path, model: str, ray_address: str, *extra: str):

@@ -1,4 +1,4 @@
-"""Defaults that fill the machine: scoring actors and Serve replicas."""
+"""Defaults that fill the machine (scoring actors, Serve replicas) and the Ray a command runs on."""
 
 from __future__ import annotations
 
@@ -69,3 +69,52 @@ def test_a_command_prepares_on_a_thread_while_ray_starts(ray_cluster):
     with pytest.raises(ConfigError, match="no config.json in /nowhere"):
         init_ray_beside(bad)
     assert ray_cluster.is_initialized()  # not started here: not shut down here
+
+
+CHILD_COMMAND = """
+import ray
+from raykit.runtime.cluster import init_ray
+from raykit.runtime.console import setup_console
+
+setup_console()
+started = init_ray(1)
+print("instance", ray.get_runtime_context().gcs_address, started, flush=True)
+ray.shutdown()
+"""
+
+
+def test_a_command_joins_a_running_cluster_but_not_another_commands_local_instance(ray_cluster):
+    """Without RAY_ADDRESS a command joins the Ray instance running on the machine (as next to
+    `ray start --head`), unless that is the private local instance of another raykit command:
+    then it starts its own (two fine-tunes in one instance sized for one starved each other's
+    data reads and both hung)."""
+    import os
+    import subprocess
+    import sys
+
+    from ray._private.services import find_gcs_addresses
+    from ray.experimental import internal_kv
+
+    from raykit.runtime.cluster import PRIVATE_INSTANCE_KEY
+
+    ours = ray_cluster.get_runtime_context().gcs_address
+    assert set(find_gcs_addresses()) == {ours}, "another Ray instance runs on this machine"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+    def child() -> tuple[str, str]:
+        result = subprocess.run(
+            [sys.executable, "-c", CHILD_COMMAND], capture_output=True, text=True, env=env
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        line = next(x for x in result.stdout.splitlines() if x.startswith("instance "))
+        return line, result.stdout
+
+    assert child()[0] == f"instance {ours} False"  # joined: not started here
+    internal_kv._internal_kv_put(PRIVATE_INSTANCE_KEY, b"4242")  # as if a command started it
+    try:
+        line, output = child()
+    finally:
+        internal_kv._internal_kv_del(PRIVATE_INSTANCE_KEY)
+    _, address, started = line.split()
+    assert address != ours and started == "True"
+    assert "belongs to another raykit command (pid 4242): starting this command's own" in output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import threading
@@ -14,6 +15,10 @@ import ray
 from raykit.runtime.console import ray_init_options
 from raykit.runtime.logs import logger
 
+# Marks, in its GCS, a local instance that `init_ray` started for one command; another command
+# that finds it (`address="auto"` finds any running instance on the machine) starts its own.
+PRIVATE_INSTANCE_KEY = b"raykit-private-local-instance"
+
 
 def init_ray(min_cpus: float = 0) -> bool:
     """Connect to a running cluster, or start a local instance with at least `min_cpus` + 2 CPUs.
@@ -21,8 +26,11 @@ def init_ray(min_cpus: float = 0) -> bool:
     Inside `ray job submit` (RAY_ADDRESS set) or next to a `ray start --head` this joins that
     cluster and never starts a second one. A local instance gets logical CPUs for every training
     worker plus two for Ray Data reads and Tune's trial drivers: on a 2-core laptop two workers
-    and a read task would otherwise wait for each other forever. Returns True when it started a
-    local instance (whose logical CPUs are then not the machine's), now or in an earlier call.
+    and a read task would otherwise wait for each other forever. It is this command's own: a
+    second command on the machine starts another instead of joining it (two fine-tunes in one
+    instance sized for one starved each other's data reads, and both hung). Returns True when
+    it started a local instance (whose logical CPUs are then not the machine's), now or in an
+    earlier call.
     """
     global _local_address
     if ray.is_initialized():
@@ -31,19 +39,41 @@ def init_ray(min_cpus: float = 0) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**options)
         return False
+    if _join_running_cluster(options):
+        return False
+    # Workers that import torch on a busy laptop can take over Ray Train's default 60 s to
+    # start; the local instance's processes inherit this environment.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+    # Ray Train's preemption watcher (an actor per run) looks for nodes being drained, which
+    # one machine never is: a process less to start.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    cpus = max(os.cpu_count() or 1, math.ceil(min_cpus) + 2)
+    ray.init(address="local", num_cpus=cpus, **options)
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(PRIVATE_INSTANCE_KEY, str(os.getpid()).encode())
+    _local_address = ray.get_runtime_context().gcs_address
+    return True
+
+
+def _join_running_cluster(options: dict[str, Any]) -> bool:
+    """Join the cluster running on this machine, if there is one that is not another command's
+    private local instance."""
     try:
         ray.init(address="auto", **options)
-        return False
     except ConnectionError:
-        # Workers that import torch on a busy laptop can take over Ray Train's default 60 s to
-        # start; the local instance's processes inherit this environment.
-        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
-        # Ray Train's preemption watcher (an actor per run) looks for nodes being drained, which
-        # one machine never is: a process less to start.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(min_cpus) + 2), **options)
-        _local_address = ray.get_runtime_context().gcs_address
+        return False
+    from ray.experimental import internal_kv
+
+    owner = internal_kv._internal_kv_get(PRIVATE_INSTANCE_KEY)
+    if owner is None:
         return True
+    ray.shutdown()
+    logger.info(
+        f"the local Ray instance here belongs to another raykit command (pid {owner.decode()}): "
+        "starting this command's own"
+    )
+    return False
 
 
 def init_ray_beside(prepare: Callable[[], Any], min_cpus: float = 0) -> Any:
@@ -118,13 +148,33 @@ _local_address: str | None = None
 @ray.remote(num_cpus=0)
 class RunLock:
     """A named actor that the driver of a run holds for as long as it runs. It is owned by that
-    driver, so Ray removes it together with the driver's other actors when the driver dies."""
+    driver, so Ray removes it together with the driver's other actors when the driver dies.
+
+    It is also the run's mailbox: rank 0 `put`s console events, the driver `take`s them (one
+    actor per run rather than a lock and a `ray.util.queue.Queue`: each actor is a process
+    that costs about a CPU-second to start and ~0.6% of a core while it lives)."""
 
     def __init__(self, holder: str):
         self.holder = holder
+        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
-    def describe(self) -> str:
+    async def describe(self) -> str:
         return self.holder
+
+    async def put(self, event: dict[str, Any]) -> None:
+        self.events.put_nowait(event)
+
+    async def take(self, wait_s: float = 0.0) -> list[dict[str, Any]]:
+        """The events waiting, in order; waits up to `wait_s` for the first one."""
+        taken = []
+        if wait_s > 0 and self.events.empty():
+            try:
+                taken.append(await asyncio.wait_for(self.events.get(), wait_s))
+            except asyncio.TimeoutError:
+                return []
+        while not self.events.empty():
+            taken.append(self.events.get_nowait())
+        return taken
 
 
 def hold_run_lock(run_key: str, what: str, wait_s: float = 300.0) -> ray.actor.ActorHandle:

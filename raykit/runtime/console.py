@@ -2,9 +2,9 @@
 
 By default Ray's worker output is not forwarded to the driver (`log_to_driver=False`), Ray's
 own loggers stay at warning level and transformers/Hugging Face Hub print errors only: training
-workers send their events (evaluations, progress, messages) to the driver through a Ray queue,
-and `RunConsole` prints them there, once each. On a terminal a fine-tune shows a progress bar
-(loss, lr, pairs/s, ETA); elsewhere (CI, `ray job logs`) every event is one plain line.
+workers send their events (evaluations, progress, messages) to the driver through the run's
+mailbox actor, and `RunConsole` prints them there, once each. On a terminal a fine-tune shows a
+progress bar (loss, lr, pairs/s, ETA); elsewhere (CI, `ray job logs`) every event is one plain line.
 `--verbose` forwards and shows everything Ray and transformers print, as before.
 """
 
@@ -175,13 +175,12 @@ def event_line(event: dict[str, Any]) -> str:
 
 
 class RunConsole:
-    """The driver's view of a fine-tune: drains the event queue that rank 0 writes to and prints
-    each event once; on a terminal, progress events move a tqdm bar instead of printing lines."""
+    """The driver's view of a fine-tune: drains the run's mailbox (the `RunLock` actor, whose
+    `put` rank 0 calls) and prints each event once; on a terminal, progress events move a tqdm
+    bar instead of printing lines."""
 
-    def __init__(self, interactive: bool | None = None):
-        from ray.util.queue import Queue
-
-        self.queue = Queue(actor_options={"num_cpus": 0})
+    def __init__(self, mailbox: Any, interactive: bool | None = None):
+        self.mailbox = mailbox
         self.interactive = sys.stdout.isatty() if interactive is None else interactive
         self.bar: Any = None
         self._stop = threading.Event()
@@ -197,23 +196,17 @@ class RunConsole:
         self._print_pending()
         if self.bar is not None:
             self.bar.close()
-        import ray
-
-        ray.kill(self.queue.actor)
 
     def _drain(self) -> None:
         while not self._stop.is_set():
             self._print_pending(wait=0.5)
 
-    def _print_pending(self, wait: float | None = None) -> None:
-        from ray.util.queue import Empty
+    def _print_pending(self, wait: float = 0.0) -> None:
+        import ray
 
         try:
-            events = [self.queue.get(timeout=wait)] if wait else []
-            events += self.queue.get_nowait_batch(self.queue.qsize())
-        except Empty:
-            return
-        except Exception:  # the queue actor is gone (Ray shut down): nothing more to show
+            events = ray.get(self.mailbox.take.remote(wait))
+        except Exception:  # the mailbox is gone (Ray shut down): nothing more to show
             self._stop.set()
             return
         for event in events:
@@ -247,22 +240,24 @@ class RunConsole:
 
 
 class EventSender:
-    """Worker side: rank 0's events go to the driver's queue when there is one, else to the
+    """Worker side: rank 0's events go to the driver's mailbox when there is one, else to the
     `raykit` logger (a Tune trial, or `train_loop_per_worker` used on its own)."""
 
-    def __init__(self, queue: Any | None, enabled: bool):
-        self.queue, self.enabled = queue, enabled
+    def __init__(self, mailbox: Any | None, enabled: bool):
+        self.mailbox, self.enabled = mailbox, enabled
 
     def send(self, kind: str, **fields: Any) -> None:
         if not self.enabled:
             return
         event = {"kind": kind, **fields}
-        if self.queue is not None:
+        if self.mailbox is not None:
+            import ray
+
             try:
-                self.queue.put(event, timeout=30)
+                ray.get(self.mailbox.put.remote(event), timeout=30)
                 return
             except Exception:  # the driver is gone; the run itself carries on
-                self.queue = None
+                self.mailbox = None
         logger.info(event_line(event))
 
 

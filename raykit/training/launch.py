@@ -118,8 +118,8 @@ def finetune(
     storage = cfg.storage_path or os.path.expanduser("~/ray_results")
     lock = hold_run_lock(f"{storage}/{cfg.run_name}", repr(cfg.run_name))
     try:
-        with RunConsole() if console else nullcontext() as run_console:
-            events = run_console.queue if run_console else None
+        with RunConsole(lock) if console else nullcontext():
+            events = lock if console else None  # the lock is also the run's mailbox
             return _train_and_export(cfg, callbacks, launched_at, startup, events, tracking_group)
     finally:
         ray.kill(lock)
