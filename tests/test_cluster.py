@@ -248,19 +248,18 @@ def test_sweep_with_s3_storage_and_output(cluster, tiny_model_dir):
         run_name="s3-sweep",
         scheduler="fifo",
         num_samples="1",
-        search="learning_rate=grid:1e-3,3e-3",
+        search="learning_rate=grid:3e-3",  # one trial: test_tune picks between several
     )
     _, result = cluster.submit("jobs/tune.py", *args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = read_s3_json(f"{sweep}/trials.json")
-    assert sorted(r["learning_rate"] for r in rows) == [1e-3, 3e-3]
-    assert [r["status"] for r in rows] == ["OK", "OK"]
+    assert [(r["learning_rate"], r["status"]) for r in rows] == [(3e-3, "OK")]
     best = read_s3_json(f"{sweep}/best/train_summary.json")
-    best_row = max(r["best_nDCG@10"] for r in rows)
-    assert best["best_metrics"]["nDCG@10"] == pytest.approx(best_row, abs=1e-4)
+    assert best["best_metrics"]["nDCG@10"] == pytest.approx(rows[0]["best_nDCG@10"], abs=1e-4)
+    assert best["best_metrics"]["config/learning_rate"] == 3e-3
     fs, path = pafs.FileSystem.from_uri(f"s3://{BUCKET}/sweeps/s3-sweep")
     trials = fs.get_file_info(pafs.FileSelector(f"{path}/trials", recursive=False))
-    assert len([t for t in trials if t.type == pafs.FileType.Directory]) == 2
+    assert len([t for t in trials if t.type == pafs.FileType.Directory]) == 1
     assert fs.get_file_info(f"{BUCKET}/sweep-out/best/model.safetensors").type == pafs.FileType.File
 
 
@@ -280,7 +279,7 @@ def test_a_two_node_job_on_s3_survives_a_killed_worker_then_scores_with_a_shared
     model_uri = f"s3://{BUCKET}/models/fault"
     args = finetune_args(
         tiny_model_dir,
-        max_steps="30",
+        max_steps="20",
         save_steps="5",
         logging_steps="1",
         eval_steps="1000",
@@ -319,12 +318,12 @@ def test_a_two_node_job_on_s3_survives_a_killed_worker_then_scores_with_a_shared
     logs = cluster.logs(job_id)
     assert "SUCCEEDED" in cluster.status(job_id), logs[-4000:]
     summary = read_s3_json(f"{model_uri}/train_summary.json")
-    assert summary["steps"] == 30
+    assert summary["steps"] == 20
     resumed = summary["resumed_from_step"]
-    assert 5 <= resumed < 30 and resumed % 5 == 0, "the run was meant to be interrupted"
-    assert f"resumed from checkpoint at step {resumed}/30" in logs
+    assert 5 <= resumed < 20 and resumed % 5 == 0, "the run was meant to be interrupted"
+    assert f"resumed from checkpoint at step {resumed}/20" in logs
     # One loss entry per step: nothing repeated or lost around the restart.
-    assert [entry["step"] for entry in summary["loss"]] == list(range(1, 31))
+    assert [entry["step"] for entry in summary["loss"]] == list(range(1, 21))
     # One worker per node (`trainer_node=1` each), after the restart too; Ray Train's run on S3.
     nodes = {n["node_id"] for n in cluster.nodes()}
     assert len(set(summary["worker_nodes"])) == 2 and set(summary["worker_nodes"]) == nodes
@@ -350,6 +349,8 @@ def test_a_two_node_job_on_s3_survives_a_killed_worker_then_scores_with_a_shared
         "64",
         "--compile",
         "on",
+        "--num_actors",
+        "1",  # one actor compiles (more would only start more processes on 2 cores)
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     fs, path = pafs.FileSystem.from_uri(f"s3://{BUCKET}/scored/part-0.parquet")

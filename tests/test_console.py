@@ -170,9 +170,21 @@ def test_finetune_prints_each_line_once_and_no_internals(ray_cluster, tiny_model
     table = [line.split()[0] for line in lines[header:]]
     assert {"before", "after", "best", "throughput", "model"} <= set(table), output
 
-    # --verbose shows what Ray and transformers print, as before.
-    verbose = run_finetune(tmp_path / "verbose", tiny_model_dir, address, "--verbose")
+    # --verbose shows what Ray and transformers print, as before. This run also replaces a
+    # non-empty output_dir (--overwrite_output_dir) whole: no stale file is left beside the
+    # export, and no temporary folder beside it (test_train checks the refusal without it).
+    out = tmp_path / "verbose" / "out"
+    out.mkdir(parents=True)
+    (out / "pytorch_model.bin").write_bytes(b"stale weights a loader would pick")
+    (out / "notes.txt").write_text("someone's notes")
+    verbose = run_finetune(
+        tmp_path / "verbose", tiny_model_dir, address, "--verbose", "--overwrite_output_dir"
+    )
     assert "(RayTrainWorker" in verbose and "Reporting training result" in verbose
+    files = set(os.listdir(out))
+    assert {"model.safetensors", "config.json", "train_summary.json"} <= files
+    assert not files & {"pytorch_model.bin", "notes.txt"}
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".out.")] == []
 
 
 def test_score_progress_has_an_eta_when_the_row_count_is_cheap(tmp_path, capsys):

@@ -186,8 +186,9 @@ def test_autoscaling_adds_a_replica_under_load_and_scales_to_zero_when_idle(
     """min_replicas 0: 1 -> 2 replicas under 8 clients, 0 when they stop (/health stays 200),
     and the next request starts one again; no request fails."""
     from ray import serve
+    from ray.serve._private.api import _get_global_client
 
-    from raykit.serving.app import app_builder
+    from raykit.serving.app import DRAIN_POLL_S, app_builder
 
     wide = build_tiny_reranker(tmp_path_factory.mktemp("wide"), hidden_size=128, layers=4)
     args = serve_args(
@@ -214,6 +215,13 @@ def test_autoscaling_adds_a_replica_under_load_and_scales_to_zero_when_idle(
     clients = [threading.Thread(target=client) for _ in range(8)]
     try:
         assert info(url)["replicas"] == 1  # deployed with one, ready to serve
+        # A stopping replica looks for requests in flight every DRAIN_POLL_S, not Serve's 2 s.
+        details = _get_global_client().get_serve_details()["applications"]["elastic"]
+        polls = {
+            d["deployment_config"]["graceful_shutdown_wait_loop_s"]
+            for d in details["deployments"].values()
+        }
+        assert polls == {DRAIN_POLL_S}
         for thread in clients:
             thread.start()
         wait_for(lambda: info(url)["replicas"] == 2, 120, "a second replica under load")

@@ -195,12 +195,10 @@ def test_rerunning_an_interrupted_sweep_resumes_it(ray_cluster, tiny_model_dir, 
             "1",
             "--scheduler",
             "fifo",
-            "--max_concurrent_trials",
-            "2",
             "--eval_on_start",
             "false",
             "--search",
-            "learning_rate=grid:3e-3,1e-3",
+            "learning_rate=grid:3e-3",  # one trial: what is resumed is the sweep's own state
         ]
     )
     trials_dir = out / "ray" / "resumable" / "trials"
@@ -227,13 +225,10 @@ def test_rerunning_an_interrupted_sweep_resumes_it(ray_cluster, tiny_model_dir, 
     assert result.exit_code == 0, result.output
     assert "resuming sweep" in result.output
     rows = json.loads((out / "trials.json").read_text())
-    assert [r["status"] for r in rows] == ["OK", "OK"]
-    assert all(r["steps"] == 24 for r in rows)
-    resumed = [
-        json.loads(p.read_text())["resumed_from_step"]
-        for p in trials_dir.glob("*/model/train_summary.json")
-    ]
-    assert len(resumed) == 2 and max(resumed) > 0  # the interrupted trial went on from its step
+    assert [(r["status"], r["steps"]) for r in rows] == [("OK", 24)]
+    (summary,) = trials_dir.glob("*/model/train_summary.json")
+    resumed = json.loads(summary.read_text())["resumed_from_step"]
+    assert 0 < resumed < 24  # the interrupted trial went on from its checkpoint
 
 
 def test_release_placement_group_frees_a_leftover_worker_group(ray_cluster):
