@@ -9,6 +9,7 @@ Both are set here from what a test uses; an integration test is also `slow`, so
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import uuid
@@ -24,12 +25,27 @@ os.environ[SESSION_MARK[0]] = SESSION_MARK[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")  # slow starts under load
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # one actor less per run
-# Compiled models the tests make go to a folder of their own, not the user's ~/.cache.
-os.environ.setdefault("RAYKIT_CACHE", tempfile.mkdtemp(prefix="raykit-test-cache-"))
+# Compiled models the tests make go to a folder of their own, not the user's ~/.cache, and so
+# does inductor's cache: every run compiles from scratch, as on a fresh CI machine (a warm
+# /tmp/torchinductor_$USER made compile tests here up to 2.6x faster than there).
+SESSION_CACHES = [
+    os.environ.setdefault(variable, tempfile.mkdtemp(prefix=prefix))
+    for variable, prefix in (
+        ("RAYKIT_CACHE", "raykit-test-cache-"),
+        ("TORCHINDUCTOR_CACHE_DIR", "raykit-test-inductor-"),
+    )
+    if variable not in os.environ
+]
 SERVE_MODULES = ("test_abuse.py", "test_serve.py", "test_serve_ops.py")
 
 
 RAY_FIXTURES = {"ray_cluster", "served", "cluster"}
+
+
+def pytest_sessionfinish() -> None:
+    """The session's own caches go with it (a cache the user set is left alone)."""
+    for folder in SESSION_CACHES:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -234,14 +234,19 @@ def read_s3_json(uri: str) -> dict:
         return json.loads(f.read())
 
 
-def test_sweep_with_s3_storage_and_output(cluster, tiny_model_dir):
-    """`jobs/tune.py` with --storage_path and --output_dir on S3: trial checkpoints, the trial
-    table and the best model all land in the bucket (none in a local folder named `s3:`)."""
+@pytest.mark.fault
+def test_an_interrupted_sweep_on_s3_resumes_when_submitted_again(cluster, tiny_model_dir):
+    """`jobs/tune.py` with --storage_path and --output_dir on S3, stopped once its trial has a
+    checkpoint in the bucket, then submitted again: the sweep resumes from its state in the
+    bucket and the trial from its checkpoint; the trial table and the best model land in the
+    bucket."""
+    from ray.job_submission import JobSubmissionClient
+
     sweep = f"s3://{BUCKET}/sweep-out"
     args = finetune_args(
         tiny_model_dir,
-        max_steps="4",
-        eval_steps="2",
+        max_steps="24",
+        eval_steps="4",
         num_workers="1",
         storage_path=f"s3://{BUCKET}/sweeps",
         output_dir=sweep,
@@ -250,16 +255,29 @@ def test_sweep_with_s3_storage_and_output(cluster, tiny_model_dir):
         num_samples="1",
         search="learning_rate=grid:3e-3",  # one trial: test_tune picks between several
     )
-    _, result = cluster.submit("jobs/tune.py", *args)
+    first, result = cluster.submit("jobs/tune.py", *args, wait=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    fs, trials = pafs.FileSystem.from_uri(f"s3://{BUCKET}/sweeps/s3-sweep/trials")
+
+    def trial_files(suffix: str) -> list[str]:
+        found = fs.get_file_info(pafs.FileSelector(trials, recursive=True, allow_not_found=True))
+        return [f.path for f in found if f.path.endswith(suffix)]
+
+    wait_for(lambda: trial_files("/checkpoint_manager_snapshot.json"), 600, "a trial checkpoint")
+    JobSubmissionClient(cluster.dashboard).stop_job(first)  # the sweep's driver goes away
+    wait_for(lambda: "STOPPED" in cluster.status(first), 120, "the first job to stop")
+
+    second, result = cluster.submit("jobs/tune.py", *args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "SUCCEEDED" in cluster.status(second) and "resuming sweep" in cluster.logs(second)
     rows = read_s3_json(f"{sweep}/trials.json")
-    assert [(r["learning_rate"], r["status"]) for r in rows] == [(3e-3, "OK")]
+    assert [(r["learning_rate"], r["status"], r["steps"]) for r in rows] == [(3e-3, "OK", 24)]
+    (summary,) = trial_files("/model/train_summary.json")
+    resumed = read_s3_json(f"s3://{summary}")["resumed_from_step"]
+    assert 0 < resumed < 24  # the interrupted trial went on from its checkpoint
     best = read_s3_json(f"{sweep}/best/train_summary.json")
     assert best["best_metrics"]["nDCG@10"] == pytest.approx(rows[0]["best_nDCG@10"], abs=1e-4)
     assert best["best_metrics"]["config/learning_rate"] == 3e-3
-    fs, path = pafs.FileSystem.from_uri(f"s3://{BUCKET}/sweeps/s3-sweep")
-    trials = fs.get_file_info(pafs.FileSelector(f"{path}/trials", recursive=False))
-    assert len([t for t in trials if t.type == pafs.FileType.Directory]) == 1
     assert fs.get_file_info(f"{BUCKET}/sweep-out/best/model.safetensors").type == pafs.FileType.File
 
 

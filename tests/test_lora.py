@@ -45,10 +45,10 @@ def lora_config(model: str, tmp_path: Path, name: str, **extra) -> FinetuneConfi
         train_group_size=4,
         per_device_train_batch_size=2,
         max_len=160,
-        max_steps=30,
+        max_steps=12,  # marked data: nDCG@10 goes from 0.65 to 1.0 within 10 steps
         logging_steps=1,
         save_steps=3,
-        eval_steps=15,
+        eval_steps=6,
     )
     return FinetuneConfig(**{**options, **extra})
 
@@ -154,7 +154,7 @@ def test_sharded_lora_run_resumes_after_a_killed_worker_and_exports_the_adapter(
 
     resumed = killed.summary["resumed_from_step"]
     assert resumed > 0 and resumed % 3 == 0, "the run was meant to be interrupted"
-    assert [e["step"] for e in killed.summary["loss"]] == list(range(1, 31))
+    assert [e["step"] for e in killed.summary["loss"]] == list(range(1, 13))
     expected = [e["loss"] for e in reference.summary["loss"]]
     assert [e["loss"] for e in killed.summary["loss"]] == pytest.approx(expected, abs=1e-4)
     assert killed.best_metrics["nDCG@10"] == pytest.approx(

@@ -13,7 +13,7 @@ from raykit.cli import app, normalize_argv
 from raykit.config import ConfigError, EvaluateConfig, parse_search
 from raykit.scoring.evaluate import evaluate_model
 from raykit.training.tune import search_space
-from tests.helpers import SAMPLE_DEV, marked_train_file, wait_for
+from tests.helpers import SAMPLE_DEV, marked_train_file
 
 
 def test_search_specs_become_tune_domains():
@@ -155,80 +155,6 @@ def test_sweep_picks_the_better_trial_survives_a_failing_one_and_exports_best(
         EvaluateConfig(model_name_or_path=str(out / "best"), max_len=64, eval_data=[marked_dev])
     )
     assert again["nDCG@10"] == pytest.approx(best["best_metrics"]["nDCG@10"], abs=1e-4)
-
-
-@pytest.mark.slow
-@pytest.mark.fault
-def test_rerunning_an_interrupted_sweep_resumes_it(ray_cluster, tiny_model_dir, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    out = tmp_path / "sweep"
-    args = normalize_argv(
-        [
-            "tune",
-            "--model_name_or_path",
-            tiny_model_dir,
-            "--train_data",
-            str(marked_train_file(tmp_path)),
-            "--eval_data",
-            str(SAMPLE_DEV),
-            "--output_dir",
-            str(out),
-            "--run_name",
-            "resumable",
-            "--max_steps",
-            "24",
-            "--eval_steps",
-            "4",
-            "--per_device_train_batch_size",
-            "4",
-            "--train_group_size",
-            "4",
-            "--max_len",
-            "64",
-            "--logging_steps",
-            "4",
-            "--num_samples",
-            "1",
-            "--scheduler",
-            "fifo",
-            "--eval_on_start",
-            "false",
-            "--search",
-            "learning_rate=grid:3e-3",  # one trial: what is resumed is the sweep's own state
-        ]
-    )
-    trials_dir = out / "ray" / "resumable" / "trials"
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-    with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(
-            [sys.executable, "-m", "raykit.cli", *args],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            wait_for(
-                lambda: list(trials_dir.glob("*/checkpoint_manager_snapshot.json")),
-                600,
-                "a trial checkpoint",
-            )
-            os.killpg(first.pid, signal.SIGKILL)
-        finally:
-            first.wait(timeout=60)
-
-    result = CliRunner().invoke(app, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    assert "resuming sweep" in result.output
-    rows = json.loads((out / "trials.json").read_text())
-    assert [(r["status"], r["steps"]) for r in rows] == [("OK", 24)]
-    (summary,) = trials_dir.glob("*/model/train_summary.json")
-    resumed = json.loads(summary.read_text())["resumed_from_step"]
-    assert 0 < resumed < 24  # the interrupted trial went on from its checkpoint
 
 
 def test_release_placement_group_frees_a_leftover_worker_group(ray_cluster):
