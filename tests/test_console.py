@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -99,7 +100,7 @@ def test_events_reach_the_driver_once_each(ray_cluster, capsys):
         ray_cluster.kill(mailbox)
 
 
-def run_finetune(tmp_path, model: str, ray_address: str, *extra: str):
+def start_finetune(tmp_path, model: str, ray_address: str, *extra: str) -> subprocess.Popen:
     """`raykit finetune` in its own process, as a user runs it (joining the test cluster, as
     under `ray job submit`), output captured as a pipe: not a terminal."""
     args = [
@@ -131,23 +132,39 @@ def run_finetune(tmp_path, model: str, ray_address: str, *extra: str):
     ]
     env = {**os.environ, "RAY_ADDRESS": ray_address}
     env.pop("RAYKIT_VERBOSE", None)
-    result = subprocess.run(
+    return subprocess.Popen(
         args,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
-        timeout=400,
         cwd=os.path.dirname(os.path.dirname(__file__)),
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout + result.stderr
+
+
+def finished_output(process: subprocess.Popen) -> str:
+    stdout, stderr = process.communicate(timeout=400)
+    assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return stdout + stderr
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_finetune_prints_each_line_once_and_no_internals(ray_cluster, tiny_model_dir, tmp_path):
     address = ray_cluster.get_runtime_context().gcs_address
-    output = run_finetune(tmp_path / "quiet", tiny_model_dir, address)
+    quiet = start_finetune(tmp_path / "quiet", tiny_model_dir, address)
+    # --verbose at the same time (one worker each: both fit). It also replaces a non-empty
+    # output_dir (--overwrite_output_dir) whole: no stale file is left beside the export, and no
+    # temporary folder beside it (test_train checks the refusal without it).
+    out = tmp_path / "verbose" / "out"
+    out.mkdir(parents=True)
+    (out / "pytorch_model.bin").write_bytes(b"stale weights a loader would pick")
+    (out / "notes.txt").write_text("someone's notes")
+    verbose = start_finetune(
+        tmp_path / "verbose", tiny_model_dir, address, "--verbose", "--overwrite_output_dir"
+    )
+    with ThreadPoolExecutor(2) as pool:  # both pipes drained as they fill
+        output, verbose_output = pool.map(finished_output, (quiet, verbose))
     lines = [line for line in output.splitlines() if line.strip()]
     assert not [line for line in lines if any(noise in line for noise in INTERNALS)], output
     repeated = [line for line, n in collections.Counter(lines).items() if n > 1]
@@ -170,17 +187,8 @@ def test_finetune_prints_each_line_once_and_no_internals(ray_cluster, tiny_model
     table = [line.split()[0] for line in lines[header:]]
     assert {"before", "after", "best", "throughput", "model"} <= set(table), output
 
-    # --verbose shows what Ray and transformers print, as before. This run also replaces a
-    # non-empty output_dir (--overwrite_output_dir) whole: no stale file is left beside the
-    # export, and no temporary folder beside it (test_train checks the refusal without it).
-    out = tmp_path / "verbose" / "out"
-    out.mkdir(parents=True)
-    (out / "pytorch_model.bin").write_bytes(b"stale weights a loader would pick")
-    (out / "notes.txt").write_text("someone's notes")
-    verbose = run_finetune(
-        tmp_path / "verbose", tiny_model_dir, address, "--verbose", "--overwrite_output_dir"
-    )
-    assert "(RayTrainWorker" in verbose and "Reporting training result" in verbose
+    # --verbose shows what Ray and transformers print, as before.
+    assert "(RayTrainWorker" in verbose_output and "Reporting training result" in verbose_output
     files = set(os.listdir(out))
     assert {"model.safetensors", "config.json", "train_summary.json"} <= files
     assert not files & {"pytorch_model.bin", "notes.txt"}

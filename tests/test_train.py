@@ -261,9 +261,6 @@ def test_killed_driver_resumes_and_reproduces_the_uninterrupted_losses(
     goes on from its last checkpoint (optimizer, scheduler, RNG, data position) and its losses
     equal an uninterrupted run's, step for step."""
     extra = {"max_steps": "12", "save_steps": "3", "train_data": str(marked_train_file(tmp_path))}
-    run_cli(tiny_args(tiny_model_dir, tmp_path / "reference", run_name="reference", **extra))
-    reference = json.loads((tmp_path / "reference" / "out" / "train_summary.json").read_text())
-
     args = tiny_args(tiny_model_dir, tmp_path, run_name="resume", **extra)
     options = tiny_options(tiny_model_dir, tmp_path, run_name="resume", **extra)
     config = dataclasses.asdict(load_config(FinetuneConfig, **options))
@@ -278,6 +275,11 @@ def test_killed_driver_resumes_and_reproduces_the_uninterrupted_losses(
             start_new_session=True,
         )
         try:
+            # The uninterrupted run meanwhile, in this process (one worker each: both fit).
+            reference_args = tiny_args(
+                tiny_model_dir, tmp_path / "reference", run_name="reference", **extra
+            )
+            run_cli(reference_args)
             wait_for(lambda: marker.exists() or first.poll() is not None, 300, "the checkpoint")
             assert marker.exists(), (tmp_path / "first_run.log").read_text()[-3000:]
             # A second driver of the same run is refused while the first one lives.
@@ -288,6 +290,7 @@ def test_killed_driver_resumes_and_reproduces_the_uninterrupted_losses(
             first.wait(timeout=60)
     # Re-run at once: the killed driver's controller and workers may still be alive.
     run_cli(args)
+    reference = json.loads((tmp_path / "reference" / "out" / "train_summary.json").read_text())
     resumed = json.loads((tmp_path / "out" / "train_summary.json").read_text())
     assert resumed["resumed_from_step"] in (3, 6)  # the last checkpoint the controller took in
     assert resumed["steps"] == reference["steps"] == 12
