@@ -350,6 +350,14 @@ def plain_hf_logits(model: Any, pairs: list[list[str]], max_len: int = 64) -> li
         return model.eval()(**batch).logits.view(-1).tolist()
 
 
+def stale_output_dir(out: Path) -> Path:
+    """A non-empty output_dir: stale weights a loader would pick and someone's notes."""
+    out.mkdir(parents=True)
+    (out / "pytorch_model.bin").write_bytes(b"stale weights a loader would pick")
+    (out / "notes.txt").write_text("someone's notes")
+    return out
+
+
 def run_cli(args: list[str]):
     from typer.testing import CliRunner
 

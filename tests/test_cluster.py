@@ -90,6 +90,11 @@ class Cluster:
 
         return str(JobSubmissionClient(self.dashboard).get_job_status(job_id))
 
+    def stop(self, job_id: str) -> None:
+        from ray.job_submission import JobSubmissionClient
+
+        JobSubmissionClient(self.dashboard).stop_job(job_id)
+
     def logs(self, job_id: str) -> str:
         from ray.job_submission import JobSubmissionClient
 
@@ -240,8 +245,6 @@ def test_an_interrupted_sweep_on_s3_resumes_when_submitted_again(cluster, tiny_m
     checkpoint in the bucket, then submitted again: the sweep resumes from its state in the
     bucket and the trial from its checkpoint; the trial table and the best model land in the
     bucket."""
-    from ray.job_submission import JobSubmissionClient
-
     sweep = f"s3://{BUCKET}/sweep-out"
     args = finetune_args(
         tiny_model_dir,
@@ -264,7 +267,7 @@ def test_an_interrupted_sweep_on_s3_resumes_when_submitted_again(cluster, tiny_m
         return [f.path for f in found if f.path.endswith(suffix)]
 
     wait_for(lambda: trial_files("/checkpoint_manager_snapshot.json"), 600, "a trial checkpoint")
-    JobSubmissionClient(cluster.dashboard).stop_job(first)  # the sweep's driver goes away
+    cluster.stop(first)  # the sweep's driver goes away
     wait_for(lambda: "STOPPED" in cluster.status(first), 120, "the first job to stop")
 
     second, result = cluster.submit("jobs/tune.py", *args)

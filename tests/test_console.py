@@ -19,7 +19,7 @@ from raykit.runtime.console import (
     event_line,
     summary_table,
 )
-from tests.helpers import SAMPLE_DEV, SAMPLE_TRAIN
+from tests.helpers import SAMPLE_DEV, SAMPLE_TRAIN, stale_output_dir
 
 PROGRESS = {
     "kind": "progress",
@@ -156,10 +156,7 @@ def test_finetune_prints_each_line_once_and_no_internals(ray_cluster, tiny_model
     # --verbose at the same time (one worker each: both fit). It also replaces a non-empty
     # output_dir (--overwrite_output_dir) whole: no stale file is left beside the export, and no
     # temporary folder beside it (test_train checks the refusal without it).
-    out = tmp_path / "verbose" / "out"
-    out.mkdir(parents=True)
-    (out / "pytorch_model.bin").write_bytes(b"stale weights a loader would pick")
-    (out / "notes.txt").write_text("someone's notes")
+    out = stale_output_dir(tmp_path / "verbose" / "out")
     verbose = start_finetune(
         tmp_path / "verbose", tiny_model_dir, address, "--verbose", "--overwrite_output_dir"
     )

@@ -35,6 +35,7 @@ from tests.helpers import (
     SAMPLE_TRAIN,
     marked_train_file,
     run_cli,
+    stale_output_dir,
     tiny_args,
     tiny_options,
     wait_for,
@@ -309,10 +310,7 @@ def test_killed_driver_resumes_and_reproduces_the_uninterrupted_losses(
 def test_a_non_empty_output_dir_is_refused_before_anything_starts(tiny_model_dir, tmp_path):
     """Without --overwrite_output_dir a non-empty output_dir stops the command before Ray
     starts; with it, the folder is replaced whole (test_console's --verbose run checks that)."""
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "pytorch_model.bin").write_bytes(b"stale weights a loader would pick")
-    (out / "notes.txt").write_text("someone's notes")
+    out = stale_output_dir(tmp_path / "out")
     args = tiny_args(tiny_model_dir, tmp_path, max_steps="2")
     refused = CliRunner().invoke(app, normalize_argv(args))
     assert refused.exit_code == 1
