@@ -4,6 +4,7 @@ scores equal eager's, and a corrupt or mismatched package is ignored and built a
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -41,6 +42,9 @@ def test_a_package_is_built_once_restored_after_and_never_trusted_when_wrong(
 ):
     eager = np.array(engine(tiny_model_dir).score_pairs(PAIRS))
     cache = tmp_path / "compiled"
+    scratch = tmp_path / "scratch"  # where torch's loader unpacks a package
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
 
     first = engine(tiny_model_dir)
     assert first.compile_model(str(cache)) and first.scorer is not None
@@ -56,6 +60,9 @@ def test_a_package_is_built_once_restored_after_and_never_trusted_when_wrong(
     assert second.compile_model(str(cache)) and "restore_s" in second.compile_split
     np.testing.assert_allclose(second.score_pairs(PAIRS), eager, atol=1e-5)
     assert first.stats.forward_passes == second.stats.forward_passes  # warm-up not counted
+    # Loaded packages leave no unpacked copy (a killed replica would leave it for good).
+    assert not list(scratch.iterdir()) and not list(cache.glob(".unpacked-*"))
+    assert os.environ["TMPDIR"] == str(scratch)
 
     # Restore only (`raykit score --compile auto`): a kept package is used, none is built.
     kept = engine(tiny_model_dir)

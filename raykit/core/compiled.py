@@ -151,14 +151,42 @@ def build_package(model: Any, sample: dict[str, torch.Tensor], max_len: int, pat
             os.remove(partial)
 
 
+def load_package(path: str, device_type: str) -> Callable:
+    """`aoti_load_package`, leaving no unpacked copy behind on CPU. The loader unpacks a
+    package into `$TMPDIR/aotinductor_*` and removes it only in its destructor, which a
+    killed Ray worker or Serve replica never runs: 89 MB left in /tmp per replica start of a
+    MiniLM. A CPU package is one shared library, mapped once loaded, so its copy is unpacked
+    into a folder of ours and removed at once. A GPU package may load kernel files later, so
+    it is left to torch."""
+    import torch
+
+    if device_type != "cpu":
+        return torch._inductor.aoti_load_package(path)
+    unpacked = tempfile.mkdtemp(prefix=".unpacked-", dir=os.path.dirname(path))
+    saved = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = unpacked  # read by the C++ loader when it unpacks
+    try:
+        return torch._inductor.aoti_load_package(path)
+    finally:
+        if saved is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved
+        shutil.rmtree(unpacked, ignore_errors=True)
+
+
 def checked_package(
-    path: str, eager: Callable[[dict], torch.Tensor], checks: list[dict], precision: str
+    path: str,
+    eager: Callable[[dict], torch.Tensor],
+    checks: list[dict],
+    precision: str,
+    device_type: str,
 ) -> tuple[Callable | None, str]:
     """The loaded package at `path` if it scores `checks` as `eager` does, else (None, why)."""
     import torch
 
     try:
-        loaded = torch._inductor.aoti_load_package(path)
+        loaded = load_package(path, device_type)
         with torch.inference_mode():
             for batch in checks:
                 want, got = eager(batch).float(), loaded(**batch).float()
@@ -199,12 +227,12 @@ def load_or_build(
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if os.path.exists(path):
-                loaded, why = checked_package(path, eager, checks, precision)
+                loaded, why = checked_package(path, eager, checks, precision, key["device"])
                 if loaded is not None:
                     return _call(loaded), {"restore_s": time.perf_counter() - started}
                 logger.warning(f"compiled model {path} ignored: {why}; compiling again")
             if shared and fetch_shared(shared, path):
-                loaded, why = checked_package(path, eager, checks, precision)
+                loaded, why = checked_package(path, eager, checks, precision, key["device"])
                 if loaded is not None:
                     return _call(loaded), {"fetch_s": time.perf_counter() - started}
                 logger.warning(f"compiled model {shared} ignored: {why}; compiling again")
@@ -214,7 +242,7 @@ def load_or_build(
             build_package(model, checks[-1], key["max_len"], path)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-    loaded, why = checked_package(path, eager, checks, precision)
+    loaded, why = checked_package(path, eager, checks, precision, key["device"])
     if loaded is None:
         raise RuntimeError(f"the package just compiled is wrong: {why}")
     split = {"compile_s": time.perf_counter() - started}
