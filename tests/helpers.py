@@ -485,9 +485,10 @@ def run_snippet(code: str, folder: str) -> list[float]:
     return list(namespace["scores"])
 
 
-# A line Ray forwards from one of its processes (`(pid=gcs_server) ...`, `(raylet) ...`): on the
-# shared test cluster these arrive whenever they happen, during any command's output.
-RAY_PROCESS_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?\((pid=|raylet|gcs_server)")
+# A line Ray forwards from one of its processes (`(pid=gcs_server) ...`, `(raylet) ...`, an
+# earlier test's actor: `(MapWorker(MapBatches(PairScorer)) pid=5471) Loading weights ...`): on
+# the shared test cluster these arrive whenever they happen, during any command's output.
+RAY_PROCESS_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?\((raylet|gcs_server|autoscaler|[^\n]*?pid=)")
 
 
 def raykit_lines(output: str) -> list[str]:

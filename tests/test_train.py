@@ -34,6 +34,7 @@ from tests.helpers import (
     SAMPLE_DEV,
     SAMPLE_TRAIN,
     marked_train_file,
+    raykit_lines,
     run_cli,
     stale_output_dir,
     tiny_args,
@@ -333,8 +334,7 @@ def test_unusable_paths_are_one_line_errors_before_anything_starts(
     args = tiny_args(tiny_model_dir, tmp_path, **{flag: value.format(tmp=tmp_path)})
     result = CliRunner().invoke(app, normalize_argv(args))
     assert result.exit_code == 2  # a usage error, found with the options: Ray never starts
-    # Lines Ray forwards from other workers of the shared test cluster are not ours.
-    lines = [line for line in result.output.strip().splitlines() if "pid=" not in line]
+    lines = raykit_lines(result.output)
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
 
 
