@@ -488,7 +488,7 @@ def run_snippet(code: str, folder: str) -> list[float]:
 # A line Ray forwards from one of its processes (`(pid=gcs_server) ...`, `(raylet) ...`, an
 # earlier test's actor: `(MapWorker(MapBatches(PairScorer)) pid=5471) Loading weights ...`): on
 # the shared test cluster these arrive whenever they happen, during any command's output.
-RAY_PROCESS_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?\((raylet|gcs_server|autoscaler|[^\n]*?pid=)")
+RAY_PROCESS_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?\((raylet|gcs_server|autoscaler|.*?pid=)")
 
 
 def raykit_lines(output: str) -> list[str]:

@@ -36,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 from raykit.core.head import head_scores
 from raykit.runtime.logs import logger
@@ -162,17 +163,11 @@ def load_package(path: str, device_type: str) -> Callable:
 
     if device_type != "cpu":
         return torch._inductor.aoti_load_package(path)
-    unpacked = tempfile.mkdtemp(prefix=".unpacked-", dir=os.path.dirname(path))
-    saved = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = unpacked  # read by the C++ loader when it unpacks
-    try:
+    with (
+        tempfile.TemporaryDirectory(prefix=".unpacked-", dir=os.path.dirname(path)) as unpacked,
+        mock.patch.dict(os.environ, {"TMPDIR": unpacked}),  # read by the C++ loader
+    ):
         return torch._inductor.aoti_load_package(path)
-    finally:
-        if saved is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = saved
-        shutil.rmtree(unpacked, ignore_errors=True)
 
 
 def checked_package(
