@@ -87,8 +87,10 @@ def test_bf16_and_int8_stay_close_and_rank_alike(tiny_model_dir, dtype, toleranc
     if dtype == "bfloat16":  # an fp32 head: scores are not rounded to bf16, so they do not tie
         on_bf16_grid = torch.tensor(scores).bfloat16().float().numpy() == scores
         assert on_bf16_grid.mean() < 0.5
-        # No ties that fp32 does not have (fp32's own ties vary from run to run on CPU).
-        assert len(np.unique(scores)) >= len(np.unique(reference))
+        # Nearly every pair its own score, as in fp32: a bf16 head would leave 2-3 values here.
+        # (An odd tie is allowed: two pairs whose bf16 hidden states agree. The tokenizer is
+        # trained anew each run, and in 2 of 6 runs bf16 gave 59 distinct scores for 60 pairs.)
+        assert len(np.unique(scores)) >= len(np.unique(reference)) - 2
     assert not np.array_equal(scores, reference)  # the precision really changed
     close_in_rank(reference, scores, tolerance)
 

@@ -81,6 +81,21 @@ started = init_ray(1)
 print("instance", ray.get_runtime_context().gcs_address, started, flush=True)
 ray.shutdown()
 """
+# A command whose checks fail after it joined the running cluster leaves it (a test that runs
+# commands in-process would otherwise stay connected to it).
+FAILING_COMMAND = """
+import ray
+from raykit.errors import ConfigError
+from raykit.runtime.cluster import init_ray_beside
+
+def bad():
+    raise ConfigError("output_dir: not empty")
+
+try:
+    init_ray_beside(bad)
+except ConfigError:
+    print("connected after the error:", ray.is_initialized(), flush=True)
+"""
 
 
 def test_a_command_joins_a_running_cluster_but_not_another_commands_local_instance(ray_cluster):
@@ -101,15 +116,16 @@ def test_a_command_joins_a_running_cluster_but_not_another_commands_local_instan
     assert set(find_gcs_addresses()) == {ours}, "another Ray instance runs on this machine"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
-    def child() -> tuple[str, str]:
+    def child(command: str = CHILD_COMMAND, first: str = "instance ") -> tuple[str, str]:
         result = subprocess.run(
-            [sys.executable, "-c", CHILD_COMMAND], capture_output=True, text=True, env=env
+            [sys.executable, "-c", command], capture_output=True, text=True, env=env
         )
         assert result.returncode == 0, result.stderr[-3000:]
-        line = next(x for x in result.stdout.splitlines() if x.startswith("instance "))
+        line = next(x for x in result.stdout.splitlines() if x.startswith(first))
         return line, result.stdout
 
     assert child()[0] == f"instance {ours} False"  # joined: not started here
+    assert child(FAILING_COMMAND, "connected")[0] == "connected after the error: False"
     internal_kv._internal_kv_put(PRIVATE_INSTANCE_KEY, b"4242")  # as if a command started it
     try:
         line, output = child()

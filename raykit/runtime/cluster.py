@@ -83,9 +83,10 @@ def init_ray_beside(prepare: Callable[[], Any], min_cpus: float = 0) -> Any:
     Starting a local Ray takes seconds, mostly spent waiting for its processes, and a command's
     first imports (torch, transformers, Ray Train) take seconds of one core: side by side they
     save 2 s of a 2-core laptop's start. Ray stays on the main thread (it sets signal handlers
-    there). If `prepare` fails, a local instance started for it is shut down and the error
-    raised as it was.
+    there). If `prepare` fails, Ray is left as it was found (a local instance started for it
+    is shut down, a cluster it joined is disconnected from) and the error raised as it was.
     """
+    connected_before = ray.is_initialized()
     outcome: dict[str, Any] = {}
 
     def run() -> None:
@@ -97,11 +98,11 @@ def init_ray_beside(prepare: Callable[[], Any], min_cpus: float = 0) -> Any:
     thread = threading.Thread(target=run, name="raykit-prepare", daemon=True)
     thread.start()
     try:
-        started = init_ray(min_cpus)
+        init_ray(min_cpus)
     finally:
         thread.join()
     if "error" in outcome:
-        if started:
+        if not connected_before:
             ray.shutdown()
         raise outcome["error"]
     return outcome.get("value")
