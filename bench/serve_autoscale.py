@@ -213,7 +213,9 @@ def two_models(args: argparse.Namespace, bodies: list[dict], common: list[str]) 
                 sys.executable, "-m", "raykit.cli", "serve", "--model", str(copy), *one,
                 "--app_name", "b", "--route_prefix", "/b", "--detach",
             ]  # fmt: skip
-            env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+            # Joins the first server's instance (a command's own local instance is not joined
+            # unless asked: raykit serve --detach refuses to start one that would die with it).
+            env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "RAY_ADDRESS": "auto"}
             subprocess.run(second, check=True, env=env)
             split = [{"json": b, "path": "/v1/rerank" if i % 2 else "/b/v1/rerank"}
                      for i, b in enumerate(bodies)]  # fmt: skip

@@ -38,9 +38,9 @@ def one_start(command: list[str], env: dict, name: str, logged: str | None) -> d
     server = start_server([*command, "--port", str(port)], log, env)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_healthy(url)
+        wait_healthy(url, poll_s=0.1)  # polled often: a start is timed to a tenth of a second
         if logged:
-            wait_logged(log, logged)
+            wait_logged(log, logged, poll_s=0.1)
         ready = time.perf_counter() - started
         startup = None
         if logged:  # one request, so a broken replica cannot pass as ready

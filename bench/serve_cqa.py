@@ -133,7 +133,7 @@ async def run_load(
     }
 
 
-def wait_healthy(url: str, timeout: float = 300) -> None:
+def wait_healthy(url: str, timeout: float = 300, poll_s: float = 1.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
@@ -141,7 +141,7 @@ def wait_healthy(url: str, timeout: float = 300) -> None:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(1)
+        time.sleep(poll_s)
     raise TimeoutError(f"{url} did not become healthy")
 
 
@@ -175,14 +175,14 @@ def start_server(command: list[str], log: Path, env: dict | None = None) -> subp
         )
 
 
-def wait_logged(log: Path, text: str, timeout: float = 600) -> None:
+def wait_logged(log: Path, text: str, timeout: float = 600, poll_s: float = 0.5) -> None:
     """Wait for `text` in a server's output: `raykit serve` prints "ready in" once every
     replica is up (its /health answers as soon as one is)."""
     deadline = time.time() + timeout
     while text not in log.read_text():
         if time.time() > deadline:
             raise TimeoutError(f"no {text!r} in {log}")
-        time.sleep(0.5)
+        time.sleep(poll_s)
 
 
 def stop_server(server: subprocess.Popen) -> None:

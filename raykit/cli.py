@@ -114,12 +114,18 @@ def help_panel(cls: type, name: str) -> str:
 
 
 def config_command(
-    name: str, cls: type, help: str, prepare: Callable[[Any], None] | None = None
+    name: str,
+    cls: type,
+    help: str,
+    prepare: Callable[[Any], None] | None = None,
+    beside_checks: Callable[[Any, bool], None] | None = None,
 ) -> Callable:
     """Register a command whose options are `--config` plus one flag per field of `cls`.
 
     `prepare(cfg)` (the command's imports and checks) runs while Ray starts, for a command whose
     config says it needs Ray (`ray_cpus`): on a 2-core laptop that is 2 s off every start.
+    `beside_checks(cfg, local)` runs once Ray is up, while `prepare` may still run (see
+    `init_ray_beside`).
     """
 
     def decorator(run: Callable[[Any], None]) -> Callable:
@@ -163,7 +169,8 @@ def config_command(
                 if prepare is not None and (cpus := cfg.ray_cpus()) is not None:
                     from raykit.runtime.cluster import init_ray_beside
 
-                    init_ray_beside(lambda: prepare(cfg), cpus)
+                    then = beside_checks and (lambda local: beside_checks(cfg, local))
+                    init_ray_beside(lambda: prepare(cfg), cpus, then)
                 run(cfg)
             except (ConfigError, DataError, FileNotFoundError, OSError) as exc:
                 _fail(str(exc))
@@ -287,11 +294,21 @@ def _prepare_serve(cfg: ServeConfig) -> None:
     check_inputs(cfg)
 
 
+def _start_serve(cfg: ServeConfig, local: bool) -> None:
+    """Serve's controller and proxy (seconds of process starts) while the checks run; only on
+    this command's own local instance, which a failed check shuts down with them."""
+    if local:
+        from raykit.serving.app import start_serve
+
+        start_serve(cfg)
+
+
 @config_command(
     "serve",
     ServeConfig,
     "Serve a reranking HTTP API on Ray Serve until Ctrl-C.",
     prepare=_prepare_serve,
+    beside_checks=_start_serve,
 )
 def serve_command(cfg: ServeConfig) -> None:
     if cfg.rollout:  # switch the running app to new checkpoints, in place

@@ -3,9 +3,12 @@ scores equal eager's, and a corrupt or mismatched package is ignored and built a
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -31,8 +34,34 @@ def built_as(package: bytes):
     return lambda *args: Path(args[-1]).write_bytes(package)
 
 
-def engine(model: str) -> InferenceEngine:
-    return InferenceEngine.load(model, device="cpu", dtype="float32", threads=1, max_len=64)
+def engine(model: str, **options) -> InferenceEngine:
+    return InferenceEngine.load(
+        model, device="cpu", dtype="float32", threads=1, max_len=64, **options
+    )
+
+
+RESTORE = """
+import json, sys, tempfile
+from raykit.core.engine import InferenceEngine
+e = InferenceEngine.load(sys.argv[1], device="cpu", dtype="float32", threads=1, max_len=64,
+                         compiled_cache=sys.argv[2])
+print(json.dumps({
+    "model_is_none": e.model is None,
+    "split": sorted(e.compile_split),
+    "scores": e.score_pairs(json.loads(sys.argv[3])).tolist(),
+    "modeling": sorted(m for m in sys.modules if m == "transformers.modeling_utils" or (
+        m.startswith("transformers.models.") and ".modeling_" in m and ".auto." not in m)),
+    "tmp": tempfile.gettempdir(),
+}))
+"""
+
+
+def restore_in_new_process(model: str, cache: Path) -> dict:
+    """`InferenceEngine.load(compiled_cache=cache)` in a fresh Python, as a replica does."""
+    command = [sys.executable, "-c", RESTORE, model, str(cache), json.dumps(PAIRS)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
@@ -63,6 +92,30 @@ def test_a_package_is_built_once_restored_after_and_never_trusted_when_wrong(
     # Loaded packages leave no unpacked copy (a killed replica would leave it for good).
     assert not list(scratch.iterdir()) and not list(cache.glob(".unpacked-*"))
     assert os.environ["TMPDIR"] == str(scratch)
+
+    # A new process (a replica, a scoring actor) restores it without the model: checked against
+    # the receipt the first check left, no model class imported, and its temporary folder
+    # stays the real one (pointing TMPDIR at the unpacked copy must not stick).
+    assert json.loads(Path(f"{package}.receipt.json").read_text())["scores"]
+    fresh = restore_in_new_process(tiny_model_dir, cache)
+    assert fresh["model_is_none"] and fresh["split"] == ["restore_s", "warm_up_s"]
+    assert fresh["modeling"] == [] and fresh["tmp"] == str(scratch)
+    np.testing.assert_allclose(fresh["scores"], eager, atol=1e-5)
+    assert not list(scratch.iterdir())
+
+    # A receipt the package does not match: not restored without the model (one warning);
+    # the model is loaded and checks it instead, and the receipt is written again.
+    receipt = Path(f"{package}.receipt.json")
+    right = receipt.read_text()
+    wrong = [[score + 1 for score in batch] for batch in json.loads(right)["scores"]]
+    receipt.write_text(json.dumps({"scores": wrong}))
+    with caplog.at_level(logging.WARNING, logger="raykit"):
+        checked = engine(tiny_model_dir, compiled_cache=str(cache))
+    assert "not restored without the model: its scores differ from its receipt's" in caplog.text
+    assert checked.model is not None and not checked.compiled
+    assert checked.compile_model(str(cache)) and "restore_s" in checked.compile_split
+    assert json.loads(receipt.read_text()) == json.loads(right)
+    caplog.clear()
 
     # Restore only (`raykit score --compile auto`): a kept package is used, none is built.
     kept = engine(tiny_model_dir)
@@ -142,3 +195,22 @@ def test_decoders_and_int8_are_not_packaged(tiny_model_dir):
     int8 = InferenceEngine.load(tiny_model_dir, device="cpu", dtype="int8", max_len=64)
     assert not int8._can_package()
     assert engine(tiny_model_dir)._can_package()
+
+
+def test_a_package_is_keyed_by_every_byte_of_the_checkpoint(tiny_model_dir, tmp_path):
+    """A fine-tune can leave the first 64 KiB of every file as they were (frozen embeddings):
+    the revision stays, but the package of the checkpoint it replaced is never its own."""
+    from raykit.core.served import model_revision
+
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_model_dir, changed)
+    weights = changed / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    assert len(data) > 64 * 1024
+    data[-1] ^= 1  # a bit of the last tensor
+    weights.write_bytes(bytes(data))
+    assert model_revision(str(changed)) == model_revision(tiny_model_dir)
+    before, after = engine(tiny_model_dir), engine(str(changed))
+    checks = before._warm_up_batches()
+    assert before._package_key(checks) != after._package_key(checks)
+    assert before._package_key(checks) == engine(tiny_model_dir)._package_key(checks)

@@ -304,3 +304,22 @@ def test_an_app_added_to_a_running_serve_names_the_proxy_it_joined(served, tiny_
     with caplog.at_level(logging.WARNING, logger="raykit"):
         assert proxy_address(ServeConfig(model=[tiny_model_dir], port=int(port))) == joined
     assert not caplog.records
+
+
+def test_detach_refuses_a_local_instance_that_would_stop_with_the_command(
+    tiny_model_dir, monkeypatch
+):
+    """`--detach` leaves the app on a running cluster; with none to join, the local instance
+    the command started would stop when it returns, taking the app with it: one line, and
+    the instance is shut down."""
+    import ray
+
+    from raykit.runtime import cluster
+    from raykit.serving.app import run_serve
+
+    monkeypatch.setattr(cluster, "init_ray", lambda cpus=0: True)  # "started a local instance"
+    shut = []
+    monkeypatch.setattr(ray, "shutdown", lambda: shut.append(True))
+    with pytest.raises(ConfigError, match="detach: no running Ray cluster to leave the app on"):
+        run_serve(ServeConfig(model=[tiny_model_dir], detach=True))
+    assert shut == [True]

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from raykit.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: a driver asking whether a folder is an adapter needs none
+    from torch import nn
 
 ADAPTER_CONFIG = "adapter_config.json"
 # peft's name for every linear layer except the output layer (lm_head / the classifier).

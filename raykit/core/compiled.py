@@ -16,7 +16,13 @@ compiles without grad, so the package is compiled under `torch.no_grad()`: witho
 ran plain addmm GEMMs, 7% slower.
 
 A package that does not load, or whose scores on a few check pairs differ from the eager
-model's, is ignored with one log line and built again: never trusted.
+model's, is ignored with one log line and built again: never trusted. Once a package has
+passed that check, its receipt (`<package>.receipt.json`: the eager model's scores on the check
+pairs) is kept beside it, and the key holds a digest of every byte of the checkpoint's folder;
+so a later process restores it without loading the model at all (`restore_kept`): checked
+against the receipt instead of against a model it would have to import and load (on an AVX2
+EPYC that was 4 of a Serve replica's 6 s start). A package whose scores differ from its receipt
+is ignored (one log line) and the model is loaded and checked as before.
 
 A model on remote storage (s3://, gs://, ...) also shares its packages with every node there:
 beside the model's folder, in `<model>.raykit-compiled/` (`shared_package_dir`), outside the
@@ -69,14 +75,24 @@ def package_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def content_digest(local_dir: str) -> str:
+    """A digest of every byte of the checkpoint folder: a package is only ever restored for
+    the very checkpoint it was built from (the revision reads only the first 64 KiB of each
+    file, which a fine-tune with frozen embeddings may leave unchanged)."""
+    from raykit.core.served import folder_digest
+
+    return folder_digest(local_dir)
+
+
 def key_parts(
-    revision: str, precision: str, device: torch.device, inputs: list[str], max_len: int
+    content: str, precision: str, device: torch.device, inputs: list[str], max_len: int
 ) -> dict[str, Any]:
-    """What a package's kernels depend on; its file name is their hash."""
+    """What a package's kernels depend on; its file name is their hash. `content`: the
+    checkpoint folder's `content_digest`."""
     import torch
 
     return {
-        "revision": revision,
+        "content": content,
         "torch": torch.__version__,
         "precision": precision,
         "device": device.type,
@@ -86,7 +102,7 @@ def key_parts(
         "threads": torch.get_num_threads() if device.type == "cpu" else 0,
         "inputs": inputs,
         "max_len": max_len,
-        "format": 2,  # 2: frozen weights (mkldnn-prepacked GEMMs); 1 built them unfrozen
+        "format": 3,  # 3: keyed by content; 2: by revision; 1: unfrozen weights
     }  # fmt: skip
 
 
@@ -163,35 +179,112 @@ def load_package(path: str, device_type: str) -> Callable:
 
     if device_type != "cpu":
         return torch._inductor.aoti_load_package(path)
+    # Python caches its temporary folder on first use: settled here, before TMPDIR points at
+    # the folder removed below, or it would stay this process's for good (and every later
+    # temporary file would fail once the folder is gone).
+    tempfile.gettempdir()
     with (
         tempfile.TemporaryDirectory(prefix=".unpacked-", dir=os.path.dirname(path)) as unpacked,
         mock.patch.dict(os.environ, {"TMPDIR": unpacked}),  # read by the C++ loader
     ):
+        return _load_cpu_package(path)
+
+
+def _load_cpu_package(path: str) -> Callable:
+    """A CPU package loaded by torch's C++ loader itself, called with the keyword inputs it was
+    exported with. `aoti_load_package` does the same after importing inductor and building
+    inductor's CPU probe (~2 s of a replica's 6 s start on an AVX2 EPYC), which only compare
+    the package's CPU with this one: the package key holds the instruction set already."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    try:
+        loader = torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1)
+    except AttributeError:  # another torch: the public loader
         return torch._inductor.aoti_load_package(path)
+    in_spec, out_spec = (pytree.treespec_loads(spec) for spec in loader.get_call_spec())
+    names = list(in_spec.children_specs[1].context)  # ((), {name: tensor}) as exported
+
+    def run(**inputs: torch.Tensor) -> Any:
+        if set(inputs) != set(names):
+            raise TypeError(f"the package takes {names}, got {sorted(inputs)}")
+        return pytree.tree_unflatten(loader.boxed_run([inputs[n] for n in names]), out_spec)
+
+    return run
 
 
 def checked_package(
     path: str,
-    eager: Callable[[dict], torch.Tensor],
+    expected: list[torch.Tensor],
     checks: list[dict],
     precision: str,
     device_type: str,
+    whose: str = "the model's",
 ) -> tuple[Callable | None, str]:
-    """The loaded package at `path` if it scores `checks` as `eager` does, else (None, why)."""
+    """The loaded package at `path` if it scores `checks` as `expected` (the eager model's
+    scores, `whose`), else (None, why)."""
     import torch
 
     try:
         loaded = load_package(path, device_type)
         with torch.inference_mode():
-            for batch in checks:
-                want, got = eager(batch).float(), loaded(**batch).float()
+            for batch, want in zip(checks, expected, strict=True):
+                got = loaded(**batch).float().cpu()
                 gap = float((want - got).abs().max()) if got.shape == want.shape else float("inf")
                 if not gap <= TOLERANCE.get(precision, DEFAULT_TOLERANCE):
-                    return None, f"its scores differ from the model's by {gap:.2g}"
+                    return None, f"its scores differ from {whose} by {gap:.2g}"
     except Exception as exc:  # a truncated, foreign or corrupt file: rebuilt, never trusted
         first = str(exc).splitlines()[0][:120] if str(exc) else ""
         return None, f"it does not load ({type(exc).__name__}: {first})"
     return loaded, ""
+
+
+def eager_scores(model: Any, checks: list[dict]) -> list[torch.Tensor]:
+    """The eager model's float32 scores of each check batch, on the CPU."""
+    import torch
+
+    with torch.inference_mode():
+        return [head_scores(model, batch).float().cpu() for batch in checks]
+
+
+def receipt_path(path: str) -> str:
+    return f"{path}.receipt.json"
+
+
+def write_receipt(path: str, expected: list[torch.Tensor]) -> None:
+    """Keep, beside the package at `path` that has just passed the check, the scores it was
+    checked against (written whole by a rename)."""
+    receipt = receipt_path(path)
+    partial = f"{receipt}.{os.getpid()}.part"
+    with open(partial, "w") as f:
+        json.dump({"scores": [t.tolist() for t in expected]}, f)
+    os.replace(partial, receipt)
+
+
+def restore_kept(
+    key: dict[str, Any], checks: list[dict], cache_dir: str, precision: str
+) -> tuple[Callable | None, dict[str, float]]:
+    """The package kept in `cache_dir` for `key`, checked against its receipt instead of the
+    eager model, so no model is loaded: (None, {}) when there is no package with a receipt,
+    or when it does not score as its receipt says (one log line)."""
+    import torch
+
+    path = os.path.join(cache_dir, f"{package_key(key)}.pt2")
+    started = time.perf_counter()
+    try:
+        with open(receipt_path(path)) as f:
+            expected = [torch.tensor(s, dtype=torch.float32) for s in json.load(f)["scores"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, {}  # none yet (or unreadable): the model is loaded and checked instead
+    if not os.path.exists(path):
+        return None, {}
+    loaded, why = checked_package(
+        path, expected, checks, precision, key["device"], whose="its receipt's"
+    )
+    if loaded is None:
+        logger.warning(f"compiled model {path} not restored without the model: {why}")
+        return None, {}
+    return _call(loaded), {"restore_s": time.perf_counter() - started}
 
 
 def load_or_build(
@@ -211,23 +304,27 @@ def load_or_build(
     name = f"{package_key(key)}.pt2"
     path = os.path.join(cache_dir, name)
     shared = f"{shared_dir}/{name}" if shared_dir else None
-
-    def eager(batch: dict) -> torch.Tensor:
-        return head_scores(model, batch)
-
     started = time.perf_counter()
+    expected = eager_scores(model, checks)
+
+    def checked() -> tuple[Callable | None, str]:
+        loaded, why = checked_package(path, expected, checks, precision, key["device"])
+        if loaded is not None:
+            write_receipt(path, expected)  # so the next process needs no model to check it
+        return loaded, why
+
     os.makedirs(cache_dir, exist_ok=True)
     # Replicas starting together on a node: one compiles, the others wait and restore.
     with open(f"{path}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if os.path.exists(path):
-                loaded, why = checked_package(path, eager, checks, precision, key["device"])
+                loaded, why = checked()
                 if loaded is not None:
                     return _call(loaded), {"restore_s": time.perf_counter() - started}
                 logger.warning(f"compiled model {path} ignored: {why}; compiling again")
             if shared and fetch_shared(shared, path):
-                loaded, why = checked_package(path, eager, checks, precision, key["device"])
+                loaded, why = checked()
                 if loaded is not None:
                     return _call(loaded), {"fetch_s": time.perf_counter() - started}
                 logger.warning(f"compiled model {shared} ignored: {why}; compiling again")
@@ -235,9 +332,9 @@ def load_or_build(
                 return None, {}
             started = time.perf_counter()
             build_package(model, checks[-1], key["max_len"], path)
+            loaded, why = checked()
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-    loaded, why = checked_package(path, eager, checks, precision, key["device"])
     if loaded is None:
         raise RuntimeError(f"the package just compiled is wrong: {why}")
     split = {"compile_s": time.perf_counter() - started}

@@ -18,7 +18,8 @@ handed (training-time evaluation) runs under autocast and is never modified.
 prepacked weights and pointwise ops fuse): on this project's reference CPU +15% pairs/s at fp32
 and +11% at bf16, scores within 1e-7 of eager at fp32. It costs ~30-50 s, so only long-lived
 processes (Serve replicas) do it by default; with a cache folder an encoder's compiled package
-is kept there and the next replica restores it in well under a second (`core/compiled.py`).
+is kept there and the next replica restores it in well under a second (`core/compiled.py`);
+`load(compiled_cache=...)` restores such a package without loading the model at all.
 
 """
 
@@ -46,6 +47,22 @@ if TYPE_CHECKING:
     import torch
 
 quiet_noisy_loggers()  # also for library use without `setup_console`
+
+
+def _packageable(path: str, spec: RerankerSpec, precision: str, request: SpecRequest) -> bool:
+    """Whether the model at `path` could have a kept package that restores without it: an
+    encoder in a plain local folder (an adapter's base is outside the folder the package is
+    keyed by, remote code outside it too), in a precision that is packaged."""
+    from raykit.core.adapters import is_adapter_dir
+
+    return (
+        spec.template is None
+        and os.path.isdir(path)
+        and not is_adapter_dir(path)
+        and not request.trust_remote_code
+        and precision != "int8"
+    )
+
 
 _WARM_UP_TEXT = "the quick brown fox jumps over the lazy dog near the river bank"
 WARM_UP_PAIRS = [
@@ -117,6 +134,7 @@ class InferenceEngine:
         self.stats = EngineStats()
         self.compiled = False
         self.revision: str | None = None  # the checkpoint's content hash, when loaded from a folder
+        self.local_dir: str | None = None  # that folder (a package is keyed by all its bytes)
         self.source: str | None = None  # the URI it was copied from, for a model on remote storage
         # A compiled scoring function (batch -> scores) that replaces `head_scores(self.model)`:
         # an AOTInductor package, see `raykit.core.compiled`.
@@ -135,6 +153,7 @@ class InferenceEngine:
         allow_untrained_head: bool = False,
         allow_slow_precision: bool = False,
         announce: Callable[[str], None] | None = None,
+        compiled_cache: str | None = None,
         **options: Any,
     ) -> InferenceEngine:
         """Load `model` (local folder, s3://..., hub id or embedded name) ready to score.
@@ -145,7 +164,9 @@ class InferenceEngine:
         and `max_batch_size`, or fields of a `SpecRequest` when `request` is not given
         (`max_len=64, instruction=...`, `trust_remote_code`). A model whose classification head
         would be created at random is refused unless `allow_untrained_head`, and a bf16/fp16 `dtype`
-        the CPU only emulates unless `allow_slow_precision`."""
+        the CPU only emulates unless `allow_slow_precision`. With `compiled_cache`, an encoder
+        whose compiled package is kept there with its receipt is restored from it alone: the
+        model's weights and classes are never loaded (a replica's start), and `model` is None."""
         import torch
 
         from raykit.core.loading import load_model_and_tokenizer, local_model_path
@@ -164,6 +185,12 @@ class InferenceEngine:
             raise TypeError(f"pass {', '.join(spec_fields)} in `request`")
         path = local_model_path(model)
         spec = resolve_spec(path, request, announce)
+        source = model if is_uri(model) else None
+        if compiled_cache and _packageable(path, spec, precision, request):
+            engine = cls._restored(path, spec, request, device, precision, compiled_cache, options)
+            if engine is not None:
+                engine.source = source
+                return engine
         hf_model, tokenizer = load_model_and_tokenizer(
             path,
             request.trust_remote_code,
@@ -182,8 +209,34 @@ class InferenceEngine:
         hf_model.to(device)
         engine = cls(hf_model, tokenizer, device=device, precision=precision, spec=spec, **options)
         if os.path.isdir(path):
-            engine.revision = model_revision(path)
-        engine.source = model if is_uri(model) else None
+            engine.revision, engine.local_dir = model_revision(path), path
+        engine.source = source
+        return engine
+
+    @classmethod
+    def _restored(
+        cls,
+        path: str,
+        spec: RerankerSpec,
+        request: SpecRequest,
+        device: torch.device,
+        precision: str,
+        cache_dir: str,
+        options: dict[str, Any],
+    ) -> InferenceEngine | None:
+        """An engine on the package kept for the checkpoint at `path`, or None (none kept)."""
+        from raykit.core.compiled import restore_kept
+        from raykit.core.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(path, request.trust_remote_code)
+        engine = cls(None, tokenizer, device=device, precision=precision, spec=spec, **options)
+        engine.revision, engine.local_dir = model_revision(path), path
+        checks = engine._warm_up_batches()
+        key = engine._package_key(checks)
+        engine.scorer, split = restore_kept(key, checks, cache_dir, precision)
+        if engine.scorer is None:
+            return None
+        engine._warmed_up(split)
         return engine
 
     @classmethod
@@ -196,6 +249,7 @@ class InferenceEngine:
         threads: float | None,
         max_batch_size: int,
         announce: Callable[[str], None] | None = None,
+        compiled_cache: str | None = None,
     ) -> InferenceEngine:
         """`load` with the shared option groups of a command's config (precision, model
         loading, token limits, forward_token_budget); `threads` None keeps torch's own."""
@@ -210,6 +264,7 @@ class InferenceEngine:
             announce=announce,
             token_budget=cfg.forward_token_budget,
             max_batch_size=max_batch_size,
+            compiled_cache=compiled_cache,
         )
 
     def compile_model(self, cache_dir: str | None = None, build: bool = True) -> bool:
@@ -221,6 +276,8 @@ class InferenceEngine:
         meets. On failure (no C++ compiler, an op inductor cannot take) it logs why and keeps
         the eager model: returns whether the model is compiled. Without `build`, only a package
         already kept in `cache_dir` (or beside a remote model) is used; nothing compiles."""
+        if self.compiled:  # restored by `load(compiled_cache=...)`
+            return True
         if cache_dir and self._can_package():
             try:
                 return self._compile_package(cache_dir, build)
@@ -232,28 +289,38 @@ class InferenceEngine:
         return self._torch_compile() if build else False
 
     def _can_package(self) -> bool:
-        """An encoder from a folder (its revision keys the package), weights in the dtype it
+        """An encoder from a folder (its content keys the package), weights in the dtype it
         runs (no autocast), not torchao's int8."""
         return (
             self.template is None
-            and self.revision is not None
+            and self.local_dir is not None
             and self.autocast_dtype is None
             and self.precision != "int8"
         )
 
+    def _package_key(self, checks: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        from raykit.core.compiled import content_digest, key_parts
+
+        assert self.local_dir is not None
+        digest = content_digest(self.local_dir)
+        return key_parts(digest, self.precision, self.device, sorted(checks[-1]), self.max_len)
+
     def _compile_package(self, cache_dir: str, build: bool = True) -> bool:
-        from raykit.core.compiled import key_parts, load_or_build, shared_package_dir
+        from raykit.core.compiled import load_or_build, shared_package_dir
 
         checks = self._warm_up_batches()
-        inputs = sorted(checks[-1])
-        key = key_parts(self.revision or "", self.precision, self.device, inputs, self.max_len)
         shared = shared_package_dir(self.source) if self.source else None
         self.scorer, split = load_or_build(
-            self.model, key, checks, cache_dir, self.precision, shared, build
+            self.model, self._package_key(checks), checks, cache_dir, self.precision, shared, build
         )
         if self.scorer is None:
             logger.info("no compiled package of this model kept yet: scoring eagerly")
             return False
+        self._warmed_up(split, shared)
+        return True
+
+    def _warmed_up(self, split: dict[str, float], shared: str | None = None) -> None:
+        """Warm the package up and say how it was had (`split`: its restore/fetch/compile_s)."""
         started = time.perf_counter()
         self.warm_up()
         self.stats = EngineStats()  # the warm-up is not traffic
@@ -263,7 +330,6 @@ class InferenceEngine:
         )
         logger.info(f"{how} the model in {sum(self.compile_split.values()):.1f} s")
         self.compiled = True
-        return True
 
     def _warm_up_batches(self) -> list[dict[str, torch.Tensor]]:
         """The warm-up pairs as padded batches on the device (1 pair, 2 alike, 3 of different

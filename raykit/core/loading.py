@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any
-
-import torch
-from torch import nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from typing import TYPE_CHECKING, Any
 
 from raykit.errors import ConfigError
-from raykit.runtime.storage import check_model_folder, is_uri
+from raykit.runtime.storage import check_model_folder, is_uri, node_cache_dir
+
+if TYPE_CHECKING:  # imported where a model is loaded: a driver's checks need neither
+    import torch
+    from torch import nn
 
 
 def local_model_path(model: str) -> str:
@@ -81,7 +81,7 @@ def load_model_and_tokenizer(
     name_or_path: str,
     trust_remote_code: bool = False,
     decoder: bool = False,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     allow_untrained_head: bool = False,
     name: str | None = None,
     quiet: bool = False,
@@ -91,16 +91,20 @@ def load_model_and_tokenizer(
     always get a plain transformers model.
 
     `name_or_path` is a hub id, a local directory, an embedded name or a URI (s3://...);
-    `dtype` is the weights' dtype (a LoRA run keeps its frozen base in bf16/fp16). A checkpoint
+    `dtype` is the weights' dtype, float32 by default (a LoRA run keeps its frozen base in
+    bf16/fp16). A checkpoint
     without a classification head (a base or embedding model) is refused, naming the model as
     `name`, unless `allow_untrained_head` (then the head transformers creates is random, said
     once unless `quiet`: training workers, whose driver has said it)."""
-    from transformers import AutoModelForCausalLM
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from raykit.core.adapters import adapter_base, is_adapter_dir, load_adapter, merge
 
+    dtype = dtype or torch.float32
+
     path = local_model_path(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code)
     if is_adapter_dir(path):  # an encoder adapter saves its head (peft's modules_to_save)
         base, _ = load_model_and_tokenizer(
             adapter_base(path), trust_remote_code, decoder, dtype, True
@@ -123,6 +127,13 @@ def load_model_and_tokenizer(
     missing = sorted(info.get("missing_keys") or [])
     check_head(name or name_or_path, [] if quiet else missing, allow_untrained_head)
     return model, tokenizer
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of the local model `path`."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 ALLOW_UNTRAINED_HEAD = "--allow_untrained_head"
@@ -149,22 +160,62 @@ def check_head(name: str, missing: list[str], allow: bool) -> None:
 def missing_head(path: str, trust_remote_code: bool = False) -> list[str] | None:
     """The classification-head tensors an encoder checkpoint at local `path` lacks, read from
     its safetensors headers without loading weights (so a driver can check before starting
-    actors); None when it cannot tell (no safetensors files, or a model built by custom code)."""
+    actors); None when it cannot tell (no safetensors files, or a model built by custom code).
+
+    Naming the head's tensors takes the model's class (an empty model on the meta device):
+    seconds of imports on a driver. The answer depends only on the config, the saved tensor
+    names and transformers' version, so it is kept per machine under a hash of those and the
+    next command on the same checkpoint reads it (not with remote code, which can change)."""
     import json
 
-    from safetensors import safe_open
-    from transformers import AutoConfig
+    saved = saved_tensor_names(path)
+    config_file = os.path.join(path, "config.json")
+    if saved is None or not os.path.isfile(config_file):
+        return None
+    with open(config_file, "rb") as f:
+        config_bytes = f.read()
+    kept = _head_answer_path(config_bytes, saved) if not trust_remote_code else None
+    if kept and os.path.isfile(kept):
+        with open(kept) as f:
+            return json.load(f)["missing"]
+    head = head_tensor_names(path, trust_remote_code)
+    if head is None:
+        return None
+    missing = [k for k in head if k not in saved]
+    if kept:
+        os.makedirs(os.path.dirname(kept), exist_ok=True)
+        partial = f"{kept}.{os.getpid()}.part"
+        with open(partial, "w") as f:
+            json.dump({"missing": missing}, f)
+        os.replace(partial, kept)
+    return missing
+
+
+def saved_tensor_names(path: str) -> set[str] | None:
+    """The tensor names saved in the local checkpoint `path`: from its safetensors index or
+    the header of its one safetensors file (8 bytes of length, then JSON); None without."""
+    import json
+    import struct
 
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(index):
         with open(index) as f:
-            saved = set(json.load(f)["weight_map"])
-    elif os.path.isfile(single):
-        with safe_open(single, framework="pt") as f:
-            saved = set(f.keys())
-    else:
+            return set(json.load(f)["weight_map"])
+    if not os.path.isfile(single):
         return None
+    with open(single, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    return {name for name in header if name != "__metadata__"}
+
+
+def head_tensor_names(path: str, trust_remote_code: bool = False) -> list[str] | None:
+    """The tensors of the model at `path`'s one-logit head, from an empty model of its class;
+    None when transformers cannot build one."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
     try:
         config = AutoConfig.from_pretrained(path, num_labels=1, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
@@ -174,8 +225,17 @@ def missing_head(path: str, trust_remote_code: bool = False) -> list[str] | None
     except (ValueError, OSError, ImportError):
         return None
     prefix = f"{model.base_model_prefix}."
-    head = [k for k in model.state_dict() if not k.startswith(prefix)]
-    return [k for k in head if k not in saved]
+    return [k for k in model.state_dict() if not k.startswith(prefix)]
+
+
+def _head_answer_path(config_bytes: bytes, saved: set[str]) -> str:
+    import hashlib
+    from importlib.metadata import version
+
+    digest = hashlib.sha256(config_bytes)
+    digest.update(version("transformers").encode())
+    digest.update("\0".join(sorted(saved)).encode())
+    return os.path.join(node_cache_dir("heads"), f"{digest.hexdigest()[:24]}.json")
 
 
 def model_config_path(path: str) -> str:

@@ -34,9 +34,9 @@ def cpu_capabilities() -> dict[str, Any]:
 
 def cpu_has_native(precision: str) -> bool | None:
     """Whether this CPU computes `precision` natively; None when torch cannot tell (not x86)."""
-    caps = cpu_capabilities()
     if precision not in NATIVE_CPU_FLAGS:
-        return True
+        return True  # without asking torch: a driver's fp32 check needs no torch import
+    caps = cpu_capabilities()
     if caps.get("architecture") not in ("x86_64", "x86", "AMD64"):
         return None
     return any(caps.get(flag) for flag in NATIVE_CPU_FLAGS[precision])

@@ -66,6 +66,12 @@ def parse_models(specs: list[str], model_name: str | None = None) -> list[Served
 def model_revision(local_dir: str) -> str:
     """12 hex digits that change when the checkpoint does: every file's name and size and the
     first 64 KiB of its bytes (a safetensors header holds every tensor's offsets)."""
+    return folder_digest(local_dir, _HASHED_BYTES)[:12]
+
+
+def folder_digest(local_dir: str, bytes_per_file: int | None = None) -> str:
+    """sha256 of every file's relative name, size and bytes (the first `bytes_per_file` of
+    them, or all) under `local_dir`, in a fixed order."""
     digest = hashlib.sha256()
     for root, dirs, files in os.walk(local_dir):
         dirs.sort()
@@ -73,5 +79,9 @@ def model_revision(local_dir: str) -> str:
             path = os.path.join(root, name)
             digest.update(f"{os.path.relpath(path, local_dir)}\0{os.path.getsize(path)}\0".encode())
             with open(path, "rb") as f:
-                digest.update(f.read(_HASHED_BYTES))
-    return digest.hexdigest()[:12]
+                if bytes_per_file is not None:
+                    digest.update(f.read(bytes_per_file))
+                    continue
+                while block := f.read(1 << 20):
+                    digest.update(block)
+    return digest.hexdigest()

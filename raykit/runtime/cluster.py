@@ -76,9 +76,15 @@ def _join_running_cluster(options: dict[str, Any]) -> bool:
     return False
 
 
-def init_ray_beside(prepare: Callable[[], Any], min_cpus: float = 0) -> Any:
+def init_ray_beside(
+    prepare: Callable[[], Any],
+    min_cpus: float = 0,
+    then: Callable[[bool], None] | None = None,
+) -> Any:
     """`init_ray` here while `prepare` (a command's imports and checks) runs on a thread; returns
-    what `prepare` returns.
+    what `prepare` returns. `then(local)` runs here once Ray is up, while `prepare` may still
+    run: a command's own start that needs Ray but not the checks (`local`: whether `init_ray`
+    started a local instance, which a failed check then shuts down with all it started).
 
     Starting a local Ray takes seconds, mostly spent waiting for its processes, and a command's
     first imports (torch, transformers, Ray Train) take seconds of one core: side by side they
@@ -98,7 +104,9 @@ def init_ray_beside(prepare: Callable[[], Any], min_cpus: float = 0) -> Any:
     thread = threading.Thread(target=run, name="raykit-prepare", daemon=True)
     thread.start()
     try:
-        init_ray(min_cpus)
+        local = init_ray(min_cpus)
+        if then is not None:
+            then(local)
     finally:
         thread.join()
     if "error" in outcome:

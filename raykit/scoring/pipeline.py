@@ -86,6 +86,7 @@ class PairScorer:
 
         quiet_ray()  # Ray's deprecation notices in this actor, as on the driver
 
+        compiles = cfg.compiles(cfg.device_type)
         self.engines = [
             InferenceEngine.from_config(
                 cfg,
@@ -93,11 +94,13 @@ class PairScorer:
                 use_gpu=cfg.use_gpu,
                 threads=cfg.cpus_per_actor,
                 max_batch_size=cfg.batch_size,
+                # A package kept for the checkpoint is restored without loading the model.
+                compiled_cache=cfg.compile_cache_dir() if compiles else None,
             )
             for model in models
         ]
         check_ensemble(models, [input_format(e.spec, e.tokenizer) for e in self.engines])
-        if cfg.compiles(cfg.device_type):
+        if compiles:
             # The serving replicas' packages (one per checkpoint, precision, CPU and thread
             # count): auto restores a kept one, on compiles it first when none is kept.
             for engine in self.engines:

@@ -603,6 +603,14 @@ def check_inputs(cfg: ServeConfig) -> None:
     check_models(cfg)
 
 
+def start_serve(cfg: ServeConfig) -> None:
+    """Serve's controller and its HTTP proxy on host:port (once: a second call only connects)."""
+    from ray.serve.context import _get_global_client
+
+    if _get_global_client(raise_if_no_controller_running=False) is None:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+
+
 def proxy_address(cfg: ServeConfig) -> tuple[str, int]:
     """Where Serve's HTTP proxy listens: `--host`/`--port`, unless Serve was already running
     on the cluster (a second app, `--detach`), whose proxy keeps its own (said once)."""
@@ -633,9 +641,18 @@ def run_serve(
     check_inputs(cfg)
     started_ray = not ray.is_initialized()
     local = init_ray(cfg.ray_cpus())
+    if cfg.detach and local:
+        if started_ray:
+            ray.shutdown()
+        raise ConfigError(
+            "detach: no running Ray cluster to leave the app on (this command's own local "
+            "instance stops when it returns); start one with `ray start --head`, or set "
+            "RAY_ADDRESS to join one (RAY_ADDRESS=auto: the instance of a `raykit serve` "
+            "running on this machine)"
+        )
     cfg = fill_node(cfg, local)
     stop = stop or threading.Event()
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    start_serve(cfg)
     host, port = proxy_address(cfg)
     try:
         serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
