@@ -102,7 +102,8 @@ def key_parts(
         "threads": torch.get_num_threads() if device.type == "cpu" else 0,
         "inputs": inputs,
         "max_len": max_len,
-        "format": 3,  # 3: keyed by content, frozen per ISA; 2: by revision; 1: never frozen
+        "frozen": freezes(device.type),
+        "format": 3,  # 3: keyed by content; 2: by revision; 1: never frozen
     }  # fmt: skip
 
 
