@@ -318,9 +318,10 @@ def load_or_build(
     path = os.path.join(cache_dir, name)
     shared = f"{shared_dir}/{name}" if shared_dir else None
     started = time.perf_counter()
-    expected = eager_scores(model, checks)
+    expected: list[torch.Tensor] = []  # the eager scores, once a package is there to check
 
     def checked() -> tuple[Callable | None, str]:
+        expected[:] = expected or eager_scores(model, checks)
         loaded, why = checked_package(path, expected, checks, precision, key["device"])
         if loaded is not None:
             write_receipt(path, expected)  # so the next process needs no model to check it
